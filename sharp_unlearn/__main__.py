@@ -1,0 +1,3 @@
+from sharp_unlearn.cli import main
+
+raise SystemExit(main())

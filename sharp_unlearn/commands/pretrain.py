@@ -1,0 +1,24 @@
+"""``sharp-unlearn pretrain``: train a model with SGD, SAM or ASAM."""
+from __future__ import annotations
+
+from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
+from sharp_unlearn.report_console import print_metrics
+
+
+@COMMANDS.register("pretrain")
+class Pretrain(Command):
+    help = "pretrain a model (optimizer.name=sgd|adam|adamw|sam|asam)"
+
+    def add_arguments(self, parser):
+        add_config_arguments(parser)
+        parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+
+    def run(self, args):
+        from sharp_unlearn.recipes.pretrain import train_from_scratch
+
+        cfg = config_from_args(args)
+        outcome = train_from_scratch(cfg, quiet=args.quiet, resume=not args.no_resume, use_cache=False)
+        result = {"checkpoint": str(outcome.checkpoint), "run_id": outcome.run_id, **outcome.metrics}
+        if not args.json:
+            print_metrics(f"pretrain {cfg.data.name}/{cfg.model.name}/{cfg.optimizer.tag}", result)
+        return result

@@ -1,0 +1,498 @@
+"""Typed configuration: dataclass schemas, YAML + ``key=value`` loading, validation.
+
+Every section validates itself on construction (``__post_init__``), so a bad
+value fails at the edge with a message naming the key, the value and what was
+expected, before any data is loaded or any process group starts.
+
+The resolved config flattens to dotted keys (``optimizer.rho``,
+``method.alpha``) for MLflow params and hashes to a stable id for caches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from sharp_unlearn.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "sam", "asam")
+BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
+SAM_SIGNS = ("min", "max")
+SCHEDULES = ("cosine", "multistep", "constant")
+FORGET_KINDS = ("random", "class", "memorization")
+MEMORIZATION_LEVELS = ("high", "mid", "low", "mix")
+DEVICES = ("auto", "cpu", "cuda")
+DIST_BACKENDS = ("none", "deepspeed")
+DIST_LAUNCHERS = ("ray", "torchrun")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; expected one of: {', '.join(map(str, choices))}")
+
+
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    bad = False
+    if lo is not None:
+        bad |= value <= lo if lo_open else value < lo
+    if hi is not None:
+        bad |= value >= hi if hi_open else value > hi
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else lo
+        hi_s = "inf" if hi is None else hi
+        raise ConfigError(f"{key}={value!r} is out of range; expected a value in {left}{lo_s}, {hi_s}{right}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    #: directory holding the data set's files (CIFAR pickles, image folders, Parquet shards)
+    root: str | None = None
+    #: torchvision-style: fetch the files when missing (needs internet)
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    augment: bool = True
+    #: fraction of training labels flipped on purpose (seeded, recorded) to create memorized examples
+    label_noise: float = 0.0
+    #: data-set specific options (e.g. signal_noise: d, n, patches, signal_norm, sigma_p)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from sharp_unlearn.data import DATASETS
+
+        DATASETS.get(self.name)  # raises with the list of known names
+        _check_range("data.batch_size", self.batch_size, 1)
+        _check_range("data.eval_batch_size", self.eval_batch_size, 1)
+        _check_range("data.num_workers", self.num_workers, 0)
+        _check_range("data.label_noise", self.label_noise, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from sharp_unlearn.models import MODELS
+
+        MODELS.get(self.name)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer of the stage being run (pretraining or unlearning).
+
+    ``sam``/``asam`` wrap ``base`` (sgd, adam, adamw); ``sign`` picks sharpness
+    minimization (``min``) or maximization (``max``); ``lamb`` weighs the
+    sharpness term: update gradient ``g + s*lamb*(g(w+e) - g)``.
+    """
+
+    name: str = "sgd"
+    base: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    rho: float = 0.05
+    lamb: float = 1.0
+    sign: str = "min"
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer.name", self.name, OPTIMIZERS)
+        _check_choice("optimizer.base", self.base, BASE_OPTIMIZERS)
+        _check_choice("optimizer.sign", self.sign, SAM_SIGNS)
+        _check_range("optimizer.lr", self.lr, 0.0, lo_open=True)
+        _check_range("optimizer.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _check_range("optimizer.weight_decay", self.weight_decay, 0.0)
+        _check_range("optimizer.rho", self.rho, 0.0)
+        _check_range("optimizer.lamb", self.lamb, 0.0)
+        self.betas = tuple(float(b) for b in self.betas)  # YAML gives lists
+
+    @property
+    def is_sam(self) -> bool:
+        return self.name in ("sam", "asam")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name == "asam"
+
+    @property
+    def base_name(self) -> str:
+        """The first-order optimizer actually stepping the weights."""
+        return self.base if self.is_sam else self.name
+
+    @property
+    def tag(self) -> str:
+        """The MLflow ``optimizer`` tag value (DESIGN.md section 6)."""
+        if not self.is_sam:
+            return self.name
+        return self.name if self.sign == "min" else f"{self.name}-max"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    grad_accum: int = 1
+    #: max gradient norm; 0 disables clipping
+    grad_clip: float = 0.0
+    #: evaluate val accuracy every N epochs (0: only at the end)
+    eval_every: int = 1
+    #: keep a checkpoint every N epochs so an interrupted run resumes (0: only at the end)
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, 0)
+        _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_range("train.warmup_epochs", self.warmup_epochs, 0)
+        _check_range("train.grad_accum", self.grad_accum, 1)
+        _check_range("train.grad_clip", self.grad_clip, 0.0)
+        _check_range("train.gamma", self.gamma, 0.0, lo_open=True)
+        _check_range("train.eval_every", self.eval_every, 0)
+        _check_range("train.checkpoint_every", self.checkpoint_every, 0)
+        self.milestones = [int(m) for m in self.milestones]
+
+
+@dataclass
+class ForgetConfig:
+    """Which training examples to forget.
+
+    ``random``: ``size`` examples (or ``fraction`` of the training set);
+    ``class``: every example of ``classes``; ``memorization``: ``size`` examples
+    at ``level`` of the ``scores`` (a ``.npz`` with ``tr_mem``, a Parquet table
+    with ``index``/``score``, or a proxy name: ``proxy:loss``, ``proxy:confidence``,
+    ``flipped`` for the recorded label flips).
+    """
+
+    kind: str = "random"
+    size: int | None = None
+    fraction: float | None = None
+    classes: list[int] = field(default_factory=list)
+    level: str = "high"
+    scores: str = "proxy:loss"
+
+    def __post_init__(self) -> None:
+        _check_choice("forget.kind", self.kind, FORGET_KINDS)
+        _check_choice("forget.level", self.level, MEMORIZATION_LEVELS)
+        if self.size is not None:
+            _check_range("forget.size", self.size, 1)
+        if self.fraction is not None:
+            _check_range("forget.fraction", self.fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.kind in ("random", "memorization") and self.size is None and self.fraction is None:
+            raise ConfigError(f"forget.kind={self.kind!r} needs forget.size or forget.fraction")
+        if self.kind == "class" and not self.classes:
+            raise ConfigError("forget.kind='class' needs forget.classes (a list of class ids), got []")
+        self.classes = [int(c) for c in self.classes]
+
+    @property
+    def label(self) -> str:
+        """The MLflow ``forget_set`` tag, e.g. ``memorization-high-300``."""
+        if self.kind == "class":
+            return "class-" + "+".join(map(str, self.classes))
+        amount = self.size if self.size is not None else f"{self.fraction:g}"
+        if self.kind == "random":
+            return f"random-{amount}"
+        return f"memorization-{self.level}-{amount}"
+
+
+@dataclass
+class MethodConfig:
+    """The unlearning method and its hyper-parameters (each method reads its own)."""
+
+    name: str = "neggrad"
+    epochs: int = 5
+    #: retain weight: NegGrad+ and Sharp MinMax optimize alpha*L_R - (1-alpha)*L_F
+    alpha: float = 0.9
+    #: saliency mask: share of parameters (largest |grad L_F|) SalUn / Sharp MinMax may change
+    mask_fraction: float = 0.5
+    #: Sharp MinMax: SAM radius/weight for the retain part (sharpness minimization);
+    #: None takes optimizer.rho / optimizer.lamb
+    rho_min: float | None = None
+    lamb_min: float | None = None
+    #: Sharp MinMax: SAM radius/weight for the forget part (sharpness maximization)
+    rho_max: float | None = None
+    lamb_max: float | None = None
+    adaptive_max: bool = False
+    #: l1_sparse: weight of the L1 penalty (decays linearly to 0 over the epochs)
+    l1_weight: float = 5e-4
+    #: scrub: distillation temperature, number of epochs with max steps, loss weights
+    temperature: float = 4.0
+    max_epochs: int = 2
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    #: path to a saved mask (from `sharp-unlearn mask`); None computes it
+    mask_path: str | None = None
+    #: RUM: methods applied to the memorization groups in order (low -> mid -> high)
+    rum_order: list[str] = field(default_factory=lambda: ["low", "mid", "high"])
+    rum_methods: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from sharp_unlearn.methods import METHODS
+
+        METHODS.get(self.name)
+        _check_range("method.epochs", self.epochs, 0)
+        _check_range("method.alpha", self.alpha, 0.0, 1.0)
+        _check_range("method.mask_fraction", self.mask_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        for key in ("rho_min", "rho_max", "lamb_min", "lamb_max"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_range(f"method.{key}", value, 0.0)
+        _check_range("method.l1_weight", self.l1_weight, 0.0)
+        _check_range("method.temperature", self.temperature, 0.0, lo_open=True)
+        _check_range("method.max_epochs", self.max_epochs, 0)
+        for level in self.rum_order:
+            _check_choice("method.rum_order", level, ("low", "mid", "high"))
+        for name in self.rum_methods:
+            METHODS.get(name)
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "none"
+    zero_stage: int = 0
+    num_workers: int = 1
+    launcher: str = "ray"
+    use_gpu: bool = False
+    #: overrides DeepSpeed JSON (path); default: sharp_unlearn/configs/deepspeed/zero{stage}.json
+    deepspeed_config: str | None = None
+    #: seconds a collective may wait before a dead peer fails the run
+    timeout_s: int = 120
+
+    def __post_init__(self) -> None:
+        _check_choice("distributed.backend", self.backend, DIST_BACKENDS)
+        _check_choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check_range("distributed.num_workers", self.num_workers, 1)
+        _check_choice("distributed.launcher", self.launcher, DIST_LAUNCHERS)
+        _check_range("distributed.timeout_s", self.timeout_s, 1)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    #: None: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db in the working directory
+    uri: str | None = None
+    experiment: str = "sharp-unlearn"
+    #: checkpoints above this size are logged as a path reference, not copied
+    max_artifact_mb: float = 200.0
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    output_dir: str = "runs"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    forget: ForgetConfig | None = None
+    method: MethodConfig | None = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_range("seed", self.seed, 0)
+
+    # -- serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys for MLflow params (``optimizer.rho``, ``method.alpha``)."""
+        return flatten(self.to_dict())
+
+    def training_hash(self) -> str:
+        """Hash of what determines a trained model: data, model, optimizer, schedule, seed.
+
+        Tracking, output paths and device do not change the result and are left out.
+        """
+        keep = {k: v for k, v in self.to_dict().items()
+                if k in ("seed", "data", "model", "optimizer", "train")}
+        keep["data"] = {k: v for k, v in keep["data"].items()
+                        if k not in ("num_workers", "eval_batch_size", "download")}
+        keep["train"] = {k: v for k, v in keep["train"].items()
+                         if k not in ("eval_every", "checkpoint_every")}
+        return stable_hash(keep)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "options":
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                out[f"{name}.{k}"] = v
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------- building
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise naming the key."""
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is not None and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if dataclasses.is_dataclass(annotation):
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return build_section(annotation, value, key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r} is not a boolean; expected true or false")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+                isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} is not a string")
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        item_type = args[0] if args else Any
+        items = [_coerce(f"{key}[{i}]", v, item_type) if item_type is not Any else v
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is not a mapping")
+        return dict(value)
+    return value
+
+
+def build_section(cls: type, values: dict[str, Any], prefix: str = ""):
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]!s} in {where}; "
+            f"expected one of: {', '.join(sorted(known))}"
+        )
+    kwargs = {name: _coerce(f"{prefix}.{name}" if prefix else name, value, hints[name])
+              for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is malformed; expected key=value (e.g. optimizer.rho=0.1)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def packaged_config(name: str) -> Path:
+    return Path(__file__).parent / "configs" / name
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        # allow bare names of packaged experiment files: `--config digits_small_cnn`
+        candidate = packaged_config("experiments") / (path.name if path.suffix else path.name + ".yaml")
+        if candidate.exists():
+            path = candidate
+        else:
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Merge ``base``, then each YAML file, then ``key=value`` overrides; validate."""
+    tree: dict[str, Any] = dict(base or {})
+    for path in paths:
+        tree = merge(tree, load_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        update: dict[str, Any] = {}
+        node = update
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+        node[keys[-1]] = value
+        tree = merge(tree, update)
+    return build_section(ExperimentConfig, tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    return build_section(ExperimentConfig, tree)

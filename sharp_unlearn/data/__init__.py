@@ -1,0 +1,10 @@
+"""Data sets (registry), forget-set selection, memorization scores, Parquet IO."""
+from sharp_unlearn.data.base import DATASETS, DatasetBundle, IndexedTensorDataset
+from sharp_unlearn.data import digits  # noqa: F401  (registers "digits")
+
+__all__ = ["DATASETS", "DatasetBundle", "IndexedTensorDataset", "build_dataset"]
+
+
+def build_dataset(cfg, seed: int = 0) -> DatasetBundle:
+    """Build the configured data set (``cfg`` is a DataConfig)."""
+    return DATASETS.get(cfg.name)(cfg, seed)

@@ -1,0 +1,73 @@
+"""Atomic checkpoints, loaded with ``weights_only=True``.
+
+A checkpoint is written to a temporary file in the target directory, flushed
+to disk, then renamed over the target: a crash mid-write leaves the previous
+checkpoint intact. Every checkpoint carries the config hash and the split
+hash so a cached retrain reference is reused only when both match.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sharp_unlearn.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # an interrupted write must not leave a half file behind (nor replace the old one)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt, truncated or not a torch file
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ConfigError(f"checkpoint {str(path)!r} is not a sharp-unlearn checkpoint (no 'model' entry)")
+    return payload
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load weights, turning an architecture mismatch into a one-line ConfigError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}")
+        if unexpected:
+            detail.append(f"unexpected {unexpected[:3]}")
+        if mismatched:
+            k = mismatched[0]
+            detail.append(f"shape of {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ConfigError(f"{source} does not match the model architecture ({'; '.join(detail)})")
+    model.load_state_dict(state)

@@ -1,0 +1,260 @@
+"""The one training loop: backward, SAM's two passes, masks, accumulation, stepping.
+
+A step, for a phase with objectives ``O_1..O_k``::
+
+    for each objective O:
+        g   = grad of O.loss over its micro-batches (averaged)
+        if O.sam:  e = rho * T^2 g_M / ||T g_M||   (g_M: g inside O's mask)
+                   g2 = grad at w + e (BatchNorm statistics frozen); restore w
+                   g  = g + s*lamb*(g2 - g)
+        g = g * O.mask
+    p.grad = sum over objectives; clip; base optimizer step; lr schedule step
+
+Gradients are taken with ``torch.autograd.grad`` so objectives never see each
+other's gradients; the sum is written to ``p.grad`` once, for the base optimizer.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sharp_unlearn.engine.objective import Batch, Objective, Phase
+from sharp_unlearn.errors import TrainingDiverged
+from sharp_unlearn.optim.sam import combine, frozen_bn_stats, perturbation
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    """Per-epoch seed, so an epoch's data order does not depend on earlier epochs
+    (what makes resuming from a checkpoint give identical results)."""
+    return (seed * 1_000_003 + epoch * 10_007 + salt * 101) % (2**63 - 1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                salt: int = 0, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed(seed, epoch, salt))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, drop_last=drop_last,
+                      persistent_workers=False, pin_memory=False)
+
+
+def as_batch(item) -> Batch:
+    if isinstance(item, Batch):
+        return item
+    x, y, index = item
+    return Batch(x, y, index)
+
+
+class _Cycle:
+    """Endless iterator over a loader factory (re-shuffled per pass)."""
+
+    def __init__(self, factory: Callable[[int], DataLoader]):
+        self.factory = factory
+        self.passes = 0
+        self._it: Iterator | None = None
+
+    def next(self) -> Batch:
+        while True:
+            if self._it is None:
+                self._it = iter(self.factory(self.passes))
+                self.passes += 1
+            try:
+                return as_batch(next(self._it))
+            except StopIteration:
+                self._it = None
+
+
+@dataclass
+class StepStats:
+    losses: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+
+
+class Trainer:
+    """Owns a model, a base optimizer and a per-step lr schedule.
+
+    ``params`` are the trainable parameters in ``model.named_parameters()``
+    order; masks are looked up by name.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+                 device: torch.device | str = "cpu", grad_accum: int = 1, grad_clip: float = 0.0):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = torch.device(device)
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
+        self._mask_cache: dict[int, list[torch.Tensor] | None] = {}
+
+    # ------------------------------------------------------------ gradients
+    def _mask_list(self, objective: Objective) -> list[torch.Tensor] | None:
+        if objective.mask is None:
+            return None
+        key = id(objective.mask)
+        if key not in self._mask_cache:
+            masks = []
+            for name, p in self.named_params:
+                m = objective.mask.get(name)
+                masks.append(torch.ones_like(p) if m is None else m.to(p.device, p.dtype))
+            self._mask_cache[key] = masks
+        return self._mask_cache[key]
+
+    def _grad(self, objective: Objective, micro: Sequence[Batch]) -> tuple[list[torch.Tensor], float]:
+        """Average gradient of the objective's loss over its micro-batches."""
+        total: list[torch.Tensor] | None = None
+        loss_sum = 0.0
+        for batch in micro:
+            loss = objective.loss(self.model, batch) / len(micro)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"objective {objective.name!r} produced a non-finite loss ({loss.item()}); "
+                    "lower the learning rate (or rho); nothing was written"
+                )
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+            if total is None:
+                total = list(grads)
+            else:
+                torch._foreach_add_(total, grads)
+            loss_sum += float(loss.detach())
+        assert total is not None  # micro is never empty (internal invariant)
+        return total, loss_sum
+
+    def objective_gradient(self, objective: Objective, micro: Sequence[Batch]) -> tuple[list[torch.Tensor], float]:
+        """The final (SAM-combined, masked) gradient one objective contributes."""
+        grads, loss = self._grad(objective, micro)
+        mask = self._mask_list(objective)
+        spec = objective.sam
+        if spec is not None and spec.rho > 0:
+            probe = torch._foreach_mul(grads, mask) if mask is not None else grads
+            with torch.no_grad():
+                e = perturbation(self.params, probe, spec.rho, spec.adaptive)
+                if mask is not None:
+                    torch._foreach_mul_(e, mask)  # ASAM's |w| scaling keeps the subspace, but be exact
+                torch._foreach_add_(self.params, e)
+            try:
+                with frozen_bn_stats(self.model):
+                    second, _ = self._grad(objective, micro)
+            finally:
+                with torch.no_grad():
+                    torch._foreach_sub_(self.params, e)
+            grads = combine(grads, second, spec.sign, spec.lamb)
+        if mask is not None:
+            grads = torch._foreach_mul(grads, mask)
+        return grads, loss
+
+    def step(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]]) -> StepStats:
+        self.model.train()
+        stats = StepStats()
+        total: list[torch.Tensor] | None = None
+        for objective in objectives:
+            grads, loss = self.objective_gradient(objective, batches[objective.stream])
+            stats.losses[objective.name] = loss
+            if total is None:
+                total = grads
+            else:
+                torch._foreach_add_(total, grads)
+        assert total is not None
+        for p, g in zip(self.params, total):
+            p.grad = g
+        if self.grad_clip > 0:
+            stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return stats
+
+    # ------------------------------------------------------------ phases
+    def run_phase(self, phase: Phase, streams: Mapping[str, Callable[[int], DataLoader]],
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """One pass over the phase's driver stream; returns mean loss per objective."""
+        driver = phase.driver_stream
+        needed = {o.stream for o in phase.objectives} | {driver}
+        missing = needed - set(streams)
+        if missing:
+            raise ValueError(f"phase {phase.name!r} needs data streams {sorted(missing)}; "
+                             f"available: {sorted(streams)}")
+        driver_loader = streams[driver](0)
+        cycles = {name: _Cycle(streams[name]) for name in needed if name != driver}
+        steps_total = math.ceil(len(driver_loader) / self.grad_accum)
+        if phase.max_steps is not None:
+            steps_total = min(steps_total, phase.max_steps)
+        sums: dict[str, float] = {}
+        steps = 0
+        it = iter(driver_loader)
+        while steps < steps_total:
+            micro_driver = []
+            for _ in range(self.grad_accum):
+                try:
+                    micro_driver.append(as_batch(next(it)).to(self.device))
+                except StopIteration:
+                    break
+            if not micro_driver:
+                break
+            batches = {driver: micro_driver}
+            for name, cycle in cycles.items():
+                batches[name] = [cycle.next().to(self.device) for _ in range(len(micro_driver))]
+            stats = self.step(phase.objectives, batches)
+            for k, v in stats.losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            if progress is not None:
+                progress(steps, steps_total)
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: torch.device | str = "cpu",
+            num_workers: int = 0, with_features: bool = False) -> dict[str, torch.Tensor]:
+    """Logits (and optionally penultimate features), labels and indices for a data set."""
+    model.eval()
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    logits, labels, indices, feats = [], [], [], []
+    for item in loader:
+        batch = as_batch(item).to(device)
+        if with_features and hasattr(model, "features"):
+            f = model.features(batch.x)
+            out = model.head(f)
+            feats.append(f.cpu())
+        else:
+            out = model(batch.x)
+        logits.append(out.float().cpu())
+        labels.append(batch.y.cpu())
+        indices.append(batch.index.cpu())
+    result = {
+        "logits": torch.cat(logits) if logits else torch.zeros(0),
+        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "index": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+    }
+    if with_features:
+        result["features"] = torch.cat(feats) if feats else torch.zeros(0)
+    return result
+
+
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy in percent (NaN for an empty set)."""
+    if len(dataset) == 0:
+        return float("nan")
+    out = predict(model, dataset, batch_size, device)
+    return 100.0 * float((out["logits"].argmax(1) == out["labels"]).float().mean())
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,82 @@
+"""What a training stage optimizes, as data: objectives grouped into phases.
+
+Methods (and pretraining) only *describe* objectives; the loop in
+:mod:`sharp_unlearn.engine.loop` owns backward passes, SAM's two passes,
+masking, accumulation and stepping. Sharp MinMax is then two objectives with
+complementary masks, NegGrad+ two plain objectives, SCRUB two phases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from sharp_unlearn.optim.sam import validate_sam_args
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True),
+                     self.index.to(device, non_blocking=True))
+
+
+#: loss(model, batch) -> scalar tensor to *minimize* (ascent objectives return a negated loss)
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    rho: float
+    lamb: float = 1.0
+    sign: str = "min"
+    adaptive: bool = False
+
+    def __post_init__(self) -> None:
+        validate_sam_args(self.rho, self.sign, self.lamb)
+
+    @property
+    def tag(self) -> str:
+        return f"{'asam' if self.adaptive else 'sam'}-{self.sign}"
+
+
+@dataclass
+class Objective:
+    """One loss on one data stream, with the optimizer semantics it gets.
+
+    ``mask`` maps parameter names to 0/1 tensors of the same shape: the entries
+    this objective may move (its gradient is zeroed elsewhere, and SAM's
+    perturbation lives in the same subspace). ``None`` means every parameter.
+    """
+
+    name: str
+    stream: str
+    loss: LossFn
+    sam: SamSpec | None = None
+    mask: dict[str, torch.Tensor] | None = None
+
+    @property
+    def optimizer_tag(self) -> str:
+        return self.sam.tag if self.sam is not None else "first-order"
+
+
+@dataclass
+class Phase:
+    """Objectives stepped together; one pass over ``driver`` (default: the first
+    objective's stream) is the phase's length, other streams are cycled."""
+
+    name: str
+    objectives: list[Objective]
+    driver: str | None = None
+    #: stop the phase after this many optimizer steps (None: a full pass over the driver)
+    max_steps: int | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def driver_stream(self) -> str:
+        return self.driver or self.objectives[0].stream

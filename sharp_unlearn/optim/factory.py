@@ -1,0 +1,51 @@
+"""Build base optimizers, SAM specs and per-step lr schedules from configs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sharp_unlearn.config import OptimizerConfig, TrainConfig
+from sharp_unlearn.engine.objective import SamSpec
+
+
+def build_base_optimizer(params, cfg: OptimizerConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The first-order optimizer that steps the weights (SAM only changes the gradient)."""
+    lr = cfg.lr if lr is None else lr
+    name = cfg.base_name
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown base optimizer {name!r}")  # config validation makes this unreachable
+
+
+def sam_spec(cfg: OptimizerConfig) -> SamSpec | None:
+    """The SAM semantics of the configured optimizer, or None for a first-order one."""
+    if not cfg.is_sam:
+        return None
+    return SamSpec(rho=cfg.rho, lamb=cfg.lamb, sign=cfg.sign, adaptive=cfg.adaptive)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int,
+                    epochs: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up, then cosine / multi-step / constant."""
+    epochs = train.epochs if epochs is None else epochs
+    total = max(1, epochs * steps_per_epoch)
+    warmup = train.warmup_epochs * steps_per_epoch
+    milestones = [m * steps_per_epoch for m in train.milestones]
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if train.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if train.schedule == "multistep":
+            return train.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

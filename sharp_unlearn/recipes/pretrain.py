@@ -1,0 +1,130 @@
+"""Pretraining (SGD, SAM or ASAM) and training from scratch on a subset (the retrain reference)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Subset
+
+from sharp_unlearn.config import ExperimentConfig
+from sharp_unlearn.data import DatasetBundle, build_dataset
+from sharp_unlearn.engine.checkpoint import load_checkpoint
+from sharp_unlearn.engine.loop import accuracy
+from sharp_unlearn.engine.objective import Objective, Phase
+from sharp_unlearn.engine.runner import resolve_device, run_stage
+from sharp_unlearn.models import build_model
+from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.tracking import NullTracker, open_run
+
+
+@dataclass
+class TrainOutcome:
+    checkpoint: Path
+    metrics: dict[str, float]
+    run_id: str | None
+    cached: bool
+    wall_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def cross_entropy_loss(model, batch):
+    return F.cross_entropy(model(batch.x), batch.y)
+
+
+def stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | None = None) -> Path:
+    name = f"{cfg.data.name}-{cfg.model.name}-{cfg.optimizer.tag}-s{cfg.seed}-{cfg.training_hash()}"
+    if split_hash:
+        name += f"-{split_hash}"
+    return Path(cfg.output_dir) / kind / name
+
+
+def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = None, *,
+                       train_indices: np.ndarray | None = None, split_hash: str | None = None,
+                       kind: str = "pretrain", tags: Mapping[str, Any] | None = None,
+                       quiet: bool = False, resume: bool = True, use_cache: bool = True) -> TrainOutcome:
+    """Train a fresh model with the configured recipe, on all training data or a subset.
+
+    A completed checkpoint with the same training hash (and split hash) is
+    reused without training: that is the retrain-reference cache.
+    """
+    bundle = bundle or build_dataset(cfg.data, cfg.seed)
+    device = resolve_device(cfg.device)
+    out_dir = stage_dir(cfg, kind, split_hash)
+    ckpt_path = out_dir / "checkpoint.pt"
+    meta = {"config_hash": cfg.training_hash(), "split_hash": split_hash or "full", "kind": kind,
+            "model_name": cfg.model.name, "dataset": cfg.data.name, "num_classes": bundle.num_classes,
+            "input_shape": list(bundle.input_shape)}
+
+    if use_cache and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if (state.get("completed") and state.get("config_hash") == meta["config_hash"]
+                and state.get("split_hash") == meta["split_hash"]):
+            return TrainOutcome(ckpt_path, dict(state.get("final_metrics", {})), state.get("run_id"),
+                                cached=True, wall_seconds=float(state.get("wall_seconds", 0.0)),
+                                history=list(state.get("history", [])))
+
+    train = bundle.train if train_indices is None else Subset(bundle.train, train_indices.tolist())
+    train_eval = bundle.train_eval if train_indices is None else Subset(bundle.train_eval, train_indices.tolist())
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    spec = sam_spec(cfg.optimizer)
+    phase = Phase(kind, [Objective("ce", "train", cross_entropy_loss, sam=spec)])
+    eval_bs = cfg.data.eval_batch_size
+
+    def evaluate(model, epoch):
+        return {"val_acc": accuracy(model, bundle.val, eval_bs, device)}
+
+    run_tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash, **(tags or {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    with open_run(cfg, kind=kind, tags=run_tags, run_name=f"{kind}-{cfg.optimizer.tag}") as tracker:
+        meta["run_id"] = tracker.run_id
+        result = run_stage(model, lambda epoch: [phase], {"train": train}, cfg=cfg,
+                           optimizer_cfg=cfg.optimizer, train_cfg=cfg.train, epochs=cfg.train.epochs,
+                           device=device, checkpoint_path=ckpt_path, checkpoint_meta=meta,
+                           evaluate=evaluate, tracker=tracker, quiet=quiet,
+                           description=f"{kind} {cfg.model.name}/{cfg.optimizer.tag}", resume=resume)
+        metrics = {
+            "train_acc": accuracy(model, train_eval, eval_bs, device),
+            "val_acc": accuracy(model, bundle.val, eval_bs, device),
+            "test_acc": accuracy(model, bundle.test, eval_bs, device),
+            "train_loss": result.history[-1]["train_loss"] if result.history else float("nan"),
+            "wall_seconds": result.wall_seconds,
+        }
+        tracker.log_metrics(metrics)
+        # record the final metrics inside the checkpoint so a cache hit can report them
+        state = load_checkpoint(ckpt_path)
+        state.update(final_metrics=metrics, wall_seconds=result.wall_seconds, run_id=tracker.run_id)
+        from sharp_unlearn.engine.checkpoint import save_checkpoint
+
+        save_checkpoint(ckpt_path, {k: v for k, v in state.items() if k != "format_version"})
+        tracker.log_artifact(out_dir / "config.yaml")
+        tracker.log_artifact(ckpt_path, "checkpoint")
+    return TrainOutcome(ckpt_path, metrics, tracker.run_id, cached=False, wall_seconds=result.wall_seconds,
+                        history=result.history)
+
+
+def load_trained_model(path: str | Path, cfg: ExperimentConfig | None = None, device: str | torch.device = "cpu"):
+    """Rebuild a model from a checkpoint (its own saved config unless ``cfg`` is given)."""
+    from sharp_unlearn.config import config_from_dict
+    from sharp_unlearn.engine.checkpoint import load_model_state
+
+    state = load_checkpoint(path, map_location=device)
+    saved_cfg = config_from_dict(state["config"]) if "config" in state else None
+    cfg = cfg or saved_cfg
+    if cfg is None:
+        from sharp_unlearn.errors import ConfigError
+
+        raise ConfigError(f"checkpoint {str(path)!r} carries no config; pass one")
+    num_classes = int(state.get("num_classes", 0)) or None
+    input_shape = tuple(state.get("input_shape", ())) or None
+    if num_classes is None or input_shape is None:
+        bundle = build_dataset(cfg.data, cfg.seed)
+        num_classes, input_shape = bundle.num_classes, bundle.input_shape
+    model = build_model(cfg.model, num_classes, input_shape)
+    load_model_state(model, state["model"], f"checkpoint {str(path)!r}")
+    return model.to(device), cfg, state
