@@ -1,5 +1,6 @@
 """Sub-commands, one module each; the list below is the whole CLI."""
 from sharp_unlearn.commands.base import COMMANDS, Command
 from sharp_unlearn.commands import pretrain  # noqa: F401,E402
+from sharp_unlearn.commands import unlearn  # noqa: F401,E402
 
 __all__ = ["COMMANDS", "Command"]

@@ -1,0 +1,68 @@
+"""``sharp-unlearn unlearn`` and ``sharp-unlearn retrain``."""
+from __future__ import annotations
+
+from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
+from sharp_unlearn.report_console import print_rows
+
+
+def _load(args):
+    from sharp_unlearn.recipes.unlearn import load_pretrained, unlearn_config
+
+    pretrained = load_pretrained(args.checkpoint)
+    cfg = config_from_args(args, base=unlearn_config(pretrained))
+    return pretrained, cfg
+
+
+@COMMANDS.register("unlearn")
+class Unlearn(Command):
+    help = "unlearn a forget set from a pretrained checkpoint (method.name=..., optimizer.name=...)"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--checkpoint", required=True, help="pretrained checkpoint (from `pretrain`)")
+        add_config_arguments(parser)
+
+    def run(self, args):
+        from sharp_unlearn.recipes.unlearn import run_unlearning
+
+        pretrained, cfg = _load(args)
+        outcome = run_unlearning(cfg, args.checkpoint, quiet=args.quiet, pretrained=pretrained)
+        rows = [
+            {"model": "original", **outcome.original_metrics},
+            {"model": "retrain (reference)", **outcome.reference.metrics, "tow": 1.0},
+            {"model": f"{outcome.method} / {outcome.optimizer_tag}", **outcome.metrics},
+        ]
+        if not args.json:
+            print_rows(f"unlearn {outcome.split.label} (split {outcome.split.split_hash})",
+                       ["model", "retain_acc", "forget_acc", "test_acc", "tow", "wall_seconds"], rows)
+        return {"checkpoint": str(outcome.checkpoint), "run_id": outcome.run_id,
+                "reference_checkpoint": str(outcome.reference.checkpoint),
+                "results": str(outcome.results_path), "split_hash": outcome.split.split_hash,
+                "metrics": outcome.metrics, "reference_metrics": outcome.reference.metrics,
+                "original_metrics": outcome.original_metrics}
+
+
+@COMMANDS.register("retrain")
+class Retrain(Command):
+    help = "train (or reuse from cache) the retrained reference for a forget set"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--checkpoint", required=True, help="pretrained checkpoint whose recipe to reuse")
+        add_config_arguments(parser)
+
+    def run(self, args):
+        from sharp_unlearn.data.forget import select_forget_set
+        from sharp_unlearn.errors import ConfigError
+        from sharp_unlearn.recipes.unlearn import get_reference
+
+        pretrained, cfg = _load(args)
+        if cfg.forget is None:
+            raise ConfigError("retrain needs a forget set: set forget.kind and forget.size (or forget.classes)")
+        model = pretrained.model("cpu")
+        split = select_forget_set(cfg.forget, pretrained.bundle, pretrained.cfg.seed, model=model,
+                                  run_cfg=pretrained.cfg)
+        reference = get_reference(pretrained, split, quiet=args.quiet, run_cfg=cfg)
+        if not args.json:
+            print_rows(f"retrain reference {split.label} ({'cached' if reference.cached else 'trained'})",
+                       ["retain_acc", "forget_acc", "test_acc", "wall_seconds"], [reference.metrics])
+        return {"checkpoint": str(reference.checkpoint), "cached": reference.cached, "run_id": reference.run_id,
+                "split_hash": split.split_hash, "metrics": reference.metrics}

@@ -1,0 +1,58 @@
+"""ToW (tug of war, Zhao et al. 2024) against the retrained reference.
+
+``ToW = prod over s in {retain, forget, test} of (1 - |acc_u(s) - acc_r(s)| / 100)``
+with accuracies in percent: 1 means indistinguishable from retraining.
+The signed companion ``forget_gap`` (points, > 0 = under-forgetting) is
+offered alongside, never instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+SPLITS = ("retain", "forget", "test")
+
+
+def tow(unlearned: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    value = 1.0
+    for split in SPLITS:
+        key = f"{split}_acc"
+        value *= 1.0 - abs(unlearned[key] - reference[key]) / 100.0
+    return value
+
+
+def forget_gap(unlearned: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Signed forget-accuracy gap in points: > 0 under-forgets, < 0 over-forgets.
+
+    ToW hides the direction of the gap; this is the signed companion, named
+    ``forget_gap`` so it is never mistaken for ToW itself.
+    """
+    return unlearned["forget_acc"] - reference["forget_acc"]
+
+
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_critical_95(dof: int) -> float:
+    if dof <= 0:
+        return float("nan")
+    if dof in _T95:
+        return _T95[dof]
+    keys = sorted(_T95)
+    for lo, hi in zip(keys, keys[1:]):
+        if lo < dof < hi:
+            return _T95[hi]
+    return 1.96
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95 % Student-t confidence interval (NaN width for one value)."""
+    values = [float(v) for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, t_critical_95(len(values) - 1) * math.sqrt(var / len(values))

@@ -1,0 +1,239 @@
+"""Unlearning: forget-set selection, the cached retrained reference, a method, ToW.
+
+``run_unlearning(cfg, checkpoint)``:
+
+1. rebuild the pretrained model and its data exactly (the checkpoint's own
+   data config and seed, so label flips and splits match);
+2. select the forget set (deterministic; saved as Parquet with its hash);
+3. get the retrained reference: trained from scratch on the retain set with
+   the *pretraining* recipe, cached by (data, split hash, model, training
+   config, seed): a second method on the same split reuses it;
+4. run the method's phases with the engine (the input checkpoint is never
+   written);
+5. measure retain/forget/val/test accuracy and ToW against the reference,
+   write the long-format result table and log everything to MLflow.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
+from sharp_unlearn.data import DatasetBundle, build_dataset
+from sharp_unlearn.data.forget import ForgetSplit, memorization_groups, select_forget_set
+from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from sharp_unlearn.engine.runner import resolve_device, run_stage
+from sharp_unlearn.errors import ConfigError, TrainingDiverged
+from sharp_unlearn.methods import METHODS, UnlearnContext
+from sharp_unlearn.metrics.accuracy import split_accuracies, subset
+from sharp_unlearn.metrics.tow import forget_gap, tow
+from sharp_unlearn.models import build_model
+from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.recipes.pretrain import train_from_scratch
+from sharp_unlearn.results import rows_from_metrics, write_results
+from sharp_unlearn.tracking import open_run
+
+
+@dataclass
+class Pretrained:
+    """A pretrained checkpoint, its config, and the data it was trained on."""
+
+    path: Path
+    cfg: ExperimentConfig
+    state: dict[str, Any]
+    bundle: DatasetBundle
+
+    @property
+    def run_id(self) -> str | None:
+        return self.state.get("run_id")
+
+    def model(self, device) -> torch.nn.Module:
+        model = build_model(self.cfg.model, self.bundle.num_classes, self.bundle.input_shape)
+        load_model_state(model, self.state["model"], f"checkpoint {str(self.path)!r}")
+        return model.to(device)
+
+
+@dataclass
+class Reference:
+    checkpoint: Path
+    metrics: dict[str, float]
+    run_id: str | None
+    wall_seconds: float
+    cached: bool
+
+
+@dataclass
+class UnlearnOutcome:
+    checkpoint: Path | None
+    metrics: dict[str, float]
+    reference: Reference
+    original_metrics: dict[str, float]
+    split: ForgetSplit
+    run_id: str | None
+    method: str
+    optimizer_tag: str
+    results_path: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def load_pretrained(path: str | Path, bundle: DatasetBundle | None = None) -> Pretrained:
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise ConfigError(f"checkpoint {str(path)!r} carries no config; expected a sharp-unlearn checkpoint")
+    cfg = config_from_dict(state["config"])
+    bundle = bundle or build_dataset(cfg.data, cfg.seed)
+    return Pretrained(Path(path), cfg, state, bundle)
+
+
+def unlearn_config(pretrained: Pretrained) -> dict:
+    """The base config tree of an unlearning run: the checkpoint's own sections."""
+    tree = copy.deepcopy(pretrained.state["config"])
+    tree.pop("forget", None)
+    tree.pop("method", None)
+    return tree
+
+
+def get_reference(pretrained: Pretrained, split: ForgetSplit, *, quiet: bool = False,
+                  run_cfg: ExperimentConfig | None = None) -> Reference:
+    """The retrained reference for this split: cached by (training hash, split hash).
+
+    It uses the *pretraining* recipe; only where files go, the device and
+    tracking come from ``run_cfg`` (they do not change the trained model).
+    """
+    ref_cfg = copy.deepcopy(pretrained.cfg)
+    if run_cfg is not None:
+        ref_cfg.tracking = copy.deepcopy(run_cfg.tracking)
+        ref_cfg.output_dir = run_cfg.output_dir
+        ref_cfg.device = run_cfg.device
+    outcome = train_from_scratch(
+        ref_cfg, pretrained.bundle, train_indices=split.retain_positions, split_hash=split.split_hash,
+        kind="retrain", quiet=quiet,
+        tags={"forget_set": split.label, "method": "retrain", "pretrain_run_id": pretrained.run_id})
+    device = resolve_device(ref_cfg.device)
+    state = load_checkpoint(outcome.checkpoint)
+    model = build_model(ref_cfg.model, pretrained.bundle.num_classes, pretrained.bundle.input_shape)
+    load_model_state(model, state["model"], "retrain reference")
+    metrics = split_accuracies(model.to(device), pretrained.bundle, split.forget_positions,
+                               split.retain_positions, device, ref_cfg.data.eval_batch_size)
+    metrics["wall_seconds"] = outcome.wall_seconds
+    return Reference(outcome.checkpoint, metrics, outcome.run_id, outcome.wall_seconds, outcome.cached)
+
+
+def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretrained) -> Path:
+    key = stable_hash({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "output_dir")},
+                       "pretrain": pretrained.state.get("config_hash"), "split": split.split_hash})
+    name = f"{split.label}-{cfg.method.name}-{cfg.optimizer.tag}-s{cfg.seed}-{key}"
+    return Path(cfg.output_dir) / "unlearn" / name
+
+
+def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool = False,
+                   pretrained: Pretrained | None = None, split: ForgetSplit | None = None,
+                   scores: np.ndarray | None = None, save_model: bool = True) -> UnlearnOutcome:
+    """Unlearn ``cfg.forget`` from ``checkpoint`` with ``cfg.method`` and ``cfg.optimizer``."""
+    if cfg.method is None:
+        raise ConfigError("unlearning needs a method: set method.name (e.g. method.name=sharp_minmax)")
+    if cfg.forget is None:
+        raise ConfigError("unlearning needs a forget set: set forget.kind and forget.size (or forget.classes)")
+    method_cls = METHODS.get(cfg.method.name)
+    pretrained = pretrained or load_pretrained(checkpoint)
+    bundle = pretrained.bundle
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    load_model_state(model, pretrained.state["model"],
+                     f"checkpoint {str(pretrained.path)!r} (model.name={cfg.model.name!r})")
+    model.to(device)
+    if split is None:
+        split = select_forget_set(cfg.forget, bundle, pretrained.cfg.seed, model=model, device=device,
+                                  scores=scores, run_cfg=pretrained.cfg)
+    groups = memorization_groups(split.scores, split.forget_positions) if split.scores is not None else None
+    eval_bs = cfg.data.eval_batch_size
+    original = split_accuracies(model, bundle, split.forget_positions, split.retain_positions, device, eval_bs,
+                                groups)
+    reference = get_reference(pretrained, split, quiet=quiet, run_cfg=cfg)
+    original["tow"] = tow(original, reference.metrics)  # the "do nothing" row
+    method = method_cls(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
+    tags = {"method": cfg.method.name, "optimizer": method.optimizer_tag, "forget_set": split.label,
+            "split_hash": split.split_hash, "pretrain_run_id": pretrained.run_id,
+            "reference_run_id": reference.run_id, "pretrain_optimizer": pretrained.cfg.optimizer.tag}
+    out_dir = _output_dir(cfg, split, pretrained)
+    with open_run(cfg, kind="unlearn", tags=tags,
+                  run_name=f"{cfg.method.name}-{method.optimizer_tag}-{split.label}") as tracker:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        split_path = split.to_parquet(out_dir / "forget_set.parquet")
+        history: list[dict[str, float]] = []
+        if getattr(method_cls, "from_scratch", False):
+            # "retrain" as a method: the reference itself is the unlearned model
+            wall = reference.wall_seconds
+            ref_state = load_checkpoint(reference.checkpoint)
+            load_model_state(model, ref_state["model"], "retrain reference")
+        else:
+            retain_ds = subset(bundle.train, split.retain_positions)
+            forget_ds = subset(bundle.train, split.forget_positions)
+            ctx = UnlearnContext(model=model, retain=retain_ds, forget=forget_ds, num_classes=bundle.num_classes,
+                                 device=device, seed=cfg.seed, batch_size=cfg.data.batch_size,
+                                 extras={"forget_scores": None if split.scores is None
+                                         else split.scores[split.forget_positions],
+                                         "bundle": bundle, "split": split, "config": cfg})
+            if cfg.method.mask_path:
+                from sharp_unlearn.optim.masks import load_mask
+
+                ctx.mask = load_mask(cfg.method.mask_path)[0]
+            datasets = {"retain": retain_ds, "forget": forget_ds}
+            prepare_streams = method.prepare(ctx)
+            if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
+                datasets.update(prepare_streams)
+            try:
+                result = run_stage(model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer,
+                                   train_cfg=cfg.train, epochs=method.epochs, device=device,
+                                   checkpoint_path=None, tracker=tracker, quiet=quiet,
+                                   description=f"unlearn {cfg.method.name}/{method.optimizer_tag}", resume=False)
+            except TrainingDiverged:
+                shutil.rmtree(out_dir, ignore_errors=True)  # no half result; the input checkpoint is untouched
+                raise
+            wall = result.wall_seconds
+            history = result.history
+        metrics = split_accuracies(model, bundle, split.forget_positions, split.retain_positions, device,
+                                   eval_bs, groups)
+        metrics["tow"] = tow(metrics, reference.metrics)
+        metrics["forget_gap"] = forget_gap(metrics, reference.metrics)
+        metrics["wall_seconds"] = wall
+        metrics["speedup_vs_retrain"] = reference.wall_seconds / wall if wall > 0 else float("nan")
+        tracker.log_metrics(metrics)
+        ckpt_path = None
+        if save_model:
+            ckpt_path = save_checkpoint(out_dir / "checkpoint.pt", {
+                "model": model.state_dict(), "config": cfg.to_dict(), "completed": True,
+                "config_hash": cfg.training_hash(), "split_hash": split.split_hash,
+                "num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape),
+                "model_name": cfg.model.name, "dataset": cfg.data.name, "kind": "unlearn",
+                "method": cfg.method.name, "optimizer_tag": method.optimizer_tag,
+                "forget_indices": torch.as_tensor(split.forget_indices),
+                "forget_positions": torch.as_tensor(split.forget_positions),
+                "forget_label": split.label,
+                "reference_checkpoint": str(reference.checkpoint),
+                "pretrain_checkpoint": str(pretrained.path),
+                "pretrain_config": pretrained.state["config"],
+                "final_metrics": metrics, "run_id": tracker.run_id,
+            })
+        common = dict(dataset=cfg.data.name, forget_set=split.label, seed=cfg.seed)
+        rows = rows_from_metrics(metrics, run_id=tracker.run_id, method=cfg.method.name,
+                                 optimizer=method.optimizer_tag, **common)
+        rows += rows_from_metrics(reference.metrics, run_id=reference.run_id, method="retrain",
+                                  optimizer=pretrained.cfg.optimizer.tag, **common)
+        rows += rows_from_metrics(original, run_id=pretrained.run_id,
+                                  method="original", optimizer=pretrained.cfg.optimizer.tag, **common)
+        results_path = write_results(rows, out_dir / "results.parquet")
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        tracker.log_artifact(split_path, "forget_set")
+        tracker.log_artifact(results_path, "results")
+        tracker.log_artifact(out_dir / "config.yaml")
+        if ckpt_path is not None:
+            tracker.log_artifact(ckpt_path, "checkpoint")
+    return UnlearnOutcome(ckpt_path, metrics, reference, original, split, tracker.run_id, cfg.method.name,
+                          method.optimizer_tag, results_path, history)
