@@ -4,34 +4,90 @@
 tracking disabled (or on a rank other than 0) it yields a :class:`NullTracker`
 with the same methods, so recipes never branch on it.
 
+Where runs go: ``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///mlruns.db`` in the working directory. For a SQLite store the
+artifacts are written next to the database (``mlartifacts/``), not into
+MLflow's default ``./mlruns`` of whatever directory the process runs in.
+
 Run status: an exception inside the block ends the run FAILED with the error
-text in the ``error`` tag; KeyboardInterrupt / SIGTERM end it KILLED; only a
-clean exit ends it FINISHED. mlflow is imported lazily (extra ``mlflow``).
+text in the ``error`` tag (and the traceback as ``error.txt``);
+KeyboardInterrupt / SIGTERM end it KILLED; only a clean exit ends it FINISHED.
+
+Fail fast: an HTTP tracking server that does not answer ``/health`` (or a
+store that cannot be opened) raises :class:`ConfigError` when the run is
+opened, which recipes do before their first epoch; commands that chain
+several stages can call :func:`preflight` before the first one.
+
+Metric names, tag names and params are a contract (DESIGN.md section 6).
+mlflow is imported lazily (extra ``mlflow``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import getpass
+import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from sharp_unlearn.errors import ConfigError, MissingExtra
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
+#: values of the ``kind`` tag (DESIGN.md section 6; ``compare`` marks report runs)
+KINDS = ("pretrain", "retrain", "mask", "unlearn", "evaluate", "sweep", "trial", "memorization", "compare")
 
+#: MLflow's limits (mlflow.utils.validation): params per batch, metrics per batch, value lengths
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_MAX_PARAM_CHARS = 6000
+_MAX_TAG_CHARS = 5000
+
+
+# --------------------------------------------------------------------------- where runs go
 def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """True unless this process is a non-zero rank of a multi-process run.
+
+    Reads ``RANK`` (torchrun, DeepSpeed, Ray Train set it) and, when a process
+    group is already up, asks torch.distributed directly.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    dist = sys.modules.get("torch.distributed")  # only if torch is already imported: no import cost here
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except (RuntimeError, ValueError):  # a half-torn-down group: trust the environment
+        pass
+    return True
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The commit of the sharp_unlearn checkout ('unknown' for an installed wheel)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -40,141 +96,436 @@ def git_commit() -> str:
         return "unknown"
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any training) when an HTTP tracking server does not answer.
+
+    MLflow's own client retries an unreachable server with exponential backoff
+    for minutes; one short ``/health`` request tells the user at once.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    hint = ("start it (see mlflow/README.md), point --tracking-uri / MLFLOW_TRACKING_URI at a running "
+            "server, or disable tracking (--no-tracking, tracking.enabled=false)")
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"MLflow tracking server {uri!r} is unreachable ({reason}); {hint}") from None
+    if status != 200:
+        raise ConfigError(f"MLflow tracking server {uri!r} answered /health with HTTP {status}; {hint}")
+
+
+def _client(uri: str):
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise MissingExtra("mlflow", "mlflow") from exc
+    return MlflowClient(tracking_uri=uri)
+
+
+def preflight(uri: str | None = None, experiment: str | None = None, timeout: float = 5.0) -> str:
+    """Check that the tracking store answers; returns the resolved URI.
+
+    Raises ConfigError (CLI exit 2) naming the URI. Call it before hours of
+    work when a command chains several tracked stages.
+    """
+    uri = resolve_uri(uri)
+    check_server(uri, timeout)
+    db = sqlite_path(uri)
+    if db is not None and not db.resolve().parent.is_dir():
+        raise ConfigError(f"tracking URI {uri!r}: directory {str(db.resolve().parent)!r} does not exist")
+    client = _client(uri)
+    try:
+        if experiment:
+            client.get_experiment_by_name(experiment)
+        else:
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any store failure is a bad URI from the user's side
+        raise ConfigError(f"tracking URI {uri!r} cannot be used: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return uri
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live next to the database, not in the cwd's ./mlruns."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None  # a server decides (its --artifacts-destination / --default-artifact-root)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("_") or "experiment"
+    return (db.resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def get_or_create_experiment(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except Exception:  # noqa: BLE001 - another process created it first (RESOURCE_ALREADY_EXISTS)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it "
+                          f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+                          "or choose another name with tracking.experiment=NAME")
+    return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- trackers
 class NullTracker:
     """Same interface as MlflowTracker, records nothing (tracking off, or rank > 0)."""
 
     run_id: str | None = None
+    uri: str | None = None
+    experiment_id: str | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None: ...
+    def log_table(self, table: Any, name: str, artifact_path: str | None = "tables") -> None: ...
+    def log_indices(self, indices: Sequence[int] | Any, name: str = "forget_indices.parquet",
+                    artifact_path: str | None = "forget_set", **columns: Any) -> None: ...
+    def log_figure(self, figure: Any, name: str, artifact_path: str | None = "figures") -> None: ...
+    def log_checkpoint(self, path: str | os.PathLike, artifact_path: str | None = "checkpoint") -> bool:
+        return False
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, client, run_id: str, max_artifact_mb: float = 200.0):
+    """Logs to one MLflow run through an ``MlflowClient`` (no global fluent state).
+
+    Per-epoch metrics carry ``step``; final metrics (``step=None``) are logged
+    at the last step seen and a later timestamp, so ``run.data.metrics`` (MLflow's
+    "latest" value: highest step, then newest timestamp) holds the final value.
+    """
+
+    def __init__(self, client, run_id: str, max_artifact_mb: float = 200.0, uri: str | None = None,
+                 experiment_id: str | None = None):
         self.client = client
         self.run_id = run_id
         self.max_artifact_mb = max_artifact_mb
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self._last_step = 0
+        self._last_timestamp = 0
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + _PARAMS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        items = [RunTag(str(k), _tag_value(v)) for k, v in tags.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
+    def _timestamp(self) -> int:
+        # strictly increasing: a final value logged in the same millisecond as the
+        # last epoch's must still win MLflow's (step, timestamp, value) ordering
+        now = max(int(time.time() * 1000), self._last_timestamp + 1)
+        self._last_timestamp = now
+        return now
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if v is not None and v == v]  # NaN-free
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+        if step is None:
+            step = self._last_step
+        else:
+            step = int(step)
+            self._last_step = max(self._last_step, step)
+        now = self._timestamp()
+        items = []
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            value = float(value)
+            if value != value:  # NaN: a metric that could not be computed is left out, not logged as NaN
+                continue
+            items.append(Metric(str(key), value, now, step))
+        for start in range(0, len(items), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + _METRICS_PER_BATCH])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
         if path.is_file() and path.stat().st_size > self.max_artifact_mb * 2**20:
-            # large checkpoints are referenced, not copied
-            self.set_tags({f"artifact_ref.{path.name}": str(path.resolve())})
+            self._log_reference(path, artifact_path)
             return
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def _log_reference(self, path: Path, artifact_path: str | None) -> None:
+        """A file too large to copy (a big checkpoint) is recorded by path and size."""
+        reference = {"path": str(path.resolve()), "bytes": path.stat().st_size,
+                     "host": os.uname().nodename if hasattr(os, "uname") else ""}
+        self.set_tags({f"artifact_ref.{path.name}": reference["path"]})
+        name = f"{artifact_path}/{path.name}.ref.json" if artifact_path else f"{path.name}.ref.json"
+        self.client.log_text(self.run_id, json.dumps(reference, indent=2), name)
+
+    def log_checkpoint(self, path: str | os.PathLike, artifact_path: str | None = "checkpoint") -> bool:
+        """Copy a checkpoint into the run, or record a reference when it exceeds max_artifact_mb.
+
+        Returns True when the file itself was copied.
+        """
+        path = Path(path)
+        copied = path.stat().st_size <= self.max_artifact_mb * 2**20
+        self.log_artifact(path, artifact_path)
+        return copied
+
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        if name.endswith((".yaml", ".yml")):
+            import yaml
+
+            self.log_text(yaml.safe_dump(_plain(data), sort_keys=False), name)
+        else:
+            self.log_text(json.dumps(_plain(data), indent=2, default=str), name)
+
+    def log_table(self, table: Any, name: str, artifact_path: str | None = "tables") -> None:
+        """Log a table as Parquet: a pyarrow Table, a list of row dicts, or a dict of columns."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if isinstance(table, pa.Table):
+            arrow = table
+        elif isinstance(table, Mapping):
+            arrow = pa.table(dict(table))
+        else:
+            arrow = pa.Table.from_pylist(list(table))
+        if not name.endswith(".parquet"):
+            name += ".parquet"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            pq.write_table(arrow, path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_indices(self, indices: Sequence[int] | Any, name: str = "forget_indices.parquet",
+                    artifact_path: str | None = "forget_set", **columns: Any) -> None:
+        """Log example indices (e.g. the forget set) as Parquet: column ``index`` plus any ``columns``."""
+        import numpy as np
+
+        data = {"index": np.asarray(indices, dtype=np.int64).reshape(-1)}
+        for key, values in columns.items():
+            data[key] = np.asarray(values).reshape(-1)
+            if len(data[key]) != len(data["index"]):
+                raise ValueError(f"column {key!r} has {len(data[key])} values for {len(data['index'])} indices")
+        self.log_table(data, name, artifact_path)
+
+    def log_figure(self, figure: Any, name: str, artifact_path: str | None = "figures") -> None:
+        """Log a matplotlib figure as PNG."""
+        if not name.endswith(".png"):
+            name += ".png"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
 def _param_value(value: Any) -> str:
     text = str(value)
-    return text if len(text) <= 6000 else text[:5997] + "..."
+    return text if len(text) <= _MAX_PARAM_CHARS else text[:_MAX_PARAM_CHARS - 3] + "..."
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (before any training) when an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
+def _tag_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _MAX_TAG_CHARS else text[:_MAX_TAG_CHARS - 3] + "..."
 
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python, for YAML/JSON dumps."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------- runs
+class RunTerminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives inside a tracked run (the run ends KILLED).
+
+    A KeyboardInterrupt subclass so that code catching ``Exception`` does not
+    swallow it and the CLI treats it as an interruption.
+    """
+
+
+def _on_sigterm(signum, frame):
+    raise RunTerminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise ConfigError(f"MLflow tracking server {uri!r} answered /health with {response.status}")
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConfigError(f"MLflow tracking server {uri!r} is unreachable ({exc}); "
-                          "start it (see mlflow/README.md) or set tracking.enabled=false") from None
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. a Ray Tune function trainable): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def standard_tags(kind: str) -> dict[str, Any]:
+    """Tags every run carries, plus MLflow's own source tags so the UI shows them."""
+    commit = git_commit()
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {"kind": kind, "git_commit": commit, "mlflow.source.git.commit": commit,
+            "mlflow.source.type": "LOCAL", "mlflow.source.name": Path(sys.argv[0]).name or "python",
+            "mlflow.user": user}
+
+
+@contextlib.contextmanager
+def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[str, Any] | None = None,
+                params: Mapping[str, Any] | None = None, run_name: str | None = None,
+                parent_run_id: str | None = None, config_yaml: str | None = None,
+                max_artifact_mb: float = 200.0, enabled: bool = True) -> Iterator[NullTracker]:
+    """Open an MLflow run without an ExperimentConfig (``compare`` uses this; ``open_run`` builds on it)."""
+    if not enabled or not is_rank_zero():
+        yield NullTracker()
+        return
+    uri = preflight(uri)
+    client = _client(uri)
+    experiment_id = get_or_create_experiment(client, experiment, uri)
+    all_tags = standard_tags(kind)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})
+    run = client.create_run(experiment_id, run_name=run_name or kind,
+                            tags={k: _tag_value(v) for k, v in all_tags.items()})
+    run_id = run.info.run_id
+    tracker = MlflowTracker(client, run_id, max_artifact_mb, uri=uri, experiment_id=experiment_id)
+    status = "FAILED"
+    with _sigterm_as_exception():
+        try:
+            if params:
+                tracker.log_params(params)
+            if config_yaml is not None:
+                tracker.log_text(config_yaml, "config.yaml")
+            yield tracker
+            status = "FINISHED"
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (RunTerminated)
+            status = "KILLED"
+            with contextlib.suppress(Exception):
+                how = "SIGTERM" if isinstance(exc, RunTerminated) else "KeyboardInterrupt"
+                tracker.set_tags({"interrupted": how})
+            raise
+        except SystemExit as exc:
+            status = "FINISHED" if exc.code in (None, 0) else "FAILED"
+            if status == "FAILED":
+                with contextlib.suppress(Exception):
+                    tracker.set_tags({"error": f"SystemExit: {exc.code}"})
+            raise
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+                tracker.log_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                                 "error.txt")
+            raise
+        finally:
+            # a second SIGTERM while the status is written would leave the run RUNNING forever
+            with _ignore_sigterm():
+                with contextlib.suppress(Exception):
+                    client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def _ignore_sigterm() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _default_tags(cfg, kind: str) -> dict[str, Any]:
+    """Contract tags derivable from the config; recipes' explicit tags override them."""
+    tags: dict[str, Any] = {"seed": cfg.seed, "dataset": cfg.data.name, "model": cfg.model.name,
+                            "optimizer": cfg.optimizer.tag}
+    if kind in ("unlearn", "evaluate") and cfg.method is not None:
+        tags["method"] = cfg.method.name
+    if kind in ("retrain", "mask", "unlearn", "evaluate") and cfg.forget is not None:
+        tags["forget_set"] = cfg.forget.label
+    return tags
 
 
 @contextlib.contextmanager
 def open_run(cfg, kind: str, tags: Mapping[str, Any] | None = None, run_name: str | None = None,
              parent_run_id: str | None = None, log_config: bool = True) -> Iterator[NullTracker]:
-    """Open an MLflow run for one command; yields a tracker (NullTracker when off)."""
+    """Open an MLflow run for one command; yields a tracker (NullTracker when off or rank > 0).
+
+    Logs the resolved config as dotted params and as ``config.yaml``, and the
+    contract tags (kind, dataset, model, optimizer, seed, git_commit; method and
+    forget_set for unlearning kinds). ``tags`` add or override them: recipes pass
+    ``split_hash``, ``pretrain_run_id``, ``reference_run_id``, the Sharp MinMax
+    optimizer pair... ``parent_run_id`` nests the run (sweep trials).
+    """
     tracking = cfg.tracking
-    if not tracking.enabled or not is_rank_zero():
-        yield NullTracker()
-        return
-    try:
-        import mlflow  # noqa: F401
-        from mlflow.tracking import MlflowClient
-    except ImportError as exc:
-        raise MissingExtra("mlflow", "mlflow") from exc
-    uri = resolve_uri(tracking.uri)
-    check_server(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking.experiment)
-    all_tags = {"kind": kind, "seed": cfg.seed, "dataset": cfg.data.name, "model": cfg.model.name,
-                "git_commit": git_commit()}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags = _default_tags(cfg, kind)
     all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})
-    run = client.create_run(experiment_id, run_name=run_name or kind,
-                            tags={k: str(v) for k, v in all_tags.items()})
-    tracker = MlflowTracker(client, run.info.run_id, tracking.max_artifact_mb)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # turn SIGTERM into an exception we can mark KILLED
-        raise KeyboardInterrupt("SIGTERM")
-
-    installed = False
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-        installed = True
-    except ValueError:  # not the main thread (e.g. inside a Ray worker thread)
-        pass
-    status = "FAILED"
-    try:
-        if log_config:
-            tracker.log_params(cfg.flat())
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "config.yaml"
-                path.write_text(cfg.to_yaml())
-                tracker.log_artifact(path)
+    with tracked_run(uri=tracking.uri, experiment=tracking.experiment, kind=kind, tags=all_tags,
+                     params=cfg.flat() if log_config else None, run_name=run_name,
+                     parent_run_id=parent_run_id, config_yaml=cfg.to_yaml() if log_config else None,
+                     max_artifact_mb=tracking.max_artifact_mb, enabled=tracking.enabled) as tracker:
         yield tracker
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            client.set_terminated(run.info.run_id, status=status)
-        if installed:
-            signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- reading back
+LINEAGE_TAGS = ("pretrain_run_id", "reference_run_id")
+
+
+def lineage(client, run_id: str, max_depth: int = 8) -> list[tuple[str, Any]]:
+    """Walk ``pretrain_run_id`` / ``reference_run_id`` / parent tags from a run.
+
+    Returns ``[(role, run), ...]`` starting with ``("self", run)``; roles are
+    the tag names that led to each run (``pretrain_run_id``, ``reference_run_id``,
+    ``mlflow.parentRunId``). Runs already visited are not repeated.
+    """
+    seen: set[str] = set()
+    chain: list[tuple[str, Any]] = []
+    queue: list[tuple[str, str, int]] = [("self", run_id, 0)]
+    while queue:
+        role, current, depth = queue.pop(0)
+        if current in seen or depth > max_depth:
+            continue
+        seen.add(current)
+        try:
+            run = client.get_run(current)
+        except Exception:  # noqa: BLE001 - a deleted or foreign run ends that branch
+            continue
+        chain.append((role, run))
+        for tag in (*LINEAGE_TAGS, "mlflow.parentRunId"):
+            target = run.data.tags.get(tag)
+            if target and target not in seen:
+                queue.append((tag, target, depth + 1))
+    return chain
