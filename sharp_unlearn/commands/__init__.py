@@ -2,5 +2,6 @@
 from sharp_unlearn.commands.base import COMMANDS, Command
 from sharp_unlearn.commands import pretrain  # noqa: F401,E402
 from sharp_unlearn.commands import unlearn  # noqa: F401,E402
+from sharp_unlearn.commands import demo  # noqa: F401,E402
 
 __all__ = ["COMMANDS", "Command"]

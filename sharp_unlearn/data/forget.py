@@ -110,7 +110,9 @@ def _mid_target(scores: np.ndarray) -> float:
 def memorization_groups(scores: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
     """Split ``positions`` into low / mid / high by tertiles of their scores (RUM, reports)."""
     values = scores[positions]
-    lo, hi = np.quantile(values, [1 / 3, 2 / 3]) if len(values) else (0.0, 0.0)
+    if len(np.unique(values)) < 3:  # e.g. a 0/1 flip record: no levels to speak of
+        return {}
+    lo, hi = np.quantile(values, [1 / 3, 2 / 3])
     return {"low": positions[values <= lo], "mid": positions[(values > lo) & (values <= hi)],
             "high": positions[values > hi]}
 
