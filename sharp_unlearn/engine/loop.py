@@ -94,20 +94,34 @@ class Trainer:
         self.grad_clip = grad_clip
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
-        self._mask_cache: dict[int, list[torch.Tensor] | None] = {}
+        # id(mask dict) -> (the dict, its tensors in param order); the dict is kept so its
+        # id cannot be reused by a new mask while the entry lives (a stale-mask bug otherwise)
+        self._mask_cache: dict[int, tuple[dict, list[torch.Tensor]]] = {}
 
     # ------------------------------------------------------------ gradients
     def _mask_list(self, objective: Objective) -> list[torch.Tensor] | None:
         if objective.mask is None:
             return None
         key = id(objective.mask)
-        if key not in self._mask_cache:
+        cached = self._mask_cache.get(key)
+        if cached is None or cached[0] is not objective.mask:
+            shapes = {name: p.shape for name, p in self.named_params}
+            unknown = sorted(set(objective.mask) - set(shapes))
+            if unknown:
+                raise ValueError(f"mask of objective {objective.name!r} names unknown parameters {unknown[:3]}; "
+                                 f"expected names from model.named_parameters(), e.g. {list(shapes)[:3]}")
             masks = []
             for name, p in self.named_params:
                 m = objective.mask.get(name)
+                if m is not None and tuple(m.shape) != tuple(p.shape):
+                    raise ValueError(f"mask of objective {objective.name!r} for {name!r} has shape "
+                                     f"{tuple(m.shape)}; expected {tuple(p.shape)}")
                 masks.append(torch.ones_like(p) if m is None else m.to(p.device, p.dtype))
-            self._mask_cache[key] = masks
-        return self._mask_cache[key]
+            self._mask_cache.pop(key, None)
+            cached = self._mask_cache[key] = (objective.mask, masks)
+            while len(self._mask_cache) > 8:  # masks are model-sized: keep only recent ones
+                self._mask_cache.pop(next(iter(self._mask_cache)))
+        return cached[1]
 
     def _grad(self, objective: Objective, micro: Sequence[Batch]) -> tuple[list[torch.Tensor], float]:
         """Average gradient of the objective's loss over its micro-batches."""

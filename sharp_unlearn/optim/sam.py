@@ -15,6 +15,7 @@ the :class:`SAM` optimizer and the engine's multi-objective path.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -25,12 +26,13 @@ SIGNS = {"min": 1.0, "max": -1.0}
 
 
 def validate_sam_args(rho: float, sign: str, lamb: float) -> None:
-    if not isinstance(rho, (int, float)) or rho < 0:
-        raise ValueError(f"SAM rho={rho!r} is invalid; expected a number >= 0")
+    # `not (x >= 0)` also rejects NaN, which slips through a plain `x < 0`
+    if not isinstance(rho, (int, float)) or not (0 <= rho < math.inf):
+        raise ValueError(f"SAM rho={rho!r} is invalid; expected a finite number >= 0")
     if sign not in SIGNS:
         raise ValueError(f"SAM sign={sign!r} is invalid; expected 'min' or 'max'")
-    if not isinstance(lamb, (int, float)) or lamb < 0:
-        raise ValueError(f"SAM lamb={lamb!r} is invalid; expected a number >= 0")
+    if not isinstance(lamb, (int, float)) or not (0 <= lamb < math.inf):
+        raise ValueError(f"SAM lamb={lamb!r} is invalid; expected a finite number >= 0")
 
 
 def scaled_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -86,18 +88,20 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 
     The perturbed weights are not the model's weights: their activations must
     not leak into the running mean/var. Batch statistics are still used for
-    normalisation (train mode), only the momentum update is suppressed.
+    normalisation (train mode). Switching ``track_running_stats`` off (rather
+    than zeroing the momentum) also leaves ``num_batches_tracked`` alone, which
+    the cumulative average (``momentum=None``) and checkpoints depend on.
     """
     saved = []
     for module in model.modules():
-        if _is_batchnorm(module):
-            saved.append((module, module.momentum))
-            module.momentum = 0.0
+        if _is_batchnorm(module) and module.track_running_stats:
+            saved.append(module)
+            module.track_running_stats = False
     try:
         yield
     finally:
-        for module, momentum in saved:
-            module.momentum = momentum
+        for module in saved:
+            module.track_running_stats = True
 
 
 # --------------------------------------------------------------- optimizer
@@ -114,7 +118,7 @@ class SAM(torch.optim.Optimizer):
 
     or ``opt.step(closure)`` where ``closure`` re-evaluates the loss and calls
     ``backward``. Param groups may carry their own ``rho``, ``lamb``, ``sign``
-    and ``adaptive``; the gradient norm is global per group.
+    and ``adaptive``; the norm ``||T g||`` is global, over all groups.
     """
 
     def __init__(self, params: Iterable, base_optimizer: type[torch.optim.Optimizer] | Callable, *,
@@ -137,11 +141,16 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        for group in self.param_groups:
-            params, grads = self._with_grad(group)
+        # one ||T g|| over every parameter with a gradient, across groups: splitting
+        # parameters into groups (e.g. for weight decay) must not change the perturbation
+        with_grad = [self._with_grad(group) for group in self.param_groups]
+        partial = [squared_norm(scaled_grads(params, grads, group["adaptive"]))
+                   for group, (params, grads) in zip(self.param_groups, with_grad) if params]
+        global_sq_norm = torch.stack([n.to(partial[0].device) for n in partial]).sum() if partial else None
+        for group, (params, grads) in zip(self.param_groups, with_grad):
             if not params:
                 continue
-            e = perturbation(params, grads, group["rho"], group["adaptive"])
+            e = perturbation(params, grads, group["rho"], group["adaptive"], global_sq_norm=global_sq_norm)
             for p, g, e_p in zip(params, grads, e):
                 state = self.state[p]
                 state["old_grad"] = g.clone()
