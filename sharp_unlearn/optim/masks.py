@@ -1,0 +1,250 @@
+"""Saliency masks: which parameter entries an unlearning method may move.
+
+SalUn (Fan et al. 2024) and Sharp MinMax restrict forgetting to the entries
+where the forget loss is most sensitive::
+
+    s = | grad_w L_F(w; D_F) |          at the original weights, over the whole forget set
+    M = 1[s is among the largest `fraction` of all entries, all parameters together]
+
+``L_F`` is the mean cross-entropy over the forget set; its gradient is
+accumulated batch by batch (sum-reduced, divided by the set size, so the
+scores do not depend on the batch size) and the absolute value is taken at
+the end, as in SalUn's definition. BatchNorm layers run in eval mode, so the
+running statistics of the checkpoint are neither used from the batch nor
+updated.
+
+Masks are ``{parameter name: 0/1 float tensor}`` (the shape the engine's
+``Objective.mask`` takes). On disk they are stored as booleans with their
+metadata, written atomically and read with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from sharp_unlearn.errors import ConfigError
+
+Mask = dict[str, torch.Tensor]
+MASK_FORMAT = "sharp-unlearn-mask"
+MASK_FORMAT_VERSION = 1
+
+
+def _check_fraction(fraction: float) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ConfigError(f"mask fraction {fraction!r} is out of range; expected a value in (0, 1)")
+    return float(fraction)
+
+
+# ------------------------------------------------------------------ scores
+def forget_gradient_saliency(model: nn.Module, forget_dataset: Dataset, device: torch.device | str = "cpu",
+                             batch_size: int = 256) -> Mask:
+    """``|grad of the mean forget cross-entropy|`` per trainable parameter (same shapes).
+
+    The model is put in eval mode for the pass (BatchNorm uses and keeps its
+    running statistics) and restored to its previous mode afterwards; its
+    ``.grad`` fields are not touched.
+    """
+    from sharp_unlearn.engine.loop import as_batch, make_loader
+
+    total = len(forget_dataset)
+    if total == 0:
+        raise ConfigError("the forget set is empty; a saliency mask needs at least one forget example")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    accumulated = [torch.zeros_like(p) for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for item in make_loader(forget_dataset, batch_size, shuffle=False):
+            batch = as_batch(item).to(device)
+            # sum-reduced / |D_F|: the accumulated gradient is that of the mean over the whole set
+            loss = F.cross_entropy(model(batch.x), batch.y, reduction="sum") / total
+            if not torch.isfinite(loss):
+                raise ConfigError("the forget loss is not finite at these weights; the checkpoint is "
+                                  "unusable for a saliency mask")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for acc, g in zip(accumulated, grads):
+                if g is not None:
+                    acc.add_(g)
+    finally:
+        model.train(was_training)
+    return {name: acc.abs_() for (name, _), acc in zip(named, accumulated)}
+
+
+# ------------------------------------------------------------------ selection
+def _flatten(scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if not scores:
+        raise ValueError("saliency scores are empty; expected {parameter name: tensor}")
+    tensors = [s.detach() for s in scores.values()]
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    device = tensors[0].device
+    flat = torch.cat([t.reshape(-1).to(device, dtype) for t in tensors])
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("saliency scores contain NaN or infinite entries; cannot rank them")
+    return flat
+
+
+def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean vector marking the ``k`` largest entries; among equal values the
+    earlier positions win (deterministic, O(n) memory: no full sort)."""
+    n = flat.numel()
+    selected = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k <= 0:
+        return selected
+    if k >= n:
+        selected.fill_(True)
+        return selected
+    # the k-th largest value is the (n - k + 1)-th smallest
+    threshold = torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, n - k + 1).values
+    threshold = threshold.to(flat.device)
+    above = flat > threshold
+    selected |= above
+    still_needed = k - int(above.sum())
+    ties = flat == threshold
+    # the first `still_needed` tied entries in flat order
+    selected |= ties & (torch.cumsum(ties.to(torch.int64), 0) <= still_needed)
+    return selected
+
+
+def _count(fraction: float, n: int) -> int:
+    """Entries in a mask of ``fraction``: rounded, at least one, at most n."""
+    return max(1, min(n, int(math.floor(fraction * n + 0.5))))
+
+
+def _unflatten(selected: torch.Tensor, scores: Mapping[str, torch.Tensor]) -> Mask:
+    mask: Mask = {}
+    offset = 0
+    for name, s in scores.items():
+        size = s.numel()
+        mask[name] = selected[offset:offset + size].reshape(s.shape).to(torch.float32)
+        offset += size
+    return mask
+
+
+def saliency_mask(scores: Mapping[str, torch.Tensor], fraction: float) -> Mask:
+    """0/1 mask marking the LARGEST ``fraction`` of entries over all parameters together.
+
+    ``round(fraction * n)`` entries (at least one) are selected; ties at the
+    threshold go to the entries that come first (parameter order of
+    ``scores``, then element order), so the mask is deterministic.
+    """
+    fraction = _check_fraction(fraction)
+    flat = _flatten(scores)
+    return _unflatten(_top_k_flat(flat, _count(fraction, flat.numel())), scores)
+
+
+def masks_for_fractions(scores: Mapping[str, torch.Tensor], fractions: Iterable[float]) -> dict[float, Mask]:
+    """One mask per fraction from the same scores (nested: a smaller fraction's mask
+    is contained in a larger one's)."""
+    fractions = [_check_fraction(f) for f in fractions]
+    if not fractions:
+        raise ConfigError("no mask fractions given; expected e.g. 0.1,0.3,0.5")
+    flat = _flatten(scores)
+    n = flat.numel()
+    return {f: _unflatten(_top_k_flat(flat, _count(f, n)), scores) for f in fractions}
+
+
+def complement(mask: Mapping[str, torch.Tensor]) -> Mask:
+    """``1 - M``: the entries a mask does NOT mark."""
+    return {name: 1.0 - m.to(torch.float32) for name, m in mask.items()}
+
+
+def mask_fraction(mask: Mapping[str, torch.Tensor]) -> float:
+    """Share of entries a mask marks."""
+    total = sum(m.numel() for m in mask.values())
+    on = sum(float(m.sum()) for m in mask.values())
+    return on / total if total else 0.0
+
+
+def check_mask(mask: Mapping[str, torch.Tensor], model: nn.Module, source: str = "mask") -> Mask:
+    """Validate a mask against a model's trainable parameters; returns it as 0/1 float tensors.
+
+    Parameters the mask does not name would silently be left unrestricted, and
+    a shape mismatch means the mask belongs to another architecture: both are
+    input errors.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(mask) - set(params))
+    missing = sorted(set(params) - set(mask))
+    mismatched = [n for n in params if n in mask and tuple(mask[n].shape) != tuple(params[n].shape)]
+    if unknown or missing or mismatched:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}")
+        if unknown:
+            detail.append(f"unexpected {unknown[:3]}")
+        if mismatched:
+            n = mismatched[0]
+            detail.append(f"shape of {n}: {tuple(mask[n].shape)} vs model {tuple(params[n].shape)}")
+        raise ConfigError(f"{source} does not match the model's parameters ({'; '.join(detail)})")
+    out: Mask = {}
+    for name, p in params.items():
+        m = mask[name].to(p.device, torch.float32)
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ConfigError(f"{source}: entries of {name!r} are not 0/1")
+        out[name] = m
+    return out
+
+
+# ------------------------------------------------------------------ files
+def _plain(value: Any) -> Any:
+    """Metadata as plain Python values (what ``weights_only=True`` loading accepts)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def save_mask(path: str | os.PathLike, mask: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
+    """Write a mask (booleans) and its metadata atomically (temp file + rename)."""
+    from sharp_unlearn.engine.checkpoint import save_checkpoint
+
+    payload = {
+        "format": MASK_FORMAT,
+        "mask": {name: m.detach().to("cpu") != 0 for name, m in mask.items()},
+        "meta": _plain(dict(meta or {})),
+    }
+    return save_checkpoint(path, payload)
+
+
+def load_mask(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Mask, dict[str, Any]]:
+    """Read a mask file written by :func:`save_mask`: ``(mask as 0/1 floats, meta)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"mask file {str(path)!r} does not exist; create one with `sharp-unlearn mask`")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"mask file {str(path)!r} cannot be read ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MASK_FORMAT or "mask" not in payload:
+        raise ConfigError(f"{str(path)!r} is not a sharp-unlearn mask file")
+    mask = {name: m.to(torch.float32) for name, m in payload["mask"].items()}
+    return mask, dict(payload.get("meta", {}))
+
+
+def mask_file_name(label: str, fraction: float) -> str:
+    return f"mask-{label}-f{fraction:g}.pt"
+
+
+__all__: Sequence[str] = (
+    "Mask", "forget_gradient_saliency", "saliency_mask", "masks_for_fractions", "complement", "mask_fraction",
+    "check_mask", "save_mask", "load_mask", "mask_file_name",
+)
