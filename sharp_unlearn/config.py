@@ -39,7 +39,7 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> None:
-    bad = False
+    bad = value != value  # NaN compares false with every bound, so it would pass them all
     if lo is not None:
         bad |= value <= lo if lo_open else value < lo
     if hi is not None:
@@ -372,6 +372,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # `key=1` reaches here as YAML's int 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
             return True
         if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
