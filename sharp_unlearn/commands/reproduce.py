@@ -1,0 +1,76 @@
+"""``sharp-unlearn reproduce theory|table``: the paper's claims, one command each."""
+from __future__ import annotations
+
+from sharp_unlearn.commands.base import COMMANDS, Command
+from sharp_unlearn.errors import ConfigError
+
+TARGETS = ("theory", "table")
+
+
+@COMMANDS.register("reproduce")
+class Reproduce(Command):
+    help = "reproduce the paper's claims: `theory` (signal-noise model) or `table` (methods x SGD/SAM)"
+
+    def add_arguments(self, parser):
+        parser.add_argument("target", help=f"one of: {', '.join(TARGETS)}")
+        parser.add_argument("--output-dir", default=None, help="default: runs/reproduce-<target>")
+        parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: theory 0; table 0,1,2)")
+        parser.add_argument("--root", default=None, help="table: a CIFAR root (default: digits)")
+        parser.add_argument("--dataset", default=None, help="table: cifar10 or cifar100 when --root is given")
+        parser.add_argument("--sweep", action="store_true", help="table: tune each cell with Ray Tune first")
+        parser.add_argument("--methods", default=None, help="table: comma-separated subset of methods")
+        parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+        parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides")
+
+    def run(self, args):
+        if args.target not in TARGETS:
+            raise ConfigError(f"reproduce target {args.target!r} is not valid; expected one of: {', '.join(TARGETS)}")
+        seeds = None
+        if args.seeds:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds={args.seeds!r} is not a comma-separated list of integers") from None
+        tracking = {"enabled": not args.no_tracking, **({"uri": args.tracking_uri} if args.tracking_uri else {})}
+        out = args.output_dir or f"runs/reproduce-{args.target}"
+        if args.target == "theory":
+            return _theory(args, seeds, tracking, out)
+        from sharp_unlearn.reproduce.table import run_table
+
+        result = run_table(output_dir=out, seeds=seeds, tracking=tracking, root=args.root, dataset=args.dataset,
+                           sweep=args.sweep, methods=args.methods.split(",") if args.methods else None,
+                           overrides=args.overrides, quiet=args.quiet)
+        if not args.json:
+            print(open(result["report_md"]).read())
+        return result
+
+
+def _theory(args, seeds, tracking, out):
+    import dataclasses
+
+    from sharp_unlearn.config import parse_override
+    from sharp_unlearn.reproduce.theory import TheorySpec, run_theory
+
+    spec = TheorySpec()
+    known = {f.name for f in dataclasses.fields(TheorySpec)}
+    for text in args.overrides:
+        keys, value = parse_override(text)
+        if keys[0] not in known:
+            raise ConfigError(f"unknown theory key {keys[0]!r}; expected one of: {', '.join(sorted(known))}")
+        if keys[0] == "base":
+            from sharp_unlearn.config import merge
+
+            node = value
+            for key in reversed(keys[1:]):
+                node = {key: node}
+            spec.base = merge(spec.base, node)
+        else:
+            setattr(spec, keys[0], value)
+    if seeds:
+        spec.seeds = seeds
+    result = run_theory(spec, output_dir=out, tracking=tracking, quiet=args.quiet)
+    if not args.json:
+        print(open(result["report"]).read())
+        print(f"figure: {result['figure']}  table: {result['table']}")
+    return {k: v for k, v in result.items() if k != "rows"}

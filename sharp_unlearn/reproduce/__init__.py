@@ -1,0 +1,1 @@
+"""Reproductions of the paper's claims: the theory experiment and the empirical table."""
