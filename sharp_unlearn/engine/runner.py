@@ -59,6 +59,7 @@ def run_stage(
     quiet: bool = False,
     description: str = "train",
     resume: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> StageResult:
     """Train ``model`` for ``epochs`` epochs of ``phases_fn(epoch)``.
 
@@ -66,6 +67,10 @@ def run_stage(
     A checkpoint is written atomically every ``train_cfg.checkpoint_every``
     epochs and at the end; with ``resume`` an unfinished checkpoint whose
     ``config_hash`` matches is continued from its epoch.
+
+    ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoint is on
+    disk (the last epoch's after the final save), so a caller can ship that
+    file elsewhere (a Ray Tune trial reports it as its checkpoint).
     """
     tracker = tracker or NullTracker()
     meta = dict(checkpoint_meta or {})
@@ -141,5 +146,9 @@ def run_stage(
             if not last and train_cfg.checkpoint_every and (epoch + 1) % train_cfg.checkpoint_every == 0:
                 save(epoch + 1, completed=False)
             advance(status=f"loss {record['train_loss']:.3f}")
+            if on_epoch_end is not None and not last:
+                on_epoch_end(epoch + 1, record)
     save(epochs, completed=True)
+    if on_epoch_end is not None and start_epoch < epochs:
+        on_epoch_end(epochs, history[-1])
     return StageResult(checkpoint_path, history, timer.seconds, start_epoch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -45,11 +45,14 @@ def stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | None = None) -
 def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = None, *,
                        train_indices: np.ndarray | None = None, split_hash: str | None = None,
                        kind: str = "pretrain", tags: Mapping[str, Any] | None = None,
-                       quiet: bool = False, resume: bool = True, use_cache: bool = True) -> TrainOutcome:
+                       quiet: bool = False, resume: bool = True, use_cache: bool = True,
+                       epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainOutcome:
     """Train a fresh model with the configured recipe, on all training data or a subset.
 
     A completed checkpoint with the same training hash (and split hash) is
     reused without training: that is the retrain-reference cache.
+    ``epoch_callback(epoch, record)`` runs after each epoch's checkpoint
+    (``stage_dir(...)/checkpoint.pt``) is written (sweep trials report it).
     """
     bundle = bundle or build_dataset(cfg.data, cfg.seed)
     device = resolve_device(cfg.device)
@@ -87,7 +90,8 @@ def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = Non
                            optimizer_cfg=cfg.optimizer, train_cfg=cfg.train, epochs=cfg.train.epochs,
                            device=device, checkpoint_path=ckpt_path, checkpoint_meta=meta,
                            evaluate=evaluate, tracker=tracker, quiet=quiet,
-                           description=f"{kind} {cfg.model.name}/{cfg.optimizer.tag}", resume=resume)
+                           description=f"{kind} {cfg.model.name}/{cfg.optimizer.tag}", resume=resume,
+                           on_epoch_end=epoch_callback)
         metrics = {
             "train_acc": accuracy(model, train_eval, eval_bs, device),
             "val_acc": accuracy(model, bundle.val, eval_bs, device),

@@ -19,7 +19,7 @@ import copy
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -134,8 +134,20 @@ def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretraine
 
 def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool = False,
                    pretrained: Pretrained | None = None, split: ForgetSplit | None = None,
-                   scores: np.ndarray | None = None, save_model: bool = True) -> UnlearnOutcome:
-    """Unlearn ``cfg.forget`` from ``checkpoint`` with ``cfg.method`` and ``cfg.optimizer``."""
+                   scores: np.ndarray | None = None, save_model: bool = True,
+                   reference: Reference | None = None,
+                   epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+                   stage_checkpoint: Path | None = None) -> UnlearnOutcome:
+    """Unlearn ``cfg.forget`` from ``checkpoint`` with ``cfg.method`` and ``cfg.optimizer``.
+
+    Hooks for sweeps (Ray Tune trials), all optional: ``reference`` is a
+    reference computed once by the caller (skips the cache lookup);
+    ``epoch_callback(epoch, record)`` gets every evaluated epoch's record with
+    retain/forget/val/test accuracy, ``tow`` and ``forget_gap`` against the
+    reference, after that epoch's checkpoint is written; ``stage_checkpoint``
+    is a file the stage checkpoints to every ``train.checkpoint_every`` epochs
+    and resumes from (same config, split and pretrained model).
+    """
     if cfg.method is None:
         raise ConfigError("unlearning needs a method: set method.name (e.g. method.name=sharp_minmax)")
     if cfg.forget is None:
@@ -155,7 +167,7 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
     eval_bs = cfg.data.eval_batch_size
     original = split_accuracies(model, bundle, split.forget_positions, split.retain_positions, device, eval_bs,
                                 groups)
-    reference = get_reference(pretrained, split, quiet=quiet, run_cfg=cfg)
+    reference = reference or get_reference(pretrained, split, quiet=quiet, run_cfg=cfg)
     original["tow"] = tow(original, reference.metrics)  # the "do nothing" row
     method = method_cls(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
     tags = {"method": cfg.method.name, "optimizer": method.optimizer_tag, "forget_set": split.label,
@@ -188,11 +200,22 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             prepare_streams = method.prepare(ctx)
             if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
                 datasets.update(prepare_streams)
+            evaluate = None
+            if epoch_callback is not None:
+                def evaluate(model, epoch):  # per-epoch ToW, so a sweep scheduler can stop bad trials
+                    record = split_accuracies(model, bundle, split.forget_positions, split.retain_positions,
+                                              device, eval_bs, groups)
+                    record["tow"] = tow(record, reference.metrics)
+                    record["forget_gap"] = forget_gap(record, reference.metrics)
+                    return record
+            stage_meta = {"config_hash": _output_dir(cfg, split, pretrained).name}
             try:
                 result = run_stage(model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer,
                                    train_cfg=cfg.train, epochs=method.epochs, device=device,
-                                   checkpoint_path=None, tracker=tracker, quiet=quiet,
-                                   description=f"unlearn {cfg.method.name}/{method.optimizer_tag}", resume=False)
+                                   checkpoint_path=stage_checkpoint, checkpoint_meta=stage_meta,
+                                   evaluate=evaluate, tracker=tracker, quiet=quiet,
+                                   description=f"unlearn {cfg.method.name}/{method.optimizer_tag}",
+                                   resume=stage_checkpoint is not None, on_epoch_end=epoch_callback)
             except TrainingDiverged:
                 shutil.rmtree(out_dir, ignore_errors=True)  # no half result; the input checkpoint is untouched
                 raise
