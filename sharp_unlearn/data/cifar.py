@@ -117,7 +117,7 @@ class ImageTensorDataset(Dataset):
             image = (image - self.mean) / self.std
         return image, self.y[i], self.index[i]
 
-    def with_augment(self, augment: bool) -> "ImageTensorDataset":
+    def with_augment(self, augment: bool) -> ImageTensorDataset:
         """The same examples (shared storage) with augmentation on or off."""
         twin = type(self).__new__(type(self))
         twin.__dict__.update(self.__dict__)

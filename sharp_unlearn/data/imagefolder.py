@@ -15,8 +15,9 @@ Options: ``image_size`` (224), ``mean``, ``std``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class ImageFileDataset(Dataset):
             image = image.convert("RGB")
         return self.transform(image), self.y[i], self.index[i]
 
-    def with_transform(self, transform: Callable) -> "ImageFileDataset":
+    def with_transform(self, transform: Callable) -> ImageFileDataset:
         return ImageFileDataset(self.paths, self.y.numpy(), transform, self.index.numpy())
 
     @property

@@ -66,7 +66,7 @@ def _decode_png(data: bytes, shape: list[int]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image)
+        pixels = np.array(image)  # a writable copy (torch refuses read-only buffers)
     if len(shape) == 3:
         pixels = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
     return pixels.reshape(shape)
@@ -136,56 +136,66 @@ def convert_to_parquet(source, out_dir: str | os.PathLike, shard_size: int = 10_
 
     summary: dict[str, Any] = {"out_dir": str(out), "format": image_format, "source": bundle.name,
                                "rows": {}, "shards": {}}
-    splits = {"train": bundle.train_eval, "val": bundle.val, "test": bundle.test}
-    for split, dataset in splits.items():
-        raw = _split_source(dataset)
-        meta: dict[str, Any] = {
-            "version": 1, "format": image_format, "source": bundle.name, "split": split,
-            "num_classes": int(bundle.num_classes),
-            "dtype": "uint8" if raw is not None else "float32",
-            "mean": raw[1] if raw is not None else None, "std": raw[2] if raw is not None else None,
-            "augmentation": bundle.meta.get("augmentation", "none"),
-        }
-        if image_format == "png" and raw is None:
-            meta["dtype"] = "uint8_scaled"  # values k/255 stored as PNG pixels k: divide by 255 on read
-        if split == "train":
-            flipped = np.asarray(bundle.meta.get("flipped", []), dtype=np.int64)
-            stable = np.asarray(getattr(dataset, "index", np.arange(len(dataset))))
-            meta["flipped_index"] = np.asarray(stable)[flipped].tolist() if len(flipped) else []
-        total = math.ceil(len(dataset) / shard_size)
-        rows: dict[str, list] = {"image": [], "label": [], "index": []}
-        shard = 0
-
-        def flush() -> None:
-            nonlocal rows, shard
-            _write_table(out / f"{split}-{shard:05d}-of-{total:05d}.parquet", rows, meta)
-            rows = {"image": [], "label": [], "index": []}
-            shard += 1
-
-        for values, labels, indices in _batches(dataset, min(shard_size, 1024)):
-            meta.setdefault("shape", list(values.shape[1:]))
-            for value, label, index in zip(values, labels, indices):
-                if image_format == "png":
-                    if raw is None:
-                        pixels = np.round(value * 255.0)
-                        worst = float(np.abs(pixels / 255.0 - value).max()) if value.size else 0.0
-                        if worst > 1e-6 or pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
-                            raise ConfigError(
-                                f"image_format=png would change {bundle.name}'s {split} values (they are not "
-                                f"k/255 in [0, 1]; error up to {worst:.3g}); use image_format=array (exact)")
-                        value = pixels.astype(np.uint8)
-                    rows["image"].append(_png_bytes(value))
-                else:
-                    rows["image"].append(value)
-                rows["label"].append(int(label))
-                rows["index"].append(int(index))
-                if len(rows["label"]) == shard_size:
-                    flush()
-        if rows["label"]:
-            flush()
-        summary["rows"][split] = len(dataset)
-        summary["shards"][split] = shard
+    written: list[Path] = []
+    try:
+        for split, dataset in (("train", bundle.train_eval), ("val", bundle.val), ("test", bundle.test)):
+            shards = _write_split(bundle, split, dataset, out, shard_size, image_format)
+            written += shards
+            summary["rows"][split] = len(dataset)
+            summary["shards"][split] = len(shards)
+    except BaseException:
+        for path in written:  # no half-converted folder: a later read would mix splits
+            path.unlink(missing_ok=True)
+        raise
     return summary
+
+
+def _image_value(value: np.ndarray, image_format: str, raw: bool, where: str):
+    if image_format == "array":
+        return value
+    if not raw:
+        pixels = np.round(value * 255.0)
+        worst = float(np.abs(pixels / 255.0 - value).max()) if value.size else 0.0
+        if worst > 1e-6 or pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
+            raise ConfigError(f"image_format=png would change {where} values (they are not k/255 in [0, 1]; "
+                              f"error up to {worst:.3g}); use image_format=array (exact)")
+        value = pixels.astype(np.uint8)
+    return _png_bytes(value)
+
+
+def _write_split(bundle: DatasetBundle, split: str, dataset: Dataset, out: Path, shard_size: int,
+                 image_format: str) -> list[Path]:
+    raw = _split_source(dataset)
+    meta: dict[str, Any] = {
+        "version": 1, "format": image_format, "source": bundle.name, "split": split,
+        "num_classes": int(bundle.num_classes),
+        "dtype": "uint8" if raw is not None else "float32",
+        "mean": raw[1] if raw is not None else None, "std": raw[2] if raw is not None else None,
+        "augmentation": bundle.meta.get("augmentation", "none"),
+    }
+    if image_format == "png" and raw is None:
+        meta["dtype"] = "uint8_scaled"  # values k/255 stored as PNG pixels k: divide by 255 on read
+    if split == "train":
+        flipped = np.asarray(bundle.meta.get("flipped", []), dtype=np.int64)
+        stable = np.asarray(getattr(dataset, "index", np.arange(len(dataset))))
+        meta["flipped_index"] = stable[flipped].tolist() if len(flipped) else []
+    total = math.ceil(len(dataset) / shard_size)
+    paths: list[Path] = []
+    rows: dict[str, list] = {"image": [], "label": [], "index": []}
+    for values, labels, indices in _batches(dataset, min(shard_size, 1024)):
+        meta.setdefault("shape", list(values.shape[1:]))
+        for value, label, index in zip(values, labels, indices, strict=True):
+            rows["image"].append(_image_value(value, image_format, raw is not None, f"{bundle.name}'s {split}"))
+            rows["label"].append(int(label))
+            rows["index"].append(int(index))
+            if len(rows["label"]) == shard_size:
+                paths.append(out / f"{split}-{len(paths):05d}-of-{total:05d}.parquet")
+                _write_table(paths[-1], rows, meta)
+                rows = {"image": [], "label": [], "index": []}
+    if rows["label"]:
+        paths.append(out / f"{split}-{len(paths):05d}-of-{total:05d}.parquet")
+        _write_table(paths[-1], rows, meta)
+    return paths
 
 
 # ------------------------------------------------------------------ reading
