@@ -2,6 +2,7 @@
 from sharp_unlearn.models.base import MODELS, FeatureModel
 from sharp_unlearn.models import mlp, small_cnn  # noqa: F401  (register members)
 from sharp_unlearn.models import two_layer_cnn  # noqa: F401,E402
+from sharp_unlearn.models import resnet, vgg, vit  # noqa: F401,E402
 
 __all__ = ["MODELS", "FeatureModel", "build_model"]
 
