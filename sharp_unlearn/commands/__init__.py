@@ -7,5 +7,6 @@ from sharp_unlearn.commands import reproduce  # noqa: F401,E402
 from sharp_unlearn.commands import compare  # noqa: F401,E402
 from sharp_unlearn.commands import evaluate  # noqa: F401,E402
 from sharp_unlearn.commands import convert  # noqa: F401,E402
+from sharp_unlearn.commands import memorization  # noqa: F401,E402
 
 __all__ = ["COMMANDS", "Command"]
