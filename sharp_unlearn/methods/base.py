@@ -3,6 +3,27 @@
 A method is constructed from the run's MethodConfig and OptimizerConfig,
 ``prepare`` sees the model about to be unlearned (to build masks, a teacher,
 random labels...), and ``phases(epoch)`` returns what to optimize that epoch.
+
+What the unlearn recipe does with a method (the whole contract)::
+
+    method = METHODS.get(cfg.method.name)(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
+    if method.from_scratch:            # "retrain": the cached reference IS the result
+        ...
+    else:
+        extra = method.prepare(ctx)    # None, or {stream name: Dataset} to add to the streams
+        datasets = {"retain": ctx.retain, "forget": ctx.forget, **(extra or {})}
+        run_stage(model, method.phases, datasets, epochs=method.epochs, ...)  # epochs read AFTER prepare
+
+``phases(epoch)`` may be called several times per epoch (and once for epoch 0
+before training, to size the lr schedule): it must be cheap and must not
+change state except for a method's own lazy, memoised preparation (RUM).
+Masks are built once in ``prepare`` and reused (the engine caches a mask by
+identity).
+
+``ctx.extras`` keys a method may read: ``forget_scores`` (memorization score
+per forget example, aligned with ``ctx.forget``; RUM needs it), ``split``
+(the ForgetSplit: its ``split_hash`` checks a loaded mask), ``mask_meta``
+(the metadata of ``ctx.mask`` when the recipe loaded it from a file).
 """
 from __future__ import annotations
 
@@ -16,6 +37,7 @@ from torch.utils.data import Dataset
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
 from sharp_unlearn.engine.objective import Batch, Phase, SamSpec
+from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.registry import Registry
 
 #: name -> UnlearningMethod subclass
@@ -41,6 +63,8 @@ class UnlearnContext:
 class UnlearningMethod:
     #: streams this method reads; "retain" and/or "forget"
     streams: tuple[str, ...] = ("retain", "forget")
+    #: True for "retrain": the recipe trains from scratch on the retain set (no phases)
+    from_scratch: bool = False
 
     def __init__(self, cfg: MethodConfig, optimizer: OptimizerConfig, sam: SamSpec | None):
         self.cfg = cfg
@@ -48,8 +72,13 @@ class UnlearningMethod:
         #: SAM semantics of the run's optimizer (None for sgd/adam/adamw)
         self.sam = sam
 
-    def prepare(self, ctx: UnlearnContext) -> None:
-        """Build whatever the objectives need (default: nothing)."""
+    def prepare(self, ctx: UnlearnContext) -> dict[str, Dataset] | None:
+        """Build whatever the objectives need (default: nothing).
+
+        May return extra data streams ``{name: Dataset}`` the phases read
+        (RUM's per-group forget streams); the recipe adds them to run_stage's.
+        """
+        return None
 
     def phases(self, epoch: int) -> list[Phase]:
         raise NotImplementedError
@@ -66,6 +95,36 @@ class UnlearningMethod:
 
 def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(model(batch.x), batch.y)
+
+
+def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch.Tensor]:
+    """The saliency mask of a masked method (SalUn, Sharp MinMax), validated against the model.
+
+    In order: ``ctx.mask`` (given by the recipe), else ``cfg.mask_path`` (a file
+    from ``sharp-unlearn mask``), else computed now from the forget gradient at
+    the current weights. A mask file must have been made for the same fraction
+    and the same forget split.
+    """
+    from sharp_unlearn.optim.masks import check_mask, forget_gradient_saliency, load_mask, saliency_mask
+
+    split = ctx.extras.get("split")
+    split_hash = getattr(split, "split_hash", None)
+    if ctx.mask is not None:
+        mask, meta, source = ctx.mask, ctx.extras.get("mask_meta") or {}, "the given mask"
+    elif cfg.mask_path:
+        mask, meta = load_mask(cfg.mask_path)
+        source = f"mask file {cfg.mask_path!r}"
+    else:
+        scores = forget_gradient_saliency(ctx.model, ctx.forget, ctx.device, max(ctx.batch_size, 256))
+        return saliency_mask(scores, cfg.mask_fraction)
+    fraction = meta.get("fraction")
+    if fraction is not None and abs(float(fraction) - cfg.mask_fraction) > 1e-9:
+        raise ConfigError(f"{source} marks fraction {fraction:g} but method.mask_fraction={cfg.mask_fraction:g}; "
+                          f"set method.mask_fraction={fraction:g} or use the matching mask file")
+    if split_hash is not None and meta.get("split_hash") not in (None, split_hash):
+        raise ConfigError(f"{source} was computed for forget split {meta['split_hash']!r}, "
+                          f"but this run forgets split {split_hash!r}; recompute it with `sharp-unlearn mask`")
+    return check_mask(mask, ctx.model, source)
 
 
 def scaled(loss_fn, weight: float):

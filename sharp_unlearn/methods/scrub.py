@@ -1,0 +1,73 @@
+"""SCRUB (Kurmanji et al. 2023): a student moves away from its teacher on the
+forget set and stays close to it on the retain set.
+
+The teacher is a frozen copy of the model made in ``prepare`` (eval mode, no
+gradients, never stepped: it is not part of the model the engine optimizes).
+The student is the model itself. With ``KL_T(t || s)`` the temperature-``T``
+distillation divergence (scaled by ``T^2`` as usual, so its gradients keep
+their size across temperatures):
+
+* epochs ``< max_epochs``: a **max** phase, one pass over the forget set
+  minimizing ``-KL_T(teacher || student)``, then a **min** phase;
+* every epoch: the **min** phase, one pass over the retain set minimizing
+  ``kd_weight * KL_T(teacher || student) + ce_weight * CE``.
+
+Both phases use the run's optimizer (SGD, Adam or SAM/ASAM with its sign).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sharp_unlearn.engine.objective import Batch, Objective, Phase
+from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+@METHODS.register("scrub")
+class Scrub(UnlearningMethod):
+    teacher: nn.Module | None = None
+
+    def prepare(self, ctx: UnlearnContext) -> None:
+        teacher = copy.deepcopy(ctx.model).to(ctx.device)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        self.teacher = teacher
+        return None
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            raise RuntimeError("Scrub.prepare(ctx) must run before phases()")
+        if self.teacher.training:  # something called .train() on it: the teacher is always evaluated
+            self.teacher.eval()
+        return self.teacher(x)
+
+    def max_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return -distill_kl(model(batch.x), self.teacher_logits(batch.x), self.cfg.temperature)
+
+    def min_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch.x)
+        loss = self.cfg.ce_weight * F.cross_entropy(logits, batch.y)
+        if self.cfg.kd_weight:
+            loss = loss + self.cfg.kd_weight * distill_kl(logits, self.teacher_logits(batch.x), self.cfg.temperature)
+        return loss
+
+    def is_max_epoch(self, epoch: int) -> bool:
+        return epoch < self.cfg.max_epochs
+
+    def phases(self, epoch: int) -> list[Phase]:
+        min_phase = Phase("min", [Objective("retain", "retain", self.min_loss, sam=self.sam)], driver="retain")
+        if self.is_max_epoch(epoch):
+            max_phase = Phase("max", [Objective("forget", "forget", self.max_loss, sam=self.sam)], driver="forget")
+            return [max_phase, min_phase]
+        return [min_phase]
