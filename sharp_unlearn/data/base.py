@@ -58,7 +58,9 @@ class DatasetBundle:
     input_shape: tuple[int, ...]
     #: labels of the training split, aligned with index (after any label noise)
     train_targets: np.ndarray
-    #: free-form facts: e.g. ``flipped`` (indices whose labels were flipped on purpose),
+    #: free-form facts: e.g. ``flipped`` (training *positions* whose labels were flipped on
+    #: purpose; ``flipped_index`` holds their stable indices where those differ),
+    #: ``train_index`` (stable index of each training position, when not 0..n-1),
     #: ``signal`` (the theory model's mu), ``noise`` (per-example noise patches)
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,161 @@
+"""A grid of unlearning runs: seeds x pretrain optimizers x forget levels x methods x unlearn optimizers.
+
+The demo is one cell of it per method; the reproduction table is the full
+grid over seeds and memorization levels. A grid spec (YAML) holds:
+
+``base``                 the pretraining ExperimentConfig tree
+``pretrain_optimizers``  e.g. ``[sgd, sam]``
+``forget``               the forget-set section (``level`` is crossed by ``levels``)
+``levels``               optional memorization levels, e.g. ``[low, mid, high]``
+``seeds``                optional seeds (default ``[base.seed]``)
+``unlearn``              overrides for every unlearning run (optimizer, train)
+``unlearn_optimizers``   e.g. ``[sgd, sam]``
+``methods``              ``{method: overrides}``; an ``optimizers`` entry there
+                         replaces ``unlearn_optimizers`` for that method
+                         (Sharp MinMax carries its own SAM pair)
+
+Pretrained models and retrained references are cached by hash, so re-running
+a grid (or growing it) only trains what is new.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sharp_unlearn.config import config_from_dict, load_yaml, merge, parse_override
+from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.methods import METHODS
+
+REQUIRED = ("base", "forget", "pretrain_optimizers", "unlearn_optimizers")
+
+
+def load_spec(path: str | None, default: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    spec = load_yaml(path or default)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: dict[str, Any] = {}
+        cursor = node
+        for key in keys[:-1]:
+            cursor = cursor.setdefault(key, {})
+        cursor[keys[-1]] = value
+        spec = merge(spec, node)
+    missing = [k for k in REQUIRED if k not in spec]
+    if missing:
+        raise ConfigError(f"grid spec lacks {missing[0]!r}; expected keys: {', '.join(REQUIRED)} "
+                          "(and optionally levels, seeds, unlearn, methods, evaluate)")
+    return spec
+
+
+def select_methods(spec: dict[str, Any], methods: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    wanted = dict(spec.get("methods") or {name: {} for name in METHODS.names()})
+    if methods:
+        for name in methods:
+            METHODS.get(name)  # raises listing the known names
+        wanted = {m: wanted.get(m, {}) for m in methods}
+    return {m: dict(o or {}) for m, o in wanted.items() if m in METHODS and m != "retrain"}
+
+
+@dataclass
+class GridResult:
+    #: one row per run: seed, pretrain, level, method, unlearn_opt + metrics (incl. original / retrain rows)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    #: long-format result rows (results.SCHEMA + seed/pretrain_optimizer/level columns)
+    long_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: extra evaluation rows (MIA, entanglement, ...) per run, when an evaluator is given
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] | None = None,
+             methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None, quiet: bool = False,
+             evaluator: Callable[..., dict[str, float]] | None = None,
+             on_run: Callable[[dict[str, Any]], None] | None = None) -> GridResult:
+    """Run the grid; ``evaluator(model, pretrained, split, reference_checkpoint)`` adds metrics per run."""
+    from sharp_unlearn.recipes.pretrain import load_trained_model, train_from_scratch
+    from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
+    from sharp_unlearn.results import read_results
+
+    tracking = dict(tracking or {})
+    wanted = select_methods(spec, methods)
+    base_tree = merge(spec["base"], {"output_dir": output_dir, "tracking": tracking})
+    seeds = list(seeds if seeds is not None else spec.get("seeds") or [base_tree.get("seed", 0)])
+    levels = list(spec.get("levels") or [spec["forget"].get("level", "high")])
+    result = GridResult()
+    for seed in seeds:
+        for pre_opt in spec["pretrain_optimizers"]:
+            pre_cfg = config_from_dict(merge(base_tree, {"seed": seed, "optimizer": {"name": pre_opt}}))
+            outcome = train_from_scratch(pre_cfg, quiet=quiet)
+            pretrained = load_pretrained(outcome.checkpoint)
+            for level in levels:
+                forget = merge(copy.deepcopy(spec["forget"]), {"level": level})
+                split = None
+                for method_name, method_over in wanted.items():
+                    method_over = dict(method_over)
+                    optimizers = method_over.pop("optimizers", None) or spec["unlearn_optimizers"]
+                    for un_opt in optimizers:
+                        tree = merge(unlearn_config(pretrained), copy.deepcopy(spec.get("unlearn", {})))
+                        tree = merge(tree, {"optimizer": {"name": un_opt}, "forget": forget,
+                                            "method": {"name": method_name, **method_over},
+                                            "output_dir": output_dir, "tracking": tracking})
+                        cfg = config_from_dict(tree)
+                        run = run_unlearning(cfg, outcome.checkpoint, quiet=quiet, pretrained=pretrained, split=split)
+                        split = run.split  # one selection per (pretrained model, level), shared by all methods
+                        key = {"seed": seed, "pretrain": pre_opt, "level": level}
+                        if not any(r["method"] == "original" and all(r[k] == v for k, v in key.items())
+                                   for r in result.rows):
+                            result.rows.append({**key, "method": "original", "unlearn_opt": "-",
+                                                **run.original_metrics, "wall_seconds": 0.0})
+                            result.rows.append({**key, "method": "retrain", "unlearn_opt": "-",
+                                                **run.reference.metrics, "tow": 1.0})
+                            if evaluator is not None:
+                                ref_model, _, _ = load_trained_model(run.reference.checkpoint)
+                                result.evaluation.append({**key, "method": "original", "unlearn_opt": "-", **evaluator(
+                                    pretrained.model("cpu"), pretrained, split, run.reference.checkpoint)})
+                                result.evaluation.append({**key, "method": "retrain", "unlearn_opt": "-", **evaluator(
+                                    ref_model, pretrained, split, run.reference.checkpoint)})
+                        row = {**key, "method": method_name, "unlearn_opt": run.optimizer_tag, **run.metrics}
+                        result.rows.append(row)
+                        if evaluator is not None and run.checkpoint is not None:
+                            model, _, _ = load_trained_model(run.checkpoint)
+                            result.evaluation.append({**key, "method": method_name, "unlearn_opt": run.optimizer_tag,
+                                                      **evaluator(model, pretrained, split, run.reference.checkpoint)})
+                        for long in read_results(run.results_path).to_pylist():
+                            if long["method"] in ("original", "retrain") and any(
+                                    r["method"] == long["method"] and r["run_id"] == long["run_id"]
+                                    and r["metric"] == long["metric"] and r["level"] == level
+                                    for r in result.long_rows):
+                                continue
+                            result.long_rows.append({**long, "pretrain_optimizer": pre_opt, "level": level})
+                        if on_run is not None:
+                            on_run(row)
+    return result
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_long(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Long-format table with the grid's extra columns (seed is already in the schema)."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sharp_unlearn.results import SCHEMA
+
+    schema = SCHEMA.append(pa.field("pretrain_optimizer", pa.string())).append(pa.field("level", pa.string()))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
