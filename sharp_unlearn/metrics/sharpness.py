@@ -121,13 +121,15 @@ def sam_sharpness(model: nn.Module, batches: Sequence, rho: float, loss_fn: Loss
         if gnorm == 0.0:
             return 0.0, base
         step = [g * (rho / gnorm) for g in grads]
+        original = [p.detach().clone() for p in params]  # restore bit for bit, not w + e - e
         with torch.no_grad():
             torch._foreach_add_(params, step)
         try:
             perturbed = mean_loss(model, batches, loss_fn)
         finally:
             with torch.no_grad():
-                torch._foreach_sub_(params, step)
+                for p, w in zip(params, original):
+                    p.copy_(w)
     return perturbed - base, base
 
 
