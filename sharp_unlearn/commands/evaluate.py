@@ -1,0 +1,57 @@
+"""``sharp-unlearn evaluate CHECKPOINT``: accuracy, ToW, MIA, entanglement, sharpness, landscape, UMAP."""
+from __future__ import annotations
+
+from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments
+from sharp_unlearn.report_console import print_metrics, print_rows
+
+
+@COMMANDS.register("evaluate")
+class Evaluate(Command):
+    help = ("evaluate a checkpoint: --metrics accuracy,tow,mia,entanglement,sharpness,landscape,umap "
+            "(default auto: the cheap ones the checkpoint supports)")
+
+    def add_arguments(self, parser):
+        parser.add_argument("checkpoint", help="checkpoint to evaluate (unlearn, pretrain or retrain)")
+        parser.add_argument("--metrics", "-m", default="auto",
+                            help="comma-separated metric names, 'all', or 'auto' (default)")
+        parser.add_argument("--out", default=None, metavar="DIR",
+                            help="where results.parquet, details.json and figures go (default: CHECKPOINT_DIR/eval)")
+        parser.add_argument("--reference", default=None, metavar="CHECKPOINT",
+                            help="retrained reference for ToW and the calibrated MIA (default: the one the "
+                                 "checkpoint names)")
+        parser.add_argument("--eval-option", action="append", default=[], metavar="KEY=VALUE",
+                            help="sub-sample caps and knobs, e.g. sharpness_samples=256 sam_rho=0.1 "
+                                 "landscape_points=11 (repeatable)")
+        add_config_arguments(parser)
+
+    def run(self, args):
+        from sharp_unlearn.evaluation import evaluate_checkpoint, parse_metrics
+        from sharp_unlearn.metrics import EvalOptions
+
+        names = parse_metrics(args.metrics)  # unknown names: exit 2 before any loading
+        options = EvalOptions.from_pairs(args.eval_option)
+        overrides = list(args.overrides)
+        if args.tracking_uri:  # an explicit URI turns tracking on even if the checkpoint's run had it off
+            overrides += [f"tracking.uri={args.tracking_uri}", "tracking.enabled=true"]
+        if args.no_tracking:
+            overrides.append("tracking.enabled=false")
+
+        def progress(name: str) -> None:
+            if not (args.quiet or args.json):
+                print(f"evaluate: {name} ...", flush=True)
+
+        outcome = evaluate_checkpoint(args.checkpoint, names, out_dir=args.out, options=options,
+                                      config_files=args.config, overrides=overrides, reference=args.reference,
+                                      progress=progress)
+        result = outcome.result
+        target = outcome.target
+        if not args.json:
+            title = f"evaluate {target.method}/{target.optimizer} on {target.forget_label}"
+            print_rows(title, ["metric", "split", "value"],
+                       [{"metric": v.metric, "split": v.split, "value": v.value} for v in result.values])
+            print_metrics("headline (MLflow names)", result.headline)
+            print(f"results: {outcome.results_path}")
+        return {"run_id": outcome.run_id, "evaluated_run_id": target.run_id, "results": str(outcome.results_path),
+                "out_dir": str(outcome.out_dir), "headline": result.headline,
+                "artifacts": [str(a) for a in result.artifacts], "seconds": result.seconds,
+                "values": [v._asdict() for v in result.values]}

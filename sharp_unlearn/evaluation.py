@@ -1,0 +1,323 @@
+"""Evaluate a trained model: any subset of the registered metrics, one result table.
+
+``run_metrics(ctx, names)`` is the library core: the context predicts each
+split once (logits + penultimate features) and every metric reads those
+shared tensors; model-based metrics (sharpness, landscape) draw seeded
+sub-samples of a stated size (:class:`~sharp_unlearn.metrics.base.EvalOptions`).
+
+``evaluate_checkpoint(path, names)`` is the recipe behind ``sharp-unlearn
+evaluate``: it rebuilds the model and its data exactly (an unlearning
+checkpoint's forget set and retrained reference come from the checkpoint; a
+pretrain checkpoint takes ``forget.*`` overrides), runs the metrics inside an
+MLflow run (``kind=evaluate``), and writes ``results.parquet`` (long format,
+one row per run/split/metric), ``details.json`` and the figures.
+
+MLflow receives the contract names (``mia_efficacy``, ``mia_auc``,
+``mia_tpr_at_1fpr``, ``entanglement_variance``, ``entanglement_wasserstein``,
+``sharpness_hessian``, ``sharpness_sam``, accuracies, ``tow``) with their
+headline values, and every table row as ``<metric>/<split>``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.metrics import METRICS, EvalContext, EvalOptions, MetricValue
+from sharp_unlearn.metrics.base import check_requirements
+
+#: the order metrics run and print in; ``all`` means every registered metric
+METRIC_ORDER = ("accuracy", "tow", "mia", "entanglement", "sharpness", "landscape", "umap")
+#: what ``--metrics auto`` runs: the cheap ones this checkpoint supports (landscape and UMAP on request)
+AUTO_METRICS = ("accuracy", "tow", "mia", "entanglement", "sharpness")
+
+
+def ordered_metric_names() -> list[str]:
+    known = METRICS.names()
+    return [n for n in METRIC_ORDER if n in known] + [n for n in known if n not in METRIC_ORDER]
+
+
+def parse_metrics(text: str | Sequence[str]) -> list[str]:
+    """``"mia,sharpness"`` -> names; ``all`` expands; unknown names raise listing the choices."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names: list[str] = []
+    choices = ordered_metric_names()
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        expanded = choices if item == "all" else ["auto"] if item == "auto" else [item]
+        for name in expanded:
+            if name != "auto" and name not in METRICS:
+                raise ConfigError(f"unknown metric {name!r}; expected a comma-separated list of: "
+                                  f"{', '.join(choices)} (or all, auto)")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError(f"no metric requested; expected a comma-separated list of: {', '.join(choices)}")
+    return names
+
+
+def resolve_auto(names: Sequence[str], ctx: EvalContext) -> list[str]:
+    """Replace ``auto`` by the default metrics this context can compute."""
+    out: list[str] = []
+    for name in names:
+        if name == "auto":
+            for candidate in AUTO_METRICS:
+                spec = METRICS.get(candidate)
+                runnable = all(ctx.has(s) for s in spec.needs) and (not spec.needs_reference or ctx.reference is not None)
+                if runnable and candidate not in out:
+                    out.append(candidate)
+        elif name not in out:
+            out.append(name)
+    return out
+
+
+@dataclass
+class EvaluationResult:
+    values: list[MetricValue] = field(default_factory=list)
+    headline: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    #: wall seconds per metric (shared predictions are charged to the first metric that needs them)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def value(self, metric: str, split: str) -> float:
+        for v in self.values:
+            if v.metric == metric and v.split == split:
+                return v.value
+        raise KeyError(f"no value for metric {metric!r} on split {split!r}")
+
+    def rows(self, *, run_id: str | None, method: str, optimizer: str, dataset: str, forget_set: str,
+             seed: int) -> list[dict[str, Any]]:
+        """Long-format rows (``sharp_unlearn.results.SCHEMA``)."""
+        return [{"run_id": run_id or "", "method": method, "optimizer": optimizer, "dataset": dataset,
+                 "forget_set": forget_set, "seed": int(seed), "split": v.split, "metric": v.metric,
+                 "value": float(v.value)} for v in self.values]
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        flat = {f"{v.metric}/{v.split}": v.value for v in self.values}
+        flat.update(self.headline)
+        return flat
+
+
+def run_metrics(ctx: EvalContext, names: Sequence[str],
+                progress: Callable[[str], None] | None = None) -> EvaluationResult:
+    """Run the named metrics on one context; every requirement is checked before any work."""
+    names = resolve_auto(parse_metrics(list(names)), ctx)
+    specs = [METRICS.get(n) for n in names]
+    for spec in specs:
+        check_requirements(spec, ctx)
+    result = EvaluationResult()
+    for spec in specs:
+        if progress is not None:
+            progress(spec.name)
+        start = time.perf_counter()
+        part = spec.fn(ctx)
+        result.seconds[spec.name] = time.perf_counter() - start
+        result.values.extend(part.values)
+        result.headline.update(part.headline)
+        result.artifacts.extend(part.artifacts)
+        result.details.update(part.details)
+        result.tags.update(part.tags)
+    return result
+
+
+# ---------------------------------------------------------------------------- checkpoints
+@dataclass
+class EvaluationTarget:
+    """A checkpoint's model rebuilt with its data, splits and (optional) retrained reference."""
+
+    checkpoint: Path
+    model: torch.nn.Module
+    cfg: Any
+    state: dict[str, Any]
+    bundle: Any
+    splits: dict[str, Any]
+    reference: torch.nn.Module | None
+    reference_checkpoint: Path | None
+    forget_label: str
+    split_hash: str | None
+    method: str
+    optimizer: str
+    device: torch.device
+
+    @property
+    def run_id(self) -> str | None:
+        return self.state.get("run_id")
+
+
+def _kind_method(state: dict[str, Any]) -> str:
+    if state.get("method"):
+        return str(state["method"])
+    # the untouched pretrained model is the "do nothing" row of every table; a retrain checkpoint is the reference
+    return {"pretrain": "original", "retrain": "retrain"}.get(state.get("kind", "pretrain"), str(state.get("kind")))
+
+
+def _check_shape(state: dict[str, Any], bundle, what: str) -> None:
+    classes = state.get("num_classes")
+    shape = state.get("input_shape")
+    if classes is not None and int(classes) != bundle.num_classes:
+        raise ConfigError(f"{what} was trained for {classes} classes but data set {bundle.name!r} has "
+                          f"{bundle.num_classes}")
+    if shape is not None and tuple(shape) != tuple(bundle.input_shape):
+        raise ConfigError(f"{what} expects inputs of shape {tuple(shape)} but data set {bundle.name!r} gives "
+                          f"{tuple(bundle.input_shape)}")
+
+
+def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), overrides: Sequence[str] = (),
+                   reference: str | Path | None = None) -> EvaluationTarget:
+    """Rebuild what a checkpoint needs for evaluation; every mismatch is a ConfigError."""
+    from sharp_unlearn.config import config_from_dict, load_config
+    from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.data.forget import select_forget_set, train_stable_indices
+    from sharp_unlearn.engine.checkpoint import load_checkpoint
+    from sharp_unlearn.engine.runner import resolve_device
+    from sharp_unlearn.recipes.pretrain import load_trained_model
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise ConfigError(f"checkpoint {str(path)!r} carries no config; expected a sharp-unlearn checkpoint")
+    carries_forget = "forget_positions" in state or "forget_indices" in state
+    forget_overrides = [o for o in overrides if o.split("=", 1)[0].strip().startswith("forget")]
+    if carries_forget and forget_overrides:
+        raise ConfigError(f"checkpoint {str(path)!r} is an unlearning checkpoint with its own forget set "
+                          f"({state.get('forget_label', '?')}); drop the override {forget_overrides[0]!r}")
+    cfg = load_config(list(config_files), list(overrides), base=state["config"])
+    device = resolve_device(cfg.device)
+    # the data exactly as the model saw it: label flips are seeded by the *pretraining* seed
+    data_source = config_from_dict(state["pretrain_config"]) if "pretrain_config" in state else cfg
+    bundle = build_dataset(data_source.data, data_source.seed)
+    _check_shape(state, bundle, f"checkpoint {str(path)!r}")
+    model, _, _ = load_trained_model(path, cfg, device)  # architecture mismatch -> ConfigError
+
+    splits: dict[str, Any] = {"test": bundle.test, "val": bundle.val}
+    split_hash = state.get("split_hash") if state.get("split_hash") not in (None, "full") else None
+    if carries_forget:
+        n = len(bundle.train_targets)
+        if "forget_positions" in state:
+            forget_pos = np.asarray(torch.as_tensor(state["forget_positions"]), dtype=np.int64)
+        else:
+            stable = train_stable_indices(bundle)
+            lookup = {int(s): i for i, s in enumerate(stable)}
+            wanted = np.asarray(torch.as_tensor(state["forget_indices"]), dtype=np.int64)
+            missing = [int(i) for i in wanted if int(i) not in lookup]
+            if missing:
+                raise ConfigError(f"checkpoint {str(path)!r} names forget example {missing[0]} that the data set "
+                                  "does not have; is this the data set it was trained on?")
+            forget_pos = np.asarray([lookup[int(i)] for i in wanted], dtype=np.int64)
+        if len(forget_pos) == 0 or forget_pos.max() >= n:
+            raise ConfigError(f"checkpoint {str(path)!r} has forget positions outside the training set ({n})")
+        keep = np.ones(n, dtype=bool)
+        keep[forget_pos] = False
+        retain_pos = np.flatnonzero(keep)
+        forget_label = str(state.get("forget_label") or (cfg.forget.label if cfg.forget else "custom"))
+    elif cfg.forget is not None:
+        split = select_forget_set(cfg.forget, bundle, cfg.seed, model=model, device=device, run_cfg=cfg)
+        if split_hash is not None and split.split_hash != split_hash:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained for split {split_hash} but forget set "
+                              f"{split.label!r} selects split {split.split_hash}; pass the forget.* settings "
+                              "it was trained with")
+        forget_pos, retain_pos = split.forget_positions, split.retain_positions
+        forget_label, split_hash = split.label, split.split_hash
+    else:
+        forget_pos = retain_pos = None
+        forget_label = "none"
+    if forget_pos is not None:
+        splits["retain"] = Subset(bundle.train_eval, np.asarray(retain_pos).tolist())
+        splits["forget"] = Subset(bundle.train_eval, np.asarray(forget_pos).tolist())
+    else:
+        splits["train"] = bundle.train_eval
+
+    ref_path = Path(reference) if reference is not None else (
+        Path(state["reference_checkpoint"]) if state.get("reference_checkpoint") else None)
+    ref_model = None
+    if ref_path is not None:
+        if not ref_path.is_file():
+            raise ConfigError(f"reference checkpoint {str(ref_path)!r} does not exist"
+                              + ("" if reference is not None else f" (named by {str(path)!r}; pass --reference)"))
+        ref_state_model, _, ref_state = load_trained_model(ref_path, device=device)
+        _check_shape(ref_state, bundle, f"reference checkpoint {str(ref_path)!r}")
+        ref_split = ref_state.get("split_hash")
+        if split_hash is not None and ref_split not in (None, "full", split_hash):
+            raise ConfigError(f"reference checkpoint {str(ref_path)!r} was retrained for split {ref_split}, "
+                              f"not this forget set's split {split_hash}")
+        ref_model = ref_state_model.eval()
+    optimizer = str(state.get("optimizer_tag") or cfg.optimizer.tag)
+    return EvaluationTarget(path, model.eval(), cfg, state, bundle, splits, ref_model, ref_path, forget_label,
+                            split_hash, _kind_method(state), optimizer, device)
+
+
+@dataclass
+class EvaluationOutcome:
+    result: EvaluationResult
+    target: EvaluationTarget
+    out_dir: Path
+    results_path: Path
+    run_id: str | None
+    rows: list[dict[str, Any]]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, metrics: str | Sequence[str] = "auto", *,
+                        out_dir: str | Path | None = None, options: EvalOptions | None = None,
+                        config_files: Sequence[str] = (), overrides: Sequence[str] = (),
+                        reference: str | Path | None = None,
+                        progress: Callable[[str], None] | None = None) -> EvaluationOutcome:
+    """The ``sharp-unlearn evaluate`` recipe (see the module doc)."""
+    from sharp_unlearn.results import write_results
+    from sharp_unlearn.tracking import open_run
+
+    names = parse_metrics(metrics)  # bad names fail before anything is loaded
+    options = options or EvalOptions()
+    target = prepare_target(checkpoint, config_files=config_files, overrides=overrides, reference=reference)
+    out = Path(out_dir) if out_dir is not None else target.checkpoint.parent / "eval"
+    cfg = target.cfg
+    ctx = EvalContext(target.model, target.splits, reference=target.reference, device=target.device,
+                      options=options, out_dir=out, seed=cfg.seed, num_classes=target.bundle.num_classes)
+    names = resolve_auto(names, ctx)
+    for name in names:  # fail on a missing forget set / reference before opening an MLflow run
+        check_requirements(METRICS.get(name), ctx)
+    tags = {"method": target.method, "optimizer": target.optimizer, "forget_set": target.forget_label,
+            "split_hash": target.split_hash, "evaluated_run_id": target.run_id,
+            "evaluated_checkpoint": str(target.checkpoint.resolve()),
+            "reference_checkpoint": str(target.reference_checkpoint) if target.reference_checkpoint else None,
+            "metrics": ",".join(names)}
+    start = time.perf_counter()
+    with open_run(cfg, kind="evaluate", tags=tags, run_name=f"evaluate-{target.method}-{target.optimizer}",
+                  parent_run_id=target.run_id) as tracker:
+        result = run_metrics(ctx, names, progress)
+        wall = time.perf_counter() - start
+        row_id = target.run_id or tracker.run_id
+        rows = result.rows(run_id=row_id, method=target.method, optimizer=target.optimizer,
+                           dataset=cfg.data.name, forget_set=target.forget_label, seed=cfg.seed)
+        results_path = write_results(rows, out / "results.parquet")
+        details = {"checkpoint": str(target.checkpoint), "metrics": names, "options": vars(options),
+                   "seconds": result.seconds, "wall_seconds": wall, "headline": result.headline,
+                   "tags": result.tags, "prediction_passes": ctx.prediction_passes, **result.details}
+        details_path = out / "details.json"
+        details_path.write_text(json.dumps(details, indent=2, default=_jsonable))
+        tracker.log_metrics({**result.mlflow_metrics(), "wall_seconds": wall})
+        tracker.set_tags(result.tags)
+        tracker.log_artifact(results_path, "results")
+        tracker.log_artifact(details_path, "results")
+        for artifact in result.artifacts:
+            tracker.log_artifact(artifact, "figures" if artifact.suffix == ".png" else "results")
+    return EvaluationOutcome(result, target, out, results_path, tracker.run_id, rows)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
