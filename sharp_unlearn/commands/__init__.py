@@ -9,6 +9,5 @@ from sharp_unlearn.commands import evaluate  # noqa: F401,E402
 from sharp_unlearn.commands import convert  # noqa: F401,E402
 from sharp_unlearn.commands import memorization  # noqa: F401,E402
 from sharp_unlearn.commands import mask  # noqa: F401,E402
-from sharp_unlearn.commands import evaluate  # noqa: F401,E402
 
 __all__ = ["COMMANDS", "Command"]
