@@ -1,0 +1,218 @@
+"""SAM / SAM-max / ASAM / Sharp MinMax under ZeRO 0-3 equal single-process SAM on the full batch.
+
+One ``torchrun --nproc_per_node 2`` launch (gloo, CPU) runs every stage and
+every case; rank 0 also runs the single-process reference loop
+(:class:`~sharp_unlearn.engine.loop.Trainer`) on the full global batch and
+writes the largest parameter difference per (stage, case) to a JSON file that
+the tests read. Tolerance: 1e-5 absolute in fp32 after 3 steps (clipping off).
+
+Run by hand: ``torchrun --nproc_per_node 2 --master_addr 127.0.0.1
+tests/integration/test_deepspeed_equivalence.py OUT.json 0,1,2,3``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOLERANCE = 1e-5
+STAGES = (0, 1, 2, 3)
+CASES = ("sam-min", "sam-max", "asam-max", "sgd", "accum2-sam-min", "minmax", "minmax-accum2")
+STEPS = 3
+GLOBAL_BATCH = 16
+FEATURES, CLASSES = 13, 5
+
+
+# ----------------------------------------------------------------- worker (runs under torchrun)
+def _objectives(case: str, named_params):
+    import torch
+    from torch.nn import functional as F
+
+    from sharp_unlearn.engine.objective import Objective, SamSpec
+
+    def ce(model, batch):
+        return F.cross_entropy(model(batch.x), batch.y)
+
+    def neg_ce(model, batch):
+        return -0.3 * F.cross_entropy(model(batch.x), batch.y)
+
+    base = case.replace("accum2-", "").replace("-accum2", "")
+    if base == "sgd":
+        return [Objective("ce", "train", ce)]
+    if base == "sam-min":
+        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.05))]
+    if base == "sam-max":
+        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.05, lamb=0.5, sign="max"))]
+    if base == "asam-max":
+        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.5, lamb=0.7, sign="max", adaptive=True))]
+    if base == "minmax":  # Sharp MinMax: complementary masks, SAM-min on retain, SAM-max on forget
+        gen = torch.Generator().manual_seed(7)
+        mask = {n: (torch.rand(p.shape, generator=gen) < 0.5).float() for n, p in named_params}
+        other = {n: 1.0 - m for n, m in mask.items()}
+        return [Objective("retain", "retain", ce, sam=SamSpec(rho=0.05, lamb=1.0), mask=other),
+                Objective("forget", "forget", neg_ce, sam=SamSpec(rho=0.1, lamb=1.0, sign="max"), mask=mask)]
+    raise ValueError(case)
+
+
+def _data(seed: int):
+    import torch
+
+    from sharp_unlearn.engine.objective import Batch
+
+    gen = torch.Generator().manual_seed(seed)
+    n = GLOBAL_BATCH * STEPS * 2
+    x = torch.randn(n, FEATURES, generator=gen)
+    y = torch.randint(0, CLASSES, (n,), generator=gen)
+    return [Batch(x[i:i + GLOBAL_BATCH], y[i:i + GLOBAL_BATCH], torch.arange(i, i + GLOBAL_BATCH))
+            for i in range(0, n, GLOBAL_BATCH)]
+
+
+def _model():
+    import torch
+
+    from sharp_unlearn.models.mlp import MLP
+
+    torch.manual_seed(0)
+    return MLP(CLASSES, (FEATURES,), hidden=(23, 11))  # odd sizes: partitions cut through tensors
+
+
+def _step_batches(case: str, step: int, accum: int, train, retain, forget):
+    from sharp_unlearn.engine.objective import Batch
+
+    def split(batch):  # `accum` global micro-batches making up the same global batch
+        size = len(batch.y) // accum
+        return [Batch(batch.x[i * size:(i + 1) * size], batch.y[i * size:(i + 1) * size],
+                      batch.index[i * size:(i + 1) * size]) for i in range(accum)]
+
+    return {"train": split(train[step]), "retain": split(retain[step]), "forget": split(forget[step])}
+
+
+def _reference(case: str):
+    import torch
+
+    from sharp_unlearn.engine.loop import Trainer
+
+    model = _model()
+    named = [(n, p) for n, p in model.named_parameters()]
+    objectives = _objectives(case, named)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    accum = 2 if "accum2" in case else 1
+    trainer = Trainer(model, opt, None, grad_accum=accum)
+    train, retain, forget = _data(1), _data(2), _data(3)
+    for step in range(STEPS):
+        trainer.step(objectives, _step_batches(case, step, accum, train, retain, forget))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _deepspeed_run(case: str, stage: int, persistent: bool):
+    import deepspeed
+    import torch
+
+    from sharp_unlearn.config import load_config
+    from sharp_unlearn.engine.deepspeed_engine import DeepSpeedTrainer
+    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.ds_shards import gather_full_params
+
+    accum = 2 if "accum2" in case else 1
+    cfg = load_config([], ["distributed.backend=deepspeed", f"distributed.zero_stage={stage}",
+                           "distributed.num_workers=2", f"data.batch_size={GLOBAL_BATCH // 2 // accum}",
+                           f"train.grad_accum={accum}", "model.name=mlp", "tracking.enabled=false"])
+    ds_config = resolve_deepspeed_config(cfg)
+    if persistent:  # small tensors stay gathered on every rank (DeepSpeed's default threshold)
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 100_000
+    model = _model()
+    named = [(n, p) for n, p in model.named_parameters()]
+    objectives = _objectives(case, named)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    trainer = DeepSpeedTrainer(engine, grad_accum=accum)
+    train, retain, forget = _data(1), _data(2), _data(3)
+    for step in range(STEPS):
+        trainer.step(objectives, _step_batches(case, step, accum, train, retain, forget))
+    full = gather_full_params(engine, trainer.named_params)
+    partition = trainer.view.partition_numel
+    total = sum(int(getattr(p, "ds_numel", p.numel())) for _, p in named)
+    engine.destroy()
+    return full, partition, total
+
+
+def worker(out_path: str, stages: list[int]) -> None:
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(1)
+    # ZeRO-3 init calls gc.collect(): freezing the (many) objects imported so far makes it ~1 s cheaper
+    import gc
+
+    gc.freeze()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    results = {}
+    for stage in stages:
+        variants = [(c, False) for c in CASES] + ([("sam-min", True), ("minmax", True)] if stage == 3 else [])
+        for case, persistent in variants:
+            full, partition, total = _deepspeed_run(case, stage, persistent)
+            key = f"zero{stage}/{case}" + ("/persistent" if persistent else "")
+            if rank == 0:
+                ref = _reference(case)
+                diff = max(float((full[n] - ref[n]).abs().max()) for n in ref)
+                moved = max(float((ref[n] - _model().state_dict()[n]).abs().max()) for n in ref)
+                results[key] = {"max_abs_diff": diff, "moved": moved, "partition_numel": partition,
+                                "total_numel": total}
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results, indent=1))
+    torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds-equivalence") / "results.json"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, str(out),
+           ",".join(map(str, STAGES))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("case", CASES)
+def test_zero_matches_single_process(equivalence, stage, case):
+    row = equivalence[f"zero{stage}/{case}"]
+    assert row["moved"] > 1e-3  # the steps really changed the weights, so equality means something
+    assert row["max_abs_diff"] < TOLERANCE, row
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["sam-min", "minmax"])
+def test_zero3_with_persistent_parameters(equivalence, case):
+    row = equivalence[f"zero3/{case}/persistent"]
+    assert row["max_abs_diff"] < TOLERANCE, row
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_each_rank_holds_only_its_partition(equivalence, stage):
+    row = equivalence[f"zero{stage}/sam-min"]
+    # rank 0's pieces: about half the parameters (alignment padding aside), never all of them
+    assert row["partition_numel"] <= row["total_numel"] // 2 + 16
+    assert row["partition_numel"] >= row["total_numel"] // 2 - 16
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], [int(s) for s in sys.argv[2].split(",")])
