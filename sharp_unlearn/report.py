@@ -88,7 +88,8 @@ def select_runs(client, *, experiments: Sequence[str] = (), filter_string: str |
     else:
         if not experiment_ids:
             experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-        clauses = [f"({filter_string})"] if filter_string else []
+        # MLflow filters are conjunctions without parentheses, so clauses simply join with "and"
+        clauses = [filter_string] if filter_string else []
         if run_ids:
             quoted = ", ".join(f"'{r}'" for r in run_ids)
             clauses.append(f"attributes.run_id IN ({quoted})")

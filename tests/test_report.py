@@ -1,0 +1,243 @@
+"""Run comparison: selection, the table equals MLflow's numbers, summary over seeds, HTML report, the CLI."""
+from __future__ import annotations
+
+import base64
+import csv
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+pytest.importorskip("matplotlib")
+import pyarrow.parquet as pq  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from sharp_unlearn.cli import main  # noqa: E402
+from sharp_unlearn.errors import ConfigError  # noqa: E402
+from sharp_unlearn.report import build_comparison, build_figures, mean_ci95, select_runs, summarize  # noqa: E402
+from sharp_unlearn.tracking import tracked_run  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # schema migration once (~7 s)
+    return path
+
+
+@pytest.fixture
+def uri(template_db, tmp_path, monkeypatch) -> str:
+    db = tmp_path / "mlruns.db"
+    shutil.copy(template_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    return f"sqlite:///{db}"
+
+
+def _log_run(uri, *, kind="unlearn", method="neggrad", optimizer="sgd", seed=0, rho=0.05, alpha=0.9,
+             metrics=None, tags=None, experiment="exp"):
+    all_tags = {"method": method if kind == "unlearn" else None, "optimizer": optimizer, "seed": seed,
+                "dataset": "digits", "model": "small_cnn", "forget_set": "random-50", **(tags or {})}
+    params = {"optimizer.name": optimizer, "optimizer.rho": rho, "method.alpha": alpha, "seed": seed}
+    with tracked_run(uri=uri, experiment=experiment, kind=kind, tags=all_tags, params=params) as tracker:
+        tracker.log_metrics({"train_loss": 2.0, "forget_acc": 99.0}, step=1)  # an "epoch"
+        tracker.log_metrics(metrics or {})  # final values
+    return tracker.run_id
+
+
+@pytest.fixture(scope="module")
+def sweep_store(template_db, tmp_path_factory):
+    """Two methods x (sgd, sam at two rho) x two seeds, metrics with awkward floats; logged once per module.
+
+    Tests may add runs of kind=compare or artifacts to it, never other runs.
+    """
+    db = tmp_path_factory.mktemp("sweep") / "mlruns.db"
+    shutil.copy(template_db, db)
+    uri = f"sqlite:///{db}"
+    ids = {}
+    for m_i, method in enumerate(("neggrad", "salun")):
+        for optimizer, rho in (("sgd", 0.05), ("sam", 0.05), ("sam", 0.1)):
+            for seed in (0, 1):
+                tow = 0.5 + 0.1 * m_i + (0.2 if optimizer == "sam" else 0.0) + rho + seed / 37
+                ids[(method, optimizer, rho, seed)] = _log_run(
+                    uri, method=method, optimizer=optimizer, seed=seed, rho=rho,
+                    metrics={"tow": tow, "forget_acc": 100 * (1 - tow) / 3, "retain_acc": 99.0 - seed / 7,
+                             "test_acc": 95.5 + seed / 3, "mia_efficacy": 0.2 + seed / 11, "wall_seconds": 3.25,
+                             "lr": 0.0})
+    return uri, ids
+
+
+@pytest.fixture
+def sweep(sweep_store, monkeypatch):
+    uri, ids = sweep_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return ids
+
+
+@pytest.fixture
+def sweep_uri(sweep_store):
+    return sweep_store[0]
+
+
+def test_mean_ci95_matches_student_t():
+    mean, ci = mean_ci95([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9)
+    assert ci == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))  # t(0.975, 2) * s / sqrt(n)
+    assert mean_ci95([0.7]) == (0.7, None)
+
+
+def test_table_columns_hold_logged_final_metrics_and_varying_params(sweep_uri, sweep):
+    client = MlflowClient(sweep_uri)
+    comparison = build_comparison(select_runs(client, experiments=["exp"]))
+    assert len(comparison.rows) == len(sweep)
+    assert comparison.metric_columns == ["tow", "forget_acc", "retain_acc", "test_acc", "train_loss",
+                                         "mia_efficacy", "wall_seconds"]
+    assert "lr" not in comparison.metric_columns  # per-step bookkeeping stays out
+    assert "optimizer.rho" in comparison.param_columns and "method.alpha" not in comparison.param_columns
+    for row in comparison.rows:
+        logged = client.get_run(row["run_id"]).data.metrics
+        for metric in comparison.metric_columns:
+            assert row[metric] == logged[metric]
+        assert row["forget_acc"] != 99.0  # the final value, not the epoch's
+        assert isinstance(row["seed"], int)
+
+
+def test_summary_groups_seeds_per_method_optimizer_and_rho(sweep_uri, sweep):
+    comparison = build_comparison(select_runs(MlflowClient(sweep_uri), experiments=["exp"]))
+    summary = summarize(comparison)
+    assert len(summary) == 6  # 2 methods x (sgd, sam@0.05, sam@0.1)
+    group = next(s for s in summary if s["method"] == "salun" and s["optimizer"] == "sam"
+                 and s["optimizer.rho"] == 0.1)
+    tows = [0.5 + 0.1 + 0.2 + 0.1 + seed / 37 for seed in (0, 1)]
+    assert group["n"] == 2
+    assert group["tow_mean"] == pytest.approx(sum(tows) / 2)
+    assert group["tow_ci95"] == pytest.approx(mean_ci95(tows)[1])
+
+
+def test_compare_cli_writes_tables_equal_to_logged_metrics(sweep_uri, sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["compare", "--tracking-uri", sweep_uri, "-e", "exp", "--out", str(out), "--no-log"]) == 0
+    client = MlflowClient(sweep_uri)
+    logged = {run_id: client.get_run(run_id).data.metrics for run_id in sweep.values()}
+
+    table = pq.read_table(out / "comparison.parquet").to_pylist()
+    assert {r["run_id"] for r in table} == set(sweep.values())
+    with open(out / "comparison.csv", newline="") as handle:
+        csv_rows = {r["run_id"]: r for r in csv.DictReader(handle)}
+    for row in table:
+        for metric in ("tow", "forget_acc", "retain_acc", "test_acc", "mia_efficacy", "wall_seconds"):
+            assert row[metric] == logged[row["run_id"]][metric]
+            assert float(csv_rows[row["run_id"]][metric]) == logged[row["run_id"]][metric]
+
+    long = pq.read_table(out / "results.parquet").to_pylist()
+    assert {(r["run_id"], r["metric"]): r["value"] for r in long} == {
+        (run_id, metric): value for run_id, metrics in logged.items() for metric, value in metrics.items()
+        if metric not in ("lr",)}
+    assert {r["split"] for r in long if r["metric"] == "forget_acc"} == {"forget"}
+
+    markdown = (out / "comparison.md").read_text()
+    some_run = sweep[("salun", "sam", 0.1, 1)]
+    assert f"{logged[some_run]['tow']:.4f}" in markdown
+    assert "±" in markdown
+    assert "sharp-unlearn comparison of 12 runs" in capsys.readouterr().out
+
+
+def test_html_report_is_self_contained_with_the_expected_plots(sweep_uri, sweep, tmp_path):
+    out = tmp_path / "report"
+    assert main(["compare", "--quiet", "--tracking-uri", sweep_uri, "-e", "exp", "--out", str(out), "--no-log"]) == 0
+    page = (out / "report.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) >= 4
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
+    assert "href=" not in page and "<script" not in page  # nothing fetched from elsewhere
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {"tow_by_method_optimizer", "accuracy_bars", "tow_vs_rho", "mia", "tow_vs_wall_seconds"} <= figures
+    assert "tow_vs_alpha" not in figures  # alpha did not vary
+    assert "entanglement" not in figures  # never logged
+    for name in figures:
+        assert f'alt="{name}"' in page
+
+
+def test_figures_follow_the_data(uri):
+    for seed in (0, 1):
+        for alpha in (0.5, 0.9):
+            _log_run(uri, alpha=alpha, seed=seed, metrics={"tow": alpha - seed / 10, "entanglement_variance": 0.3,
+                                                             "entanglement_wasserstein": 0.6})
+    _log_run(uri, kind="pretrain", optimizer="sam", metrics={"test_acc": 97.0})
+    comparison = build_comparison(select_runs(MlflowClient(uri), experiments=["exp"]))
+    figures = build_figures(comparison)
+    assert {"tow_vs_alpha", "entanglement", "tow_by_method_optimizer"} <= set(figures)
+    assert "tow_vs_rho" not in figures and "mia" not in figures
+
+
+def test_compare_logs_the_report_to_a_compare_run_and_skips_old_reports(sweep_uri, sweep, tmp_path):
+    client = MlflowClient(sweep_uri)
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment_id], "tags.kind = 'compare'")}
+    for attempt in range(2):  # the second comparison must not include the first report run
+        assert main(["compare", "--quiet", "--json", "--tracking-uri", sweep_uri, "-e", "exp",
+                     "--out", str(tmp_path / f"r{attempt}")]) == 0
+    reports = [r for r in client.search_runs([experiment_id], "tags.kind = 'compare'") if r.info.run_id not in before]
+    assert len(reports) == 2
+    assert all(r.data.tags["compared_runs"] == str(len(sweep)) for r in reports)
+    artifacts = {a.path for a in client.list_artifacts(reports[0].info.run_id, "compare")}
+    assert {"compare/report.html", "compare/comparison.parquet", "compare/comparison.md",
+            "compare/comparison.csv", "compare/figures"} <= artifacts
+    assert all(r.info.status == "FINISHED" for r in reports)
+
+
+def test_compare_log_to_existing_run(sweep_uri, sweep, tmp_path):
+    client = MlflowClient(sweep_uri)
+    parent = sweep[("neggrad", "sgd", 0.05, 0)]
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    compare_runs = len(client.search_runs([experiment_id], "tags.kind = 'compare'"))
+    assert main(["compare", "--quiet", "--tracking-uri", sweep_uri, "--run-ids", *list(sweep.values())[:3],
+                 "--out", str(tmp_path / "r"), "--log-to", parent]) == 0
+    assert "compare/report.html" in {a.path for a in client.list_artifacts(parent, "compare")}
+    assert len(client.search_runs([experiment_id], "tags.kind = 'compare'")) == compare_runs  # no new run
+
+
+def test_filter_and_run_ids_select_exactly(sweep_uri, sweep):
+    client = MlflowClient(sweep_uri)
+    salun = select_runs(client, filter_string="tags.method = 'salun' and params.`optimizer.rho` = '0.1'")
+    assert {r.info.run_id for r in salun} == {sweep[("salun", "sam", 0.1, s)] for s in (0, 1)}
+    chosen = [sweep[("neggrad", "sgd", 0.05, 1)], sweep[("salun", "sam", 0.05, 0)]]
+    assert [r.info.run_id for r in select_runs(client, run_ids=chosen)] == chosen
+    both = select_runs(client, run_ids=chosen, filter_string="tags.method = 'salun'")
+    assert [r.info.run_id for r in both] == [chosen[1]]
+
+
+def test_with_lineage_adds_pretrain_and_reference_runs(uri):
+    pre = _log_run(uri, kind="pretrain", metrics={"test_acc": 97.0})
+    ref = _log_run(uri, kind="retrain", tags={"pretrain_run_id": pre, "method": "retrain"},
+                   metrics={"forget_acc": 90.0, "retain_acc": 100.0, "test_acc": 96.0})
+    unl = _log_run(uri, tags={"pretrain_run_id": pre, "reference_run_id": ref}, metrics={"tow": 0.95})
+    client = MlflowClient(uri)
+    runs = select_runs(client, run_ids=[unl], with_lineage=True)
+    assert {r.info.run_id for r in runs} == {pre, ref, unl}
+    comparison = build_comparison(runs)
+    assert comparison.lineage_columns == ["pretrain_run_id", "reference_run_id"]
+    assert next(r for r in comparison.rows if r["run_id"] == unl)["reference_run_id"] == ref
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-e", "no-such-experiment"], "does not exist"),
+    (["--filter", "tags.kind === 'x'"], "not valid"),
+    (["--run-ids", "0123456789abcdef0123456789abcdef"], "does not exist"),
+    (["-e", "exp", "--filter", "tags.method = 'nothing-like-this'"], "no runs matched"),
+    (["--max-runs", "0"], "at least 1"),
+])
+def test_bad_selection_exits_2_with_a_message(sweep_uri, sweep, tmp_path, capsys, args, message):
+    assert main(["compare", "--tracking-uri", sweep_uri, "--out", str(tmp_path / "r"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_select_runs_unknown_experiment_lists_known_ones(sweep_uri, sweep):
+    with pytest.raises(ConfigError, match="known experiments: .*exp"):
+        select_runs(MlflowClient(sweep_uri), experiments=["nope"])
