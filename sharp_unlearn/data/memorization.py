@@ -115,13 +115,14 @@ def influence_top_k(masks: np.ndarray, test_correct: np.ndarray, top_k: int = 10
     n_test = test_correct.shape[1]
     k = int(min(max(top_k, 1), n_train))
     m_in = masks.astype(np.float32)
-    n_in = m_in.sum(axis=0)[:, None]
+    n_in = m_in.sum(axis=0).astype(np.float64)[:, None]
     n_out = num_models - n_in
-    block = max(1, int(max_block_bytes // (4 * 3 * max(n_train, 1))))
+    block = max(1, int(max_block_bytes // (8 * 3 * max(n_train, 1))))
     test_idx, train_idx, values, ranks = [], [], [], []
     for start in range(0, n_test, block):
         c = test_correct[:, start:start + block].astype(np.float32)
-        c_in = m_in.T @ c                       # [n_train, b]: correct-and-in counts
+        # counts are exact in float32 (integers < 2**24); the ratios are taken in float64
+        c_in = (m_in.T @ c).astype(np.float64)  # [n_train, b]: correct-and-in counts
         c_out = c.sum(axis=0)[None, :] - c_in   # correct-and-out = correct - correct-and-in
         prior = c.mean(axis=0)[None, :]
         infl = _shrunk(c_in, n_in, prior) - _shrunk(c_out, n_out, prior)

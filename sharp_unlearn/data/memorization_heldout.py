@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -187,7 +188,7 @@ def load_outcome(path: Path, fingerprint: str) -> ModelOutcome | None:
                 train_correct=np.unpackbits(data["train_correct"], count=n_train).astype(bool),
                 test_correct=np.unpackbits(data["test_correct"], count=n_test).astype(bool),
                 wall_seconds=float(data["wall_seconds"]), fingerprint=fingerprint)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # truncated or foreign: retrain it
         return None
 
 
@@ -235,6 +236,8 @@ def train_subset_model(cfg: ExperimentConfig, model_id: int, fraction: float, bu
         torch.set_num_threads(threads)
     try:
         bundle = bundle if bundle is not None else _cached_bundle(cfg)
+        import torch._dynamo  # noqa: F401  (a process's first optimizer imports it: seconds, not model cost)
+
         start = time.perf_counter()  # the model's cost: training + measuring, not loading data
         n_train, n_test = len(bundle.train_eval), len(bundle.test)
         mask = subset_mask(n_train, fraction, cfg.seed, model_id)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -113,7 +114,7 @@ def compute_proxy_scores(cfg: ExperimentConfig, bundle=None, kinds: Sequence[str
     path = proxy_cache_path(cfg)
     records = None
     if use_cache and path.is_file():
-        with contextlib.suppress(OSError, KeyError, ValueError), np.load(path, allow_pickle=False) as data:
+        with contextlib.suppress(OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile), np.load(path, allow_pickle=False) as data:
             records = {k: data[k] for k in ("prob_label", "loss", "correct")}
     if records is not None and bundle is not None and records["loss"].shape[1] != len(bundle.train_eval):
         records = None  # a cache from another version of the data set
