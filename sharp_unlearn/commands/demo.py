@@ -32,8 +32,9 @@ class Demo(Command):
             print_rows("sharp-unlearn demo: ToW against the retrained reference (digits, memorization-high)",
                        TABLE_COLUMNS, result.rows)
             if result.evaluation:
-                cols = list(dict.fromkeys(k for row in result.evaluation for k in row))
-                print_rows("pretrained models: membership inference, entanglement, sharpness", cols,
+                cols = list(dict.fromkeys(k for row in result.evaluation for k in row
+                                          if k not in ("seed", "level")))
+                print_rows("membership inference (forget set), retain/forget entanglement, sharpness", cols,
                            result.evaluation)
             print(f"results: {result.results_path} and {result.markdown_path}")
         return {"rows": result.rows, "results": str(result.results_path), "evaluation": result.evaluation}

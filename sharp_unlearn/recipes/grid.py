@@ -132,6 +132,37 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
     return result
 
 
+def model_evaluator(metric_names: Sequence[str], out_dir: Path, seed: int = 0):
+    """An ``evaluator`` for :func:`run_grid` from the evaluation suite (MIA, entanglement, ...).
+
+    Works on the in-memory model and split (no reloading); returns the headline
+    metrics (``mia_efficacy``, ``entanglement_variance``, ...).
+    """
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from sharp_unlearn.evaluation import parse_metrics, run_metrics
+    from sharp_unlearn.metrics import EvalContext, EvalOptions
+    from sharp_unlearn.recipes.pretrain import load_trained_model
+
+    names = parse_metrics(list(metric_names))
+    references: dict[str, Any] = {}
+
+    def evaluate(model, pretrained, split, reference_checkpoint) -> dict[str, float]:
+        bundle = pretrained.bundle
+        key = str(reference_checkpoint)
+        if key not in references:
+            references[key] = load_trained_model(reference_checkpoint)[0].eval()
+        splits = {"test": bundle.test, "val": bundle.val,
+                  "retain": Subset(bundle.train_eval, np.asarray(split.retain_positions).tolist()),
+                  "forget": Subset(bundle.train_eval, np.asarray(split.forget_positions).tolist())}
+        ctx = EvalContext(model.eval(), splits, reference=references[key], device="cpu", options=EvalOptions(),
+                          out_dir=out_dir, seed=seed, num_classes=bundle.num_classes)
+        return dict(run_metrics(ctx, names).headline)
+
+    return evaluate
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
