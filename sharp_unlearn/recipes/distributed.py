@@ -1,0 +1,415 @@
+"""Sharded (DeepSpeed ZeRO) pretraining on N workers, launched by Ray Train or torchrun.
+
+``sharp-unlearn pretrain ... distributed.backend=deepspeed distributed.zero_stage=3
+distributed.num_workers=N`` lands in :func:`launch_deepspeed`, which
+
+1. validates everything that can be wrong before any process starts
+   (:func:`validate_launch`: ZeRO stage, the DeepSpeed JSON against the run
+   config, workers against the CPUs/GPUs of this machine or Ray cluster);
+2. reuses a completed export with the same hashes (the retrain-reference cache);
+3. starts N workers: Ray Train's ``TorchTrainer`` (``distributed.launcher=ray``,
+   local Ray or ``distributed.address``/``RAY_ADDRESS``) or ``torchrun`` on this
+   machine (``distributed.launcher=torchrun``);
+4. returns the same :class:`~sharp_unlearn.recipes.pretrain.TrainOutcome` as
+   single-device pretraining, pointing at a consolidated fp32 checkpoint that
+   ``evaluate``/``unlearn`` load on one device.
+
+Every worker runs :func:`run_worker` (Ray calls it through
+:func:`train_loop_per_worker`; torchrun/deepspeed launchers through
+``python -m sharp_unlearn.recipes.distributed worker ...``). Rank 0 alone
+logs to MLflow (``open_run`` checks ``RANK``).
+
+Faults: a worker that dies makes the launcher stop the others (torchrun on
+one node within seconds; Ray Train fails the run with ``max_failures=0``);
+across nodes the survivors fail at their next collective after
+``distributed.timeout_s``. The run exits 1 naming the sharded checkpoint;
+rerunning the same command resumes from it.
+
+Ray Tune (Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is refused):
+a function trainable builds :func:`build_torch_trainer` with
+``run_config=RunConfig(callbacks=[TuneReportCallback()])`` and calls
+``fit()``; each epoch's record is reported with ``ray.train.report``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from sharp_unlearn.config import ExperimentConfig, config_from_dict, load_config, stable_hash
+from sharp_unlearn.engine.ds_config import check_worker_resources, local_resources, validate_distributed
+from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.recipes.pretrain import TrainOutcome, stage_dir
+
+OUTCOME_FILE = "outcome.json"
+
+
+# ---------------------------------------------------------------- names and hashes
+def distributed_config_hash(cfg: ExperimentConfig) -> str:
+    """What determines a sharded run's result: the training recipe and the global batch
+    (``num_workers`` multiplies ``data.batch_size``); the ZeRO stage does not change it."""
+    return stable_hash({"training": cfg.training_hash(), "num_workers": cfg.distributed.num_workers})
+
+
+def distributed_stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | None = None) -> Path:
+    base = stage_dir(cfg, kind, split_hash)
+    # sharded checkpoints only load into the same stage and world size
+    return base.with_name(f"{base.name}-zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}")
+
+
+def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Workers may run in another directory (Ray): pin relative paths and the tracking URI."""
+    from sharp_unlearn.tracking import resolve_uri
+
+    tree = cfg.to_dict()
+    tree["output_dir"] = str(Path(cfg.output_dir).resolve())
+    if cfg.data.root:
+        tree["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.distributed.deepspeed_config:
+        tree["distributed"]["deepspeed_config"] = str(Path(cfg.distributed.deepspeed_config).resolve())
+    if cfg.tracking.enabled:
+        uri = resolve_uri(cfg.tracking.uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        tree["tracking"]["uri"] = uri
+    return config_from_dict(tree)
+
+
+# ---------------------------------------------------------------- validation
+def validate_launch(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
+    """Every check that needs no worker; returns the resolved DeepSpeed config.
+
+    Worker counts are checked against this machine here; against a remote Ray
+    cluster (``address``) after connecting, still before any worker starts.
+    """
+    launcher = cfg.distributed.launcher
+    if launcher == "torchrun" and address:
+        raise ConfigError(f"distributed.address={address!r} needs distributed.launcher=ray "
+                          "(torchrun starts workers on this machine only)")
+    remote = launcher == "ray" and bool(address)
+    # a remote cluster's resources are checked after connecting (launch_ray)
+    return validate_distributed(cfg, available={"CPU": 10**9, "GPU": 10**9} if remote else None)
+
+
+# ---------------------------------------------------------------- worker side
+def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One rank of a sharded pretraining run (all ranks call this; rank 0 returns the outcome)."""
+    import torch
+    from torch.utils.data import Subset
+
+    from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
+    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.ds_runner import distributed_accuracy, run_deepspeed_stage
+    from sharp_unlearn.engine.objective import Objective, Phase
+    from sharp_unlearn.models import build_model
+    from sharp_unlearn.optim.factory import sam_spec
+    from sharp_unlearn.recipes.pretrain import cross_entropy_loss
+    from sharp_unlearn.tracking import open_run
+
+    cfg = config_from_dict(spec["cfg"])
+    kind = spec.get("kind", "pretrain")
+    out_dir = Path(spec["out_dir"])
+    _stdout_to_stderr()  # DeepSpeed prints to stdout; the driver's stdout may be --json
+    device = init_distributed(cfg)
+    rank = torch.distributed.get_rank()
+    (out_dir / "launch").mkdir(parents=True, exist_ok=True)
+    # which process is which rank: for operators (and the fault test) to find a worker
+    (out_dir / "launch" / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    bundle = build_dataset(cfg.data, cfg.seed)
+    indices = spec.get("train_indices")
+    train = bundle.train if indices is None else Subset(bundle.train, list(indices))
+    train_eval = bundle.train_eval if indices is None else Subset(bundle.train_eval, list(indices))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as a single process
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    phase = Phase(kind, [Objective("ce", "train", cross_entropy_loss, sam=sam_spec(cfg.optimizer))])
+    eval_bs = cfg.data.eval_batch_size
+    split_hash = spec.get("split_hash")
+    meta = {"config_hash": distributed_config_hash(cfg), "split_hash": split_hash or "full", "kind": kind,
+            "model_name": cfg.model.name, "dataset": cfg.data.name, "num_classes": bundle.num_classes,
+            "input_shape": list(bundle.input_shape),
+            "distributed": {"zero_stage": cfg.distributed.zero_stage, "num_workers": cfg.distributed.num_workers}}
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    def evaluate(model, epoch):
+        return {"val_acc": distributed_accuracy(model, bundle.val, eval_bs, device)}
+
+    on_epoch_end = None
+    if spec.get("report") == "ray":
+        from ray import train as ray_train
+
+        def on_epoch_end(record):  # every worker must call report the same number of times
+            ray_train.report({k: float(v) for k, v in record.items()})
+
+    tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash,
+            "distributed": f"deepspeed-zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}",
+            **(spec.get("tags") or {})}
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    with open_run(cfg, kind=kind, tags=tags, run_name=f"{kind}-{cfg.optimizer.tag}") as tracker:
+        meta["run_id"] = tracker.run_id
+        result = run_deepspeed_stage(
+            model, lambda epoch: [phase], {"train": train}, cfg=cfg, optimizer_cfg=cfg.optimizer,
+            train_cfg=cfg.train, epochs=cfg.train.epochs, ds_config=resolve_deepspeed_config(cfg),
+            device=device, sharded_dir=out_dir / "deepspeed", export_path=ckpt_path, checkpoint_meta=meta,
+            evaluate=evaluate, tracker=tracker, on_epoch_end=on_epoch_end, quiet=bool(spec.get("quiet")),
+            description=f"{kind} {cfg.model.name}/{cfg.optimizer.tag} zero{cfg.distributed.zero_stage}",
+            resume=bool(spec.get("resume", True)))
+        module = result.engine.module
+        metrics = {
+            "train_acc": distributed_accuracy(module, train_eval, eval_bs, device),
+            "val_acc": distributed_accuracy(module, bundle.val, eval_bs, device),
+            "test_acc": distributed_accuracy(module, bundle.test, eval_bs, device),
+            "train_loss": result.history[-1]["train_loss"] if result.history else float("nan"),
+            "wall_seconds": result.wall_seconds,
+        }
+        tracker.log_metrics(metrics)
+        outcome = None
+        if rank == 0:
+            state = load_checkpoint(ckpt_path)
+            state.update(final_metrics=metrics, wall_seconds=result.wall_seconds, run_id=tracker.run_id)
+            save_checkpoint(ckpt_path, {k: v for k, v in state.items() if k != "format_version"})
+            tracker.log_artifact(out_dir / "config.yaml")
+            tracker.log_artifact(ckpt_path, "checkpoint")
+            outcome = {"checkpoint": str(ckpt_path), "metrics": metrics, "run_id": tracker.run_id,
+                       "wall_seconds": result.wall_seconds, "history": result.history,
+                       "resumed_from": result.resumed_from}
+            from sharp_unlearn.engine.ds_runner import _write_atomic
+
+            _write_atomic(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
+        result.engine.destroy()
+        barrier()
+    return outcome
+
+
+def _stdout_to_stderr() -> None:
+    try:
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no real descriptors: Python level only
+        pass
+    sys.stdout = sys.stderr
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker function: ``config`` is a spec from :func:`make_spec`."""
+    return run_worker(config)
+
+
+# ---------------------------------------------------------------- launch side
+def make_spec(cfg: ExperimentConfig, *, kind: str = "pretrain", train_indices=None, split_hash: str | None = None,
+              tags: Mapping[str, Any] | None = None, quiet: bool = False, resume: bool = True,
+              report: str | None = None) -> dict[str, Any]:
+    """Everything a worker needs, as plain data (Ray ships it; torchrun reads it from JSON)."""
+    cfg = _absolute(cfg)
+    return {
+        "cfg": cfg.to_dict(), "kind": kind, "split_hash": split_hash,
+        "train_indices": None if train_indices is None else [int(i) for i in np.asarray(train_indices)],
+        "tags": dict(tags or {}), "quiet": quiet, "resume": resume, "report": report,
+        "out_dir": str(distributed_stage_dir(cfg, kind, split_hash)),
+    }
+
+
+def build_torch_trainer(spec: dict[str, Any], run_config=None):
+    """A Ray Train ``TorchTrainer`` running :func:`train_loop_per_worker` on N workers.
+
+    ``run_config`` defaults to storage under the run's directory and no retries
+    (a dead worker fails the run; rerunning resumes from the sharded checkpoint).
+    Tune trials pass ``RunConfig(callbacks=[TuneReportCallback()])``.
+    """
+    require("ray.train", "tune")
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = config_from_dict(spec["cfg"])
+    dist = cfg.distributed
+    spec = {**spec, "report": "ray"}
+    resources = {"CPU": 1, **({"GPU": 1} if dist.use_gpu else {})}
+    if run_config is None:
+        out_dir = Path(spec["out_dir"])
+        run_config = RunConfig(name=f"{out_dir.name}", storage_path=str(out_dir.parent / "ray"),
+                               failure_config=FailureConfig(max_failures=0))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker=resources),
+        # the process group DeepSpeed reuses: a dead peer fails a collective after timeout_s
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo", timeout_s=dist.timeout_s),
+        run_config=run_config,
+    )
+
+
+def launch_ray(spec: dict[str, Any], address: str | None = None) -> dict[str, Any]:
+    ray = require("ray", "tune")
+    cfg = config_from_dict(spec["cfg"])
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=local_resources()["CPU"], num_gpus=local_resources()["GPU"],
+                     include_dashboard=False, log_to_driver=True)
+        started = True
+    try:
+        if address:  # the cluster's totals: a request it can never satisfy would wait forever
+            check_worker_resources(cfg, ray.cluster_resources(), where=f"the Ray cluster at {address}")
+        result = build_torch_trainer(spec).fit()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(_failure_message(spec, f"Ray Train: {type(exc).__name__}: {exc}")) from None
+    finally:
+        if started:
+            ray.shutdown()
+    if getattr(result, "error", None) is not None:
+        raise RuntimeError(_failure_message(spec, f"Ray Train: {result.error}"))
+    outcome = getattr(result, "return_value", None)
+    return outcome if outcome is not None else json.loads((Path(spec["out_dir"]) / OUTCOME_FILE).read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stderr_fd():
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (some test runners)
+        return None
+
+
+def launch_torchrun(spec: dict[str, Any]) -> dict[str, Any]:
+    """N processes on this machine; a dead worker makes torchrun stop the rest and exit non-zero."""
+    from sharp_unlearn.engine.ds_runner import _write_atomic
+
+    cfg = config_from_dict(spec["cfg"])
+    out_dir = Path(spec["out_dir"])
+    spec_path = out_dir / "launch" / "spec.json"
+    _write_atomic(spec_path, json.dumps(spec))
+    (out_dir / OUTCOME_FILE).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", str(cfg.distributed.num_workers), "--max_restarts", "0",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "sharp_unlearn.recipes.distributed", "worker", "--spec", str(spec_path)]
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker unless told otherwise
+    # workers' stdout (DeepSpeed's chatter) goes to stderr: stdout stays the caller's (e.g. --json)
+    proc = subprocess.run(cmd, env=env, stdout=_stderr_fd())
+    if proc.returncode != 0:
+        raise RuntimeError(_failure_message(spec, f"torchrun exited with code {proc.returncode} "
+                                                  "(a worker died or raised; its error is printed above)"))
+    return json.loads((out_dir / OUTCOME_FILE).read_text())
+
+
+def _failure_message(spec: Mapping[str, Any], what: str) -> str:
+    from sharp_unlearn.engine.ds_runner import read_progress
+
+    sharded = Path(spec["out_dir"]) / "deepspeed"
+    progress = read_progress(sharded)
+    where = (f"the last sharded checkpoint is {sharded / progress['tag']} (epoch {progress['epoch']}); "
+             if progress else "no sharded checkpoint was committed yet; ")
+    return f"sharded run failed: {what}; {where}rerun the same command to resume"
+
+
+def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: str | None = None,
+                     kind: str = "pretrain", tags: Mapping[str, Any] | None = None, quiet: bool = False,
+                     resume: bool = True, use_cache: bool = True, address: str | None = None,
+                     launcher: str | None = None, epoch_callback=None) -> TrainOutcome:
+    """Validate, then train on ``distributed.num_workers`` workers; same outcome as single-device pretraining.
+
+    ``epoch_callback(epoch, record)`` is called after the run for each epoch (the
+    workers cannot reach the caller's process); live per-epoch reports to Ray Tune
+    come from :func:`build_torch_trainer` with a ``TuneReportCallback``.
+    """
+    from sharp_unlearn.engine.checkpoint import load_checkpoint
+
+    address = address or getattr(cfg.distributed, "address", None) or (
+        os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
+    if launcher is not None and launcher != cfg.distributed.launcher:
+        cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
+                                                                 "launcher": launcher}})
+    validate_launch(cfg, address)
+    spec = make_spec(cfg, kind=kind, train_indices=train_indices, split_hash=split_hash, tags=tags,
+                     quiet=quiet, resume=resume)
+    ckpt_path = Path(spec["out_dir"]) / "checkpoint.pt"
+    if use_cache and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if (state.get("completed") and state.get("config_hash") == distributed_config_hash(cfg)
+                and state.get("split_hash") == (split_hash or "full") and "final_metrics" in state):
+            return TrainOutcome(ckpt_path, dict(state["final_metrics"]), state.get("run_id"), cached=True,
+                                wall_seconds=float(state.get("wall_seconds", 0.0)),
+                                history=list(state.get("history", [])))
+    if cfg.distributed.launcher == "ray":
+        outcome = launch_ray(spec, address)
+    else:
+        outcome = launch_torchrun(spec)
+    history = list(outcome.get("history", []))
+    if epoch_callback is not None:
+        for record in history:
+            epoch_callback(int(record["epoch"]), record)
+    return TrainOutcome(Path(outcome["checkpoint"]), dict(outcome["metrics"]), outcome.get("run_id"),
+                        cached=False, wall_seconds=float(outcome["wall_seconds"]), history=history)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """``validate`` / ``launch`` (driver) and ``worker`` (one rank under torchrun or deepspeed)."""
+    parser = argparse.ArgumentParser(prog="python -m sharp_unlearn.recipes.distributed",
+                                     description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    for name, text in (("validate", "check the config, DeepSpeed JSON and resources; start nothing"),
+                       ("launch", "validate, then run on N workers (Ray Train or torchrun)"),
+                       ("worker", "one rank (run under torchrun/deepspeed; reads RANK, WORLD_SIZE)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", "-c", action="append", default=[], metavar="FILE")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        if name == "launch":
+            p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+            p.add_argument("--launcher", choices=("ray", "torchrun"), default=None)
+            p.add_argument("--no-resume", action="store_true")
+        if name == "worker":
+            p.add_argument("--spec", default=None, help="spec JSON written by the launcher")
+            p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                           help="passed by the deepspeed launcher; LOCAL_RANK is read from the environment")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "worker":
+            if args.spec:
+                spec = json.loads(Path(args.spec).read_text())
+            else:
+                cfg = load_config(args.config, args.overrides)
+                validate_distributed(cfg, available={"CPU": 10**9, "GPU": 10**9})  # the launcher placed us
+                spec = make_spec(cfg)
+            run_worker(spec)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.action == "validate":
+            ds = validate_launch(cfg)
+            print(json.dumps(ds, indent=1))
+            return 0
+        outcome = launch_deepspeed(cfg, address=args.address, launcher=args.launcher,
+                                   resume=not args.no_resume, use_cache=False)
+        print(json.dumps({"checkpoint": str(outcome.checkpoint), "run_id": outcome.run_id, **outcome.metrics},
+                         indent=1, default=float))
+        return 0
+    except ConfigError as exc:
+        print(f"{parser.prog} {args.action}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
