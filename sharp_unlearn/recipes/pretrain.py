@@ -54,6 +54,11 @@ def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = Non
     ``epoch_callback(epoch, record)`` runs after each epoch's checkpoint
     (``stage_dir(...)/checkpoint.pt``) is written (sweep trials report it).
     """
+    if cfg.distributed.backend == "deepspeed":  # ZeRO-sharded on N workers: recipes/distributed.py
+        from sharp_unlearn.recipes.distributed import launch_deepspeed
+
+        return launch_deepspeed(cfg, train_indices=train_indices, split_hash=split_hash, kind=kind, tags=tags,
+                                quiet=quiet, resume=resume, use_cache=use_cache, epoch_callback=epoch_callback)
     bundle = bundle or build_dataset(cfg.data, cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = stage_dir(cfg, kind, split_hash)
