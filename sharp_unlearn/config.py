@@ -272,6 +272,8 @@ class DistributedConfig:
     deepspeed_config: str | None = None
     #: seconds a collective may wait before a dead peer fails the run
     timeout_s: int = 120
+    #: Ray cluster to run on (launcher=ray), e.g. "ray://head:10001" or "auto"; None: $RAY_ADDRESS or a local Ray
+    address: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("distributed.backend", self.backend, DIST_BACKENDS)
