@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
 from sharp_unlearn.engine.objective import Objective, Phase, SamSpec
-from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod, cross_entropy, saliency_mask_for, scaled
+from sharp_unlearn.methods.base import (
+    METHODS,
+    UnlearnContext,
+    UnlearningMethod,
+    cross_entropy,
+    saliency_mask_for,
+    scaled,
+)
 from sharp_unlearn.optim.masks import complement
 
 

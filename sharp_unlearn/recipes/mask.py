@@ -9,9 +9,9 @@ MLflow artifacts of a ``kind=mask`` run.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.errors import ConfigError

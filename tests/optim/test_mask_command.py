@@ -32,8 +32,8 @@ def run_cli(capsys, *argv):
 def test_mask_command_writes_and_logs_masks(checkpoint, tmp_path, capsys):
     out = tmp_path / "masks"
     code, stdout, err = run_cli(capsys, "mask", "--checkpoint", str(checkpoint), "--fractions", "0.1,0.3",
-                                "--out", str(out), "--json", "--quiet", f"output_dir={tmp_path}", "tracking.enabled=true",
-                                "forget.kind=random", "forget.size=40")
+                                "--out", str(out), "--json", "--quiet", f"output_dir={tmp_path}",
+                                "tracking.enabled=true", "forget.kind=random", "forget.size=40")
     assert code == 0, err
     result = json.loads(stdout)
     assert sorted(result["masks"]) == ["0.1", "0.3"]

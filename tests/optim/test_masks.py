@@ -17,8 +17,8 @@ from sharp_unlearn.optim.masks import (
     load_mask,
     mask_fraction,
     masks_for_fractions,
-    save_mask,
     saliency_mask,
+    save_mask,
 )
 
 
