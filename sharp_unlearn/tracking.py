@@ -121,7 +121,9 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         raise ConfigError(f"MLflow tracking server {uri!r} answered /health with HTTP {status}; {hint}")
 
 
-def _client(uri: str):
+def client_for(uri: str | None = None):
+    """An ``MlflowClient`` for ``uri`` (resolved like every run's URI)."""
+    uri = resolve_uri(uri)
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
@@ -140,7 +142,7 @@ def preflight(uri: str | None = None, experiment: str | None = None, timeout: fl
     db = sqlite_path(uri)
     if db is not None and not db.resolve().parent.is_dir():
         raise ConfigError(f"tracking URI {uri!r}: directory {str(db.resolve().parent)!r} does not exist")
-    client = _client(uri)
+    client = client_for(uri)
     try:
         if experiment:
             client.get_experiment_by_name(experiment)
@@ -411,7 +413,7 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
         yield NullTracker()
         return
     uri = preflight(uri)
-    client = _client(uri)
+    client = client_for(uri)
     experiment_id = get_or_create_experiment(client, experiment, uri)
     all_tags = standard_tags(kind)
     if parent_run_id:
@@ -450,7 +452,9 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
             raise
         finally:
             # a second SIGTERM while the status is written would leave the run RUNNING forever
-            with _ignore_sigterm():
+            # MLflow prints "View run at <url>" on stdout when a server-backed run ends;
+            # stdout belongs to --json output, so the link goes to stderr
+            with _ignore_sigterm(), contextlib.redirect_stdout(sys.stderr):
                 with contextlib.suppress(Exception):
                     client.set_terminated(run_id, status=status)
 
