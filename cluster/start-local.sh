@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# A local Ray "cluster" on this machine (loopback only), for trying --address before a real one.
+#
+#   cluster/start-local.sh [NUM_CPUS] [PORT]       # runs in the foreground; Ctrl-C stops it
+#   # in another terminal:
+#   sharp-unlearn sweep tuning/smoke.yaml --address 127.0.0.1:6379
+#
+# `--block` keeps the head in the foreground so stopping it stops exactly this Ray instance
+# (`ray stop` would stop every Ray instance of this user on the machine).
+set -euo pipefail
+NUM_CPUS="${1:-$(nproc)}"
+PORT="${2:-6379}"
+TMP_DIR="${RAY_TMP_DIR:-/tmp/ray-sharp-unlearn-$PORT}"
+echo "starting a Ray head on 127.0.0.1:$PORT with $NUM_CPUS CPUs (temp dir $TMP_DIR)"
+echo "sweeps: sharp-unlearn sweep tuning/smoke.yaml --address 127.0.0.1:$PORT"
+exec ray start --head --block \
+    --node-ip-address 127.0.0.1 --port "$PORT" \
+    --num-cpus "$NUM_CPUS" --include-dashboard false \
+    --temp-dir "$TMP_DIR"

@@ -1,0 +1,491 @@
+"""Run a validated sweep with Ray Tune: shared inputs once, trials, MLflow tree, best trial, tables.
+
+Order of work (each step only after the previous one succeeded):
+
+1. the spec was validated (``spec.py``) and the tracking store answers;
+2. stage ``unlearn``: the pretrained checkpoint, the forget split and the
+   retrained reference are computed here, once (all cached by hash), and
+   shipped to every trial;
+3. the parent MLflow run opens (``kind=sweep``; reopened on ``--resume``);
+4. Ray starts (a local instance sized to the machine, or ``--address``),
+   the Tuner runs (or is restored), Ray is shut down in ``finally``;
+5. the results table, the best trial (tagged in MLflow) and the files.
+
+An interrupted sweep (Ctrl-C, SIGTERM) stops gracefully: Ray saves the
+experiment state, unfinished trials keep their last checkpoint, and
+``--resume`` continues without re-running finished trials.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from sharp_unlearn.config import config_from_dict, stable_hash
+from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.tuning.spec import SweepSpec
+from sharp_unlearn.tuning.trainables import TrialInputs
+
+META_DIR = "_sharp_unlearn"
+TABLE_METRICS = ("objective", "tow", "retain_acc", "forget_acc", "test_acc", "test_acc_drop", "val_acc",
+                 "train_loss", "wall_seconds")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped before every trial finished; ``--resume`` continues it."""
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment_dir: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    parent_run_id: str | None
+    interrupted: bool = False
+    baseline_rows: list[dict[str, Any]] = field(default_factory=list)
+    results_path: str | None = None
+    markdown_path: str | None = None
+    best_config_path: str | None = None
+    columns: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- paths and state
+def experiment_dir(spec: SweepSpec) -> Path | None:
+    """The local experiment directory (None when the storage is a URI such as s3://)."""
+    if "://" in spec.storage:
+        return None
+    return Path(spec.storage) / spec.name
+
+
+def meta_dir(spec: SweepSpec) -> Path:
+    directory = experiment_dir(spec)
+    if directory is None:  # remote storage: keep the driver's bookkeeping locally
+        return Path(spec.output_dir) / "sweeps" / spec.name / META_DIR
+    return directory / META_DIR
+
+
+def spec_hash(spec: SweepSpec) -> str:
+    """What must not change between a sweep and its --resume (the search, the base configs, the objective)."""
+    keep = {k: v for k, v in spec.raw.items() if k not in ("max_concurrent", "description")}
+    return stable_hash({"raw": keep, "stage": spec.stage, "num_samples": spec.num_samples})
+
+
+def _can_restore(spec: SweepSpec) -> bool:
+    from ray.tune import Tuner
+
+    path = experiment_dir(spec)
+    target = str(path) if path is not None else f"{spec.storage.rstrip('/')}/{spec.name}"
+    try:
+        return bool(Tuner.can_restore(target))
+    except Exception:  # noqa: BLE001 - an unreachable or empty location cannot be restored
+        return False
+
+
+# --------------------------------------------------------------------------- shared inputs
+def prepare_inputs(spec: SweepSpec, *, quiet: bool = False) -> tuple[TrialInputs, dict[str, Any]]:
+    """Trial inputs; stage ``unlearn`` trains (or finds cached) the pretrained model and reference here, once.
+
+    Returns the inputs and a context dict (run ids, split, baseline metrics) for tags and tables.
+    """
+    inputs = TrialInputs(stage=spec.stage, dims=spec.dims, objective=spec.objective,
+                         pretrain_tree=spec.pretrain_tree, unlearn_tree=spec.unlearn_tree,
+                         unlearn_overrides=spec.unlearn_overrides, output_dir=spec.output_dir,
+                         threads=spec.resources.threads,
+                         ledger_dir=str(meta_dir(spec) / "trainings") if experiment_dir(spec) else None)
+    context: dict[str, Any] = {}
+    if spec.stage != "unlearn":
+        return inputs, context
+
+    from sharp_unlearn.data.forget import select_forget_set
+    from sharp_unlearn.engine.runner import resolve_device
+    from sharp_unlearn.metrics.accuracy import split_accuracies
+    from sharp_unlearn.metrics.tow import tow
+    from sharp_unlearn.recipes.pretrain import train_from_scratch
+    from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
+
+    if spec.checkpoint:
+        checkpoint = Path(spec.checkpoint)
+    else:
+        checkpoint = train_from_scratch(config_from_dict(spec.pretrain_tree), quiet=quiet).checkpoint
+    pretrained = load_pretrained(checkpoint)
+    cfg = config_from_dict(spec.unlearn_tree)
+    device = resolve_device(cfg.device)
+    model = pretrained.model(device)
+    split = select_forget_set(cfg.forget, pretrained.bundle, pretrained.cfg.seed, model=model, device=device,
+                              run_cfg=pretrained.cfg)
+    reference = get_reference(pretrained, split, quiet=quiet, run_cfg=cfg)
+    original = split_accuracies(model, pretrained.bundle, split.forget_positions, split.retain_positions, device,
+                                cfg.data.eval_batch_size)
+    original["tow"] = tow(original, reference.metrics)
+    inputs.pretrained_bytes = Path(checkpoint).read_bytes()
+    inputs.split = split
+    inputs.reference = {"checkpoint": str(reference.checkpoint), "metrics": dict(reference.metrics),
+                        "run_id": reference.run_id, "wall_seconds": reference.wall_seconds}
+    inputs.original = dict(original)
+    context.update(pretrain_checkpoint=str(checkpoint), pretrain_run_id=pretrained.run_id,
+                   reference_checkpoint=str(reference.checkpoint), reference_run_id=reference.run_id,
+                   split_hash=split.split_hash, forget_set=split.label, original=dict(original),
+                   reference=dict(reference.metrics), pretrain_optimizer=pretrained.cfg.optimizer.tag)
+    return inputs, context
+
+
+# --------------------------------------------------------------------------- Ray pieces
+def _domain(dim):
+    from ray import tune
+
+    if dim.kind == "grid":
+        return tune.grid_search(list(dim.values))
+    if dim.kind == "choice":
+        return tune.choice(list(dim.values))
+    if dim.kind == "uniform":
+        return tune.uniform(dim.low, dim.high)
+    if dim.kind == "loguniform":
+        return tune.loguniform(dim.low, dim.high)
+    return tune.randint(dim.low, dim.high)
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    return {dim.key: _domain(dim) for dim in spec.dims}
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.name == "fifo":
+        return FIFOScheduler()
+    # time axis = reported epochs; a trial that reaches max_t is done anyway
+    return ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs(), grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor)
+
+
+def _search_alg(spec: SweepSpec):
+    if spec.searcher.name == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=spec.searcher.seed)
+        if spec.max_concurrent:
+            return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
+        return searcher
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.searcher.seed, max_concurrent=spec.max_concurrent or 0)
+
+
+def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
+    """Start (or connect to) Ray; True when this call started it (and must shut it down)."""
+    ray = require("ray", "tune")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    # trial output stays in each trial's log (Ray prints the path of a failed trial's error file)
+    common = {"log_to_driver": False, "logging_level": logging.WARNING if quiet else logging.INFO}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        # a private instance sized to this machine; only loopback, no dashboard
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    return True
+
+
+def _check_fit(spec: SweepSpec) -> None:
+    """A trial must fit the cluster it runs on, or Ray would wait forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    if spec.resources.cpu > cpus:
+        raise ConfigError(f"resources.cpu={spec.resources.cpu:g} exceeds the {cpus:g} CPUs Ray has; "
+                          f"no trial could ever start (lower resources.cpu or use a larger cluster)")
+    if spec.resources.gpu > gpus:
+        raise ConfigError(f"resources.gpu={spec.resources.gpu:g} exceeds the {gpus:g} GPUs Ray has; "
+                          f"no trial could ever start")
+
+
+@contextlib.contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """SIGTERM during the sweep = Ctrl-C: Ray Tune saves the experiment and stops (it listens to SIGUSR1)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the process the usual way
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- results
+def _trial_status(result_grid) -> dict[str, str]:
+    try:
+        return {t.trial_id: t.status for t in result_grid._experiment_analysis.trials}
+    except AttributeError:  # pragma: no cover - older/newer Ray layouts
+        return {}
+
+
+def collect_rows(spec: SweepSpec, result_grid, run_ids: dict[str, str]) -> list[dict[str, Any]]:
+    statuses = _trial_status(result_grid)
+    rows = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        config = dict(result.config or {})
+        trial_id = metrics.get("trial_id") or Path(str(result.path)).name
+        epoch = int(metrics.get("epoch", 0))
+        planned = int(metrics.get("epochs_planned", epoch))
+        status = statuses.get(trial_id, "ERROR" if result.error else "TERMINATED")
+        row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": epoch, "planned": planned,
+                               "stopped_early": bool(status == "TERMINATED" and epoch < planned),
+                               "diverged": bool(metrics.get("diverged")),
+                               "feasible": bool(metrics.get("feasible", 1.0)),
+                               "run_id": run_ids.get(trial_id),
+                               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+        for dim in spec.dims:
+            row[dim.key] = config.get(dim.key)
+        for key in TABLE_METRICS:
+            if key in metrics:
+                row[key] = metrics[key]
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])
+    return rows
+
+
+def pick_best(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best finished trial by objective.
+
+    Trials stopped early by ASHA report a shorter run than their config asks
+    for, so the best is chosen among trials that ran all their epochs (all
+    finished ones when none did); diverged trials and, with
+    ``constraint_mode: filter``, infeasible ones never win.
+    """
+    done = [r for r in rows if r["status"] == "TERMINATED" and not r["diverged"] and "objective" in r
+            and abs(r["objective"]) < 1e8]
+    if spec.objective.constraint_mode == "filter":
+        done = [r for r in done if r["feasible"]]
+    complete = [r for r in done if not r["stopped_early"]] or done
+    if not complete:
+        return None
+    sign = 1.0 if spec.objective.mode == "max" else -1.0
+    return max(complete, key=lambda r: sign * float(r["objective"]))
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
+    present = [k for k in TABLE_METRICS if any(k in r for r in rows)]
+    return ["trial_id", "status", "epochs", *spec.keys, *present]
+
+
+def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, context: dict[str, Any]):
+    """``sweep_results.parquet`` (long format, DESIGN.md section 6), ``sweep_results.md``, ``best_config.yaml``."""
+    from sharp_unlearn.recipes.demo import markdown_table
+    from sharp_unlearn.results import rows_from_metrics, write_results
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = config_from_dict(spec.searched_stage_tree)
+    method = cfg.method.name if cfg.method is not None else "pretrain"
+    forget_set = context.get("forget_set") or (cfg.forget.label if cfg.forget is not None else "")
+    long_rows = []
+    for row in rows:
+        metrics = {k: row[k] for k in TABLE_METRICS if k in row and isinstance(row[k], (int, float))}
+        long_rows += rows_from_metrics(metrics, run_id=row.get("run_id"), method=method,
+                                       optimizer=str(row.get("optimizer", "")) or cfg.optimizer.tag,
+                                       dataset=cfg.data.name, forget_set=forget_set, seed=cfg.seed)
+    for row in baseline_rows:
+        metrics = {k: row[k] for k in TABLE_METRICS if k in row and isinstance(row[k], (int, float))}
+        long_rows += rows_from_metrics(metrics, run_id=row.get("run_id"), method=row["trial_id"],
+                                       optimizer=context.get("pretrain_optimizer", ""), dataset=cfg.data.name,
+                                       forget_set=forget_set, seed=cfg.seed)
+    results_path = write_results(long_rows, directory / "sweep_results.parquet")
+    columns = table_columns(spec, rows)
+    shown = [{k: _fmt(v) for k, v in r.items()} for r in (*baseline_rows, *rows)]
+    markdown_path = directory / "sweep_results.md"
+    header = f"# sweep {spec.name}: {spec.objective.describe()}\n\n"
+    markdown_path.write_text(header + markdown_table(shown, columns))
+    best_path = None
+    if best is not None:
+        params = {k: best[k] for k in spec.keys}
+        pre, un = spec.trial_configs(params)
+        best_cfg = un if un is not None else pre
+        best_path = directory / "best_config.yaml"
+        best_path.write_text(yaml.safe_dump({"trial_id": best["trial_id"], "objective": best["objective"],
+                                             "searched": params, "config": best_cfg.to_dict(),
+                                             **({"pretrain_config": pre.to_dict()} if spec.stage == "both"
+                                                else {})}, sort_keys=False))
+    return results_path, markdown_path, best_path, columns
+
+
+# --------------------------------------------------------------------------- the sweep
+def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = False, num_cpus: int | None = None,
+              quiet: bool = False) -> SweepOutcome:
+    require("ray.tune", "tune")
+    from sharp_unlearn.tracking import open_run, preflight
+
+    exp_dir = experiment_dir(spec)
+    meta = meta_dir(spec)
+    state_file = meta / "state.json"
+    restorable = _can_restore(spec)
+    if resume and not restorable:
+        raise ConfigError(f"nothing to resume: no sweep {spec.name!r} under {spec.storage!r} "
+                          f"(run it without --resume first, or pass the same --storage/--name)")
+    if not resume and restorable:
+        raise ConfigError(f"sweep {spec.name!r} already exists under {spec.storage!r}; pass --resume to continue "
+                          f"it, or choose another --name or --storage")
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if resume and state.get("spec_hash") not in (None, spec_hash(spec)):
+        raise ConfigError(f"the sweep definition changed since sweep {spec.name!r} started (search space, base "
+                          f"config, objective or num_samples); resume it with the same file and options")
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        cpus = num_cpus or os.cpu_count() or 1
+        if spec.resources.cpu > cpus:
+            raise ConfigError(f"resources.cpu={spec.resources.cpu:g} exceeds this machine's {cpus} CPUs; "
+                              f"no trial could ever start")
+
+    base_cfg = config_from_dict(spec.searched_stage_tree)
+    tracking = base_cfg.tracking.enabled
+    uri = preflight(base_cfg.tracking.uri) if tracking else None
+    inputs, context = prepare_inputs(spec, quiet=quiet)
+
+    tags = {"sweep": spec.name, "stage": spec.stage, "objective": spec.objective.describe(),
+            "searched_keys": ", ".join(spec.keys), "scheduler": spec.scheduler.name,
+            "searcher": spec.searcher.name, "num_samples": spec.num_samples, "total_trials": spec.total_trials,
+            "experiment_dir": str(exp_dir) if exp_dir else f"{spec.storage}/{spec.name}",
+            **{k: context.get(k) for k in ("pretrain_run_id", "reference_run_id", "split_hash", "forget_set",
+                                           "pretrain_optimizer")}}
+    from sharp_unlearn.tuning.runs import trial_tags
+
+    pre_base, un_base = spec.trial_configs({})
+    tags.update(trial_tags(spec.stage, pre_base, un_base))
+    parent_id = state.get("parent_run_id") if resume else None
+    if parent_id and tracking:
+        from sharp_unlearn.tuning.runs import reopened_run
+
+        parent_cm = reopened_run(uri, parent_id)
+    else:
+        parent_cm = open_run(base_cfg, kind="sweep", tags=tags, run_name=f"sweep-{spec.name}")
+
+    meta.mkdir(parents=True, exist_ok=True)
+    with parent_cm as parent:
+        parent_id = parent.run_id
+        state = {"parent_run_id": parent_id, "spec_hash": spec_hash(spec), "source": spec.source,
+                 "tracking_uri": uri}
+        state_file.write_text(json.dumps(state, indent=1))
+        if not resume:
+            parent.log_text(yaml.safe_dump(spec.raw, sort_keys=False), "sweep.yaml")
+        started = _start_ray(address, num_cpus, quiet)
+        try:
+            _check_fit(spec)
+            result_grid = _fit(spec, inputs, resume=resume, quiet=quiet, parent_id=parent_id, uri=uri,
+                               experiment_id=getattr(parent, "experiment_id", None), context=context,
+                               map_file=meta / "mlflow_runs.json")
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        run_ids = json.loads((meta / "mlflow_runs.json").read_text()) if (meta / "mlflow_runs.json").is_file() \
+            else {}
+        rows = collect_rows(spec, result_grid, run_ids)
+        interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows) or \
+            len(rows) < spec.total_trials
+        best = None if interrupted else pick_best(spec, rows)
+        baseline = []
+        if context.get("original"):
+            baseline = [{"trial_id": "original", "status": "-", "epochs": 0, **context["original"],
+                         "run_id": context.get("pretrain_run_id")},
+                        {"trial_id": "retrain", "status": "-", "epochs": 0, **context["reference"], "tow": 1.0,
+                         "run_id": context.get("reference_run_id")}]
+        out_dir = exp_dir if exp_dir is not None else meta.parent
+        results_path, markdown_path, best_path, columns = write_tables(spec, rows, baseline, best, out_dir, context)
+        if tracking:
+            _log_outcome(parent, spec, rows, best, run_ids, results_path, markdown_path, best_path, uri)
+        outcome = SweepOutcome(spec.name, str(out_dir), rows, best, parent_id, interrupted, baseline,
+                               str(results_path), str(markdown_path), str(best_path) if best_path else None,
+                               columns)
+        if interrupted:
+            # the table so far is on disk; the parent run ends KILLED and the CLI exits 130
+            exc = SweepInterrupted(f"sweep {spec.name!r} stopped with {sum(r['status'] == 'TERMINATED' for r in rows)}"
+                                   f" of {spec.total_trials} trials finished")
+            exc.outcome = outcome
+            raise exc
+    return outcome
+
+
+def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, parent_id: str | None,
+         uri: str | None, experiment_id: str | None, context: dict[str, Any], map_file: Path):
+    from ray import tune
+
+    from sharp_unlearn.tuning.trainables import tune_trainable
+
+    # one checkpoint per epoch per trial is the point here; Ray's warning about frequent snapshots is noise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(tune.with_parameters(tune_trainable, inputs=inputs),
+                                    {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    with _sigterm_stops_gracefully():
+        if resume:
+            path = experiment_dir(spec)
+            tuner = tune.Tuner.restore(str(path) if path else f"{spec.storage.rstrip('/')}/{spec.name}",
+                                       trainable=trainable, resume_unfinished=True, resume_errored=True)
+            return tuner.fit()
+        callbacks = []
+        if parent_id and uri:
+            from sharp_unlearn.tuning.callback import TrialRuns
+
+            callbacks.append(TrialRuns(uri=uri, experiment_id=experiment_id, parent_run_id=parent_id,
+                                       map_file=str(map_file), sweep=spec.name, stage=spec.stage, dims=spec.dims,
+                                       pretrain_tree=spec.pretrain_tree, unlearn_tree=spec.unlearn_tree,
+                                       unlearn_overrides=spec.unlearn_overrides,
+                                       common_tags={k: context.get(k) for k in
+                                                    ("split_hash", "pretrain_run_id", "reference_run_id")}))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, scheduler=_scheduler(spec),
+                                        search_alg=_search_alg(spec), num_samples=spec.num_samples,
+                                        reuse_actors=True,
+                                        time_budget_s=spec.time_budget_s),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=spec.storage, callbacks=callbacks, verbose=0 if quiet else 1,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints)),
+        )
+        return tuner.fit()
+
+
+def _log_outcome(parent, spec: SweepSpec, rows, best, run_ids, results_path, markdown_path, best_path,
+                 uri) -> None:
+    """Best trial tagged on its child run; best config and metric on the parent; tables as artifacts."""
+    parent.log_artifact(results_path, "sweep")
+    parent.log_artifact(markdown_path, "sweep")
+    finished = sum(r["status"] == "TERMINATED" for r in rows)
+    parent.set_tags({"trials_finished": finished, "trials_stopped_early": sum(r["stopped_early"] for r in rows),
+                     "trials_failed": sum(r["status"] == "ERROR" for r in rows)})
+    if best is None:
+        return
+    parent.log_artifact(best_path, "sweep")
+    parent.set_tags({"best_trial_id": best["trial_id"], "best_run_id": best.get("run_id"),
+                     **{f"best.{k}": best[k] for k in spec.keys}})
+    parent.log_metrics({f"best_{k}": best[k] for k in TABLE_METRICS
+                        if k in best and isinstance(best[k], (int, float))})
+    if best.get("run_id"):
+        from sharp_unlearn.tuning.runs import mlflow_client
+
+        mlflow_client(uri).set_tag(best["run_id"], "best_trial", "true")

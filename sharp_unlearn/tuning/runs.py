@@ -1,0 +1,214 @@
+"""The MLflow run tree of a sweep: a parent run (``kind=sweep``) and one child run per trial.
+
+Child runs are written by the *driver*, from the results Ray Tune hands it
+(a Tune ``Callback``): trials need no route to the tracking store (a SQLite
+file on the head node works for a whole cluster) and there is one writer.
+Each child carries ``kind=trial``, ``mlflow.parentRunId``, ``trial_id``,
+the contract tags, the trial's resolved config as params, and its metrics
+per epoch (``step`` = epoch; the last report is the final value).
+
+The trial -> run id map is kept in a JSON file next to the sweep, so a
+retried or resumed trial continues its own run instead of opening a second
+one. The callback is pickled with the Tuner (``Tuner.restore``), so it holds
+no client, only what is needed to make one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from sharp_unlearn.errors import require
+from sharp_unlearn.tuning.spec import resolve_trial_trees
+
+#: result keys Ray adds itself, or that are bookkeeping rather than metrics
+_NOT_METRICS = {"epoch", "epochs_planned", "done", "trial_id", "experiment_id", "date", "hostname", "node_ip",
+                "pid", "timestamp", "time_this_iter_s", "time_total_s", "training_iteration",
+                "time_since_restore", "iterations_since_restore", "timesteps_since_restore", "timesteps_total",
+                "episodes_total", "checkpoint_dir_name", "should_checkpoint", "experiment_tag"}
+
+
+def mlflow_client(uri: str):
+    tracking = require("mlflow.tracking", "mlflow")
+    return tracking.MlflowClient(tracking_uri=uri)
+
+
+def trial_tags(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
+    """Contract tags of one trial from its resolved configs (DESIGN.md section 6)."""
+    cfg = un_cfg if un_cfg is not None else pre_cfg
+    tags: dict[str, Any] = {"dataset": cfg.data.name, "model": cfg.model.name, "seed": cfg.seed,
+                            "optimizer": cfg.optimizer.tag}
+    if un_cfg is not None:
+        from sharp_unlearn.methods import METHODS
+        from sharp_unlearn.optim.factory import sam_spec
+
+        method = METHODS.get(un_cfg.method.name)(un_cfg.method, un_cfg.optimizer, sam_spec(un_cfg.optimizer))
+        tags.update(method=un_cfg.method.name, optimizer=method.optimizer_tag, forget_set=un_cfg.forget.label)
+        if pre_cfg is not None:
+            tags["pretrain_optimizer"] = pre_cfg.optimizer.tag
+    return tags
+
+
+def trial_params(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
+    """The resolved config as dotted params; stage ``both`` adds the pretraining side as ``pretrain.*``."""
+    if stage == "pretrain":
+        return pre_cfg.flat()
+    params = dict(un_cfg.flat())
+    if stage == "both":
+        params.update({f"pretrain.{k}": v for k, v in pre_cfg.flat().items()})
+    return params
+
+
+class TrialRunsMixin:
+    """Tune callback hooks: child run per trial, metrics per result, status at the end.
+
+    Mixed into a ``ray.tune.Callback`` in ``tuning/callback.py`` (the only module importing Ray at the top).
+    """
+
+    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, map_file: str, sweep: str,
+                 stage: str, dims, pretrain_tree, unlearn_tree, unlearn_overrides,
+                 common_tags: Mapping[str, Any] | None = None):
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.map_file = map_file
+        self.sweep = sweep
+        self.stage = stage
+        self.dims = dims
+        self.pretrain_tree = pretrain_tree
+        self.unlearn_tree = unlearn_tree
+        self.unlearn_overrides = unlearn_overrides
+        self.common_tags = dict(common_tags or {})
+        self._client = None
+        self._runs: dict[str, str] | None = None
+        self._last_epoch: dict[str, int] = {}
+
+    # a pickled Tuner (for --resume) must not carry a live client
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None
+        state["_runs"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = mlflow_client(self.uri)
+        return self._client
+
+    @property
+    def runs(self) -> dict[str, str]:
+        if self._runs is None:
+            path = Path(self.map_file)
+            self._runs = json.loads(path.read_text()) if path.is_file() else {}
+        return self._runs
+
+    def _save_map(self) -> None:
+        path = Path(self.map_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def run_id(self, trial) -> str | None:
+        return self.runs.get(trial.trial_id)
+
+    # -- hooks -----------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        from sharp_unlearn.config import config_from_dict
+        from sharp_unlearn.tracking import MlflowTracker, standard_tags
+
+        existing = self.runs.get(trial.trial_id)
+        if existing:  # a retried or resumed trial continues its own run
+            with contextlib.suppress(Exception):
+                self.client.update_run(existing, status="RUNNING")
+            return
+        params = {d.key: trial.config[d.key] for d in self.dims if d.key in trial.config}
+        pre, un = resolve_trial_trees(self.stage, self.dims, params, self.pretrain_tree, self.unlearn_tree,
+                                      self.unlearn_overrides)
+        pre_cfg = config_from_dict(pre) if pre is not None else None
+        un_cfg = config_from_dict(un) if un is not None else None
+        tags = {**standard_tags("trial"), **self.common_tags, **trial_tags(self.stage, pre_cfg, un_cfg),
+                "mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id, "sweep": self.sweep,
+                "searched": ", ".join(f"{k}={_short(v)}" for k, v in params.items())}
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep}-{trial.trial_id}",
+                                     tags={k: str(v)[:5000] for k, v in tags.items() if v is not None})
+        self.runs[trial.trial_id] = run.info.run_id
+        self._save_map()
+        MlflowTracker(self.client, run.info.run_id, uri=self.uri).log_params(trial_params(self.stage, pre_cfg,
+                                                                                          un_cfg))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from sharp_unlearn.tracking import MlflowTracker
+
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        metrics = {k: v for k, v in result.items()
+                   if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self._last_epoch[trial.trial_id] = epoch
+        MlflowTracker(self.client, run_id, uri=self.uri).log_metrics(metrics, step=epoch)
+
+    def _finish(self, trial, status: str, tags: Mapping[str, Any]) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        from sharp_unlearn.tracking import MlflowTracker
+
+        with contextlib.suppress(Exception):
+            MlflowTracker(self.client, run_id, uri=self.uri).set_tags(tags)
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(run_id, status=status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        epoch = int(last.get("epoch", 0))
+        planned = int(last.get("epochs_planned", epoch))
+        self._finish(trial, "FINISHED", {"epochs_run": epoch, "stopped_early": str(epoch < planned).lower(),
+                                         "diverged": "true" if last.get("diverged") else None})
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(run_id, "retries", str(trial.run_metadata.num_failures))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = getattr(trial, "error_file", None) or ""
+        self._finish(trial, "FAILED", {"error": f"trial failed after {trial.run_metadata.num_failures} "
+                                                f"attempt(s); see {error}" if error else "trial failed"})
+
+    def on_experiment_end(self, trials, **info):
+        # an interrupted sweep leaves unfinished trials; --resume reopens their runs
+        for trial in trials:
+            if trial.status not in ("TERMINATED", "ERROR"):
+                self._finish(trial, "KILLED", {"interrupted": "true"})
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@contextlib.contextmanager
+def reopened_run(uri: str, run_id: str) -> Iterator[Any]:
+    """Continue an existing run (a resumed sweep's parent): RUNNING again, ended like ``tracked_run``."""
+    from sharp_unlearn.tracking import MlflowTracker
+
+    client = mlflow_client(uri)
+    client.update_run(run_id, status="RUNNING")
+    tracker = MlflowTracker(client, run_id, uri=uri, experiment_id=client.get_run(run_id).info.experiment_id)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status=status)

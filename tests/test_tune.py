@@ -1,0 +1,333 @@
+"""Sweep definitions, validation before Ray starts, objectives, trials outside Ray (fast; no Ray)."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sharp_unlearn.errors import ConfigError, MissingExtra
+from sharp_unlearn.tune import (Constraint, LocalSession, Objective, TrialInputs, parse_sweep, pick_best, run_trial,
+                                trial_configs)
+from sharp_unlearn.tuning.spec import resolve_trial_trees, set_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {"seed": 0, "data": {"name": "digits", "label_noise": 0.05, "batch_size": 64, "augment": False},
+        "model": {"name": "small_cnn", "options": {"width": 8, "feature_dim": 32}},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+        "train": {"epochs": 3, "schedule": "cosine"}}
+
+
+def sweep(tmp_path, **changes):
+    raw = {"name": "t", "stage": "unlearn", "base": copy.deepcopy(TINY), "output_dir": str(tmp_path / "runs"),
+           "forget": {"kind": "memorization", "level": "high", "size": 20, "scores": "flipped"},
+           "unlearn": {"optimizer": {"lr": 0.02}, "train": {"schedule": "constant"}},
+           "method": {"name": "neggrad", "epochs": 3, "alpha": 0.9},
+           "search": {"method.alpha": {"uniform": [0.8, 0.99]}}}
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return raw
+
+
+def parse(tmp_path, **changes):
+    return parse_sweep(sweep(tmp_path, **changes), tracking={"enabled": False})
+
+
+# ----------------------------------------------------------------- shipped sweeps
+@pytest.mark.parametrize("name", ["smoke", "pretrain_grid", "neggrad_alpha", "sharp_minmax"])
+def test_shipped_sweeps_validate(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from sharp_unlearn.tune import load_sweep
+
+    spec = load_sweep(REPO / "tuning" / f"{name}.yaml")
+    assert spec.dims and spec.total_trials >= 1
+    if name == "smoke":
+        assert spec.total_trials >= 6 and spec.stage == "unlearn"
+        cfg = spec.trial_configs({})[1]
+        assert cfg.method.name == "sharp_minmax" and cfg.data.label_noise == 0.05
+        assert cfg.forget.kind == "memorization" and cfg.forget.scores == "flipped"
+    if name == "pretrain_grid":  # SGD, SAM and ASAM at several radii, chained into one unlearning method
+        names = {v["name"] for d in spec.dims for v in d.values if isinstance(v, dict) and "name" in v}
+        assert names == {"sgd", "sam", "asam"}
+
+
+# ----------------------------------------------------------------- rejected before Ray starts
+@pytest.mark.parametrize("search, needle", [
+    ({"optimizer.rhoo": {"uniform": [0.0, 0.1]}}, "'optimizer.rhoo'"),
+    ({"method.alhpa": {"grid": [0.9]}}, "'method.alhpa'"),
+    ({"nosuch.key": {"grid": [1]}}, "'nosuch'"),
+    ({"optimizer.rho.x": {"grid": [1]}}, "is a value, not a section"),
+    ({"method.alpha": {"grid": []}}, "empty grid"),
+    ({"method.alpha": {"choice": []}}, "empty choice"),
+    ({"optimizer.rho": {"uniform": [-0.1, 0.2]}}, "optimizer.rho=-0.1"),
+    ({"method.rho_max": {"loguniform": [0.0, 0.2]}}, "loguniform needs low > 0"),
+    ({"method.rho_min": {"grid": [0.05, -0.01]}}, "method.rho_min=-0.01"),
+    ({"method.alpha": {"uniform": [0.5, 1.5]}}, "method.alpha=1.5"),
+    ({"method.alpha": {"normal": [0.5, 0.1]}}, "unknown distribution 'normal'"),
+    ({"method.alpha": [0.8, 0.9]}, "is not a distribution"),
+    ({"method.alpha": {"uniform": [0.9, 0.8]}}, "needs low < high"),
+    ({"method.epochs": {"randint": [3, 3]}}, "is empty"),
+    ({"method.name": {"choice": ["neggrad", "nosuch"]}}, "nosuch"),
+    ({"data.label_noise": {"grid": [0.0, 0.1]}}, "pretrain.data.label_noise"),
+    ({"model.options.width": {"grid": [8, 16]}}, "would change the data or the model"),
+    ({"forget.size": {"grid": [10, 20]}}, "one forget set"),
+    ({"tracking.enabled": {"grid": [True]}}, "managed by the sweep"),
+    ({"pretrain.optimizer.rho": {"grid": [0.1]}}, "targets the pretrain stage"),
+    ({"optimizer": {"grid": [{"name": "sam"}, "sgd"]}}, "must be a mapping"),
+])
+def test_bad_search_space_names_the_key(tmp_path, search, needle):
+    with pytest.raises(ConfigError) as info:
+        parse(tmp_path, search=search)
+    assert needle in str(info.value)
+    assert repr(next(iter(search))) in str(info.value)  # the offending key, as written in the file
+
+
+def test_empty_search_and_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match="no search space"):
+        parse(tmp_path, search={})
+    with pytest.raises(ConfigError, match="unknown key 'serach'"):
+        parse(tmp_path, serach={"method.alpha": {"grid": [0.9]}})
+
+
+def test_stage_both_needs_prefixes_for_shared_sections(tmp_path):
+    with pytest.raises(ConfigError, match="ambiguous in stage 'both'.*pretrain.optimizer.rho"):
+        parse(tmp_path, stage="both", search={"optimizer.rho": {"grid": [0.05]}})
+    spec = parse(tmp_path, stage="both", search={"pretrain.optimizer": {"grid": [{"name": "sgd"},
+                                                                                  {"name": "sam", "rho": 0.1}]},
+                                                  "unlearn.optimizer.lr": {"grid": [0.01]},
+                                                  "method.alpha": {"grid": [0.9, 0.95]}})
+    assert [d.target for d in spec.dims] == ["pretrain", "unlearn", "unlearn"]
+    assert spec.grid_size == 4
+    pre, un = spec.trial_configs({"pretrain.optimizer": {"name": "sam", "rho": 0.1}, "unlearn.optimizer.lr": 0.01,
+                                  "method.alpha": 0.95})
+    assert (pre.optimizer.name, pre.optimizer.rho, pre.optimizer.lr) == ("sam", 0.1, 0.05)  # merged, not replaced
+    assert un.optimizer.lr == 0.01 and un.method.alpha == 0.95
+    assert un.optimizer.name == "sam"  # the unlearning config starts from the trial's own pretraining config
+    assert un.train.schedule == "constant" and un.forget.size == 20
+
+
+def test_objective_and_scheduler_validation(tmp_path):
+    with pytest.raises(ConfigError, match="'accuracy' is not reported"):
+        parse(tmp_path, objective={"metric": "accuracy"})
+    with pytest.raises(ConfigError, match="malformed"):
+        parse(tmp_path, objective={"constraints": ["test_acc_drop =< 2"]})
+    with pytest.raises(ConfigError, match="constraint metric 'test_drop'"):
+        parse(tmp_path, objective={"constraints": ["test_drop <= 2"]})
+    with pytest.raises(ConfigError, match="scheduler.name='hyperband'"):
+        parse(tmp_path, scheduler="hyperband")
+    with pytest.raises(ConfigError, match="grace_period=5 exceeds"):
+        parse(tmp_path, scheduler={"name": "asha", "grace_period": 5})
+    with pytest.raises(ConfigError, match="resources.cpu=0 must be > 0"):
+        parse(tmp_path, resources={"cpu": 0})
+    with pytest.raises(ConfigError, match="num_samples=0"):
+        parse(tmp_path, num_samples=0)
+    with pytest.raises(ConfigError, match="test_acc_drop' is not reported by pretrain"):
+        parse(tmp_path, stage="pretrain", forget=None, method=None, unlearn=None,
+              search={"optimizer.rho": {"grid": [0.05]}}, objective={"constraints": ["test_acc_drop <= 1"]})
+    spec = parse(tmp_path, stage="pretrain", forget=None, method=None, unlearn=None,
+                 search={"optimizer.rho": {"grid": [0.05]}})
+    assert (spec.objective.metric, spec.objective.mode) == ("val_acc", "max")
+    spec = parse(tmp_path, objective={"metric": "forget_acc"})
+    assert spec.objective.mode == "min"
+
+
+def test_optuna_missing_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(MissingExtra, match=r"sharp-unlearn\[optuna\]"):
+        parse(tmp_path, searcher="optuna")
+
+
+def test_objective_penalty_and_filter():
+    constraint = Constraint("test_acc_drop", "<=", 2.0)
+    penalty = Objective("tow", "max", [constraint], "penalty", 0.01)
+    assert penalty.score({"tow": 0.9, "test_acc_drop": 1.0}) == {"objective": 0.9, "feasible": 1.0,
+                                                                  "constraint_violation": 0.0}
+    scored = penalty.score({"tow": 0.9, "test_acc_drop": 7.0})
+    assert scored["objective"] == pytest.approx(0.9 - 0.05) and scored["feasible"] == 0.0
+    filtered = Objective("tow", "max", [constraint], "filter").score({"tow": 0.9, "test_acc_drop": 7.0})
+    assert filtered["objective"] < -1e8
+    assert Objective("tow", "max").score({"tow": float("nan")})["objective"] < -1e8  # diverged: worst
+    minimize = Objective("forget_acc", "min", [Constraint("retain_acc", ">=", 95.0)], "penalty", 0.1)
+    assert minimize.score({"forget_acc": 10.0, "retain_acc": 90.0})["objective"] == pytest.approx(10.5)
+
+
+def test_set_path_merges_sections_and_replaces_values():
+    tree = {"optimizer": {"name": "sgd", "lr": 0.1}, "model": {"options": {"width": 8}}}
+    out = set_path(tree, ("optimizer",), {"name": "sam", "rho": 0.2})
+    assert out["optimizer"] == {"name": "sam", "lr": 0.1, "rho": 0.2}
+    assert set_path(tree, ("model", "options"), {"depth": 2})["model"]["options"] == {"depth": 2}
+    assert set_path(tree, ("method", "alpha"), 0.5)["method"] == {"alpha": 0.5}
+    assert tree["optimizer"] == {"name": "sgd", "lr": 0.1}  # the base is never modified
+
+
+def test_resolve_trial_trees_applies_only_sampled_keys(tmp_path):
+    spec = parse(tmp_path, search={"method.alpha": {"grid": [0.8, 0.9]}, "optimizer.name": {"choice": ["sgd", "sam"]}})
+    _, un = resolve_trial_trees(spec.stage, spec.dims, {"method.alpha": 0.8, "optimizer.name": "sam"},
+                                spec.pretrain_tree, spec.unlearn_tree, spec.unlearn_overrides)
+    assert un["method"]["alpha"] == 0.8 and un["optimizer"]["name"] == "sam" and un["optimizer"]["lr"] == 0.02
+    assert spec.max_epochs() == 3 and spec.total_trials == 2
+
+
+def test_pick_best_prefers_complete_feasible_trials(tmp_path):
+    spec = parse(tmp_path)
+    rows = [
+        {"trial_id": "a", "status": "TERMINATED", "stopped_early": True, "diverged": False, "feasible": True,
+         "objective": 0.99, "method.alpha": 0.8},
+        {"trial_id": "b", "status": "TERMINATED", "stopped_early": False, "diverged": False, "feasible": True,
+         "objective": 0.90, "method.alpha": 0.9},
+        {"trial_id": "c", "status": "TERMINATED", "stopped_early": False, "diverged": False, "feasible": True,
+         "objective": 0.95, "method.alpha": 0.95},
+        {"trial_id": "d", "status": "ERROR", "stopped_early": False, "diverged": False, "feasible": True,
+         "objective": 0.999, "method.alpha": 0.97},
+        {"trial_id": "e", "status": "TERMINATED", "stopped_early": False, "diverged": True, "feasible": False,
+         "objective": -1e9, "method.alpha": 0.5},
+    ]
+    assert pick_best(spec, rows)["trial_id"] == "c"
+    assert pick_best(spec, [rows[0], rows[3]])["trial_id"] == "a"  # none complete: the best finished one
+    assert pick_best(spec, [rows[3], rows[4]]) is None
+
+
+# ----------------------------------------------------------------- a trial outside Ray
+class ResumingSession(LocalSession):
+    """Restores from a given stage checkpoint, like a Ray trial retried after a crash."""
+
+    def __init__(self, source: Path):
+        super().__init__("resumed")
+        self.source = source
+
+    def restore(self, dest: Path) -> bool:
+        import shutil
+
+        shutil.copyfile(self.source, dest)
+        return True
+
+
+class CrashAfter(LocalSession):
+    """Keeps a copy of the checkpoint reported at ``epoch`` and then dies (an exception)."""
+
+    def __init__(self, epoch: int, keep: Path):
+        super().__init__("crashing")
+        self.epoch, self.keep = epoch, keep
+
+    def report(self, metrics, checkpoint_file=None):
+        super().report(metrics, checkpoint_file)
+        if metrics["epoch"] == self.epoch:
+            import shutil
+
+            shutil.copyfile(checkpoint_file, self.keep)
+            raise RuntimeError("worker died")
+
+
+@pytest.mark.slow
+def test_unlearn_trial_reports_every_epoch_and_resumes_from_its_checkpoint(tmp_path):
+    from sharp_unlearn.tune import prepare_inputs
+
+    spec = parse(tmp_path, method={"name": "neggrad", "epochs": 4, "alpha": 0.9},
+                 objective={"constraints": ["test_acc_drop <= 50"]})
+    inputs, context = prepare_inputs(spec, quiet=True)
+    inputs.ledger_dir = str(tmp_path / "ledger")
+    assert context["reference"]["forget_acc"] < 20  # flipped labels: the reference cannot predict them
+    params = {"method.alpha": 0.9}
+
+    full = LocalSession("full")
+    final = run_trial(inputs, params, full)
+    assert [r["epoch"] for r in full.reports] == [1, 2, 3, 4]
+    for report in full.reports:
+        assert 0.0 <= report["tow"] <= 1.0
+        assert report["test_acc_drop"] == pytest.approx(context["original"]["test_acc"] - report["test_acc"])
+        penalty = 0.01 * max(0.0, report["test_acc_drop"] - 50)  # constraint test_acc_drop <= 50, weight 0.01
+        assert report["objective"] == pytest.approx(report["tow"] - penalty)
+    assert final["epoch"] == 4 and "train_loss" in final and "speedup_vs_retrain" in final
+
+    keep = tmp_path / "epoch2.pt"
+    with pytest.raises(RuntimeError, match="worker died"):
+        run_trial(inputs, params, CrashAfter(2, keep))
+    resumed = ResumingSession(keep)
+    final_resumed = run_trial(inputs, params, resumed)
+    assert [r["epoch"] for r in resumed.reports] == [3, 4]  # epochs 1-2 were not trained again
+    # same seed, same data order, same state: the resumed run ends where the uninterrupted one did
+    assert final_resumed["tow"] == pytest.approx(final["tow"], abs=1e-6)
+    assert final_resumed["forget_acc"] == pytest.approx(final["forget_acc"], abs=1e-6)
+    ledger = (tmp_path / "ledger" / "resumed.jsonl").read_text().splitlines()
+    assert '"start_epoch": 2' in ledger[0]
+
+    _, cfg = trial_configs(inputs, params)
+    assert cfg.tracking.enabled is False and cfg.train.checkpoint_every == 1
+
+
+# ----------------------------------------------------------------- the command
+def _write(tmp_path, raw) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("search, needle", [
+    ({"optimizer.rhoo": {"uniform": [0.0, 0.1]}}, "optimizer.rhoo"),
+    ({"method.alpha": {"grid": []}}, "empty grid"),
+    ({"optimizer.rho": {"uniform": [-0.5, 0.1]}}, "optimizer.rho=-0.5"),
+])
+def test_cli_rejects_bad_input_before_ray_starts(tmp_path, capsys, search, needle):
+    from sharp_unlearn.cli import main
+
+    path = _write(tmp_path, sweep(tmp_path, search=search))
+    storage = tmp_path / "storage"
+    code = main(["sweep", str(path), "--storage", str(storage), "--num-cpus", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not storage.exists() and not (tmp_path / "runs").exists()  # nothing trained, nothing started
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_cli_rejects_resume_of_unknown_sweep_and_bad_flags(tmp_path, capsys):
+    from sharp_unlearn.cli import main
+
+    path = _write(tmp_path, sweep(tmp_path))
+    assert main(["sweep", str(path), "--max-concurrent", "0"]) == 2
+    assert "--max-concurrent=0" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--resume", "--num-samples", "3"]) == 2
+    assert "--num-samples cannot change" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--num-cpus", "1", "resources.cpu=2"]) == 2
+    assert "exceeds this machine's 1 CPUs" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--resume", "--storage", str(tmp_path / "nothing-here")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_no_python_in_top_level_tuning_and_cluster_folders():
+    for folder in ("tuning", "cluster"):
+        assert not list((REPO / folder).rglob("*.py")), f"{folder}/ must hold no Python (it is not a package)"
+
+
+def test_runtime_env_packaging_leaves_out_mlflow(tmp_path):
+    """Pack a working directory with Ray's own packager and cluster/runtime_env.yaml's excludes."""
+    import zipfile
+
+    pytest.importorskip("ray")
+    from ray._private.runtime_env.packaging import create_package
+
+    env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    work = tmp_path / "repo"
+    files = ["sharp_unlearn/__init__.py", "sharp_unlearn/tracking.py", "sharp_unlearn/tuning/runs.py",
+             "tuning/smoke.yaml", "pyproject.toml", "mlflow/README.md", "mlflow/.env", "mlflow/docker-compose.yml",
+             "runs/pretrain/x/checkpoint.pt", "mlruns.db", "tests/test_x.py"]
+    for name in files:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("x")
+    target = tmp_path / "pkg.zip"
+    create_package(str(work), target, include_gitignore=False, excludes=env["excludes"])
+    shipped = set(zipfile.ZipFile(target).namelist())
+    assert {"sharp_unlearn/__init__.py", "sharp_unlearn/tracking.py", "sharp_unlearn/tuning/runs.py",
+            "tuning/smoke.yaml", "pyproject.toml"} <= shipped
+    assert not any(n.startswith("mlflow/") for n in shipped), shipped
+    assert not any(n.startswith(("runs/", "tests/")) or n.endswith(".db") for n in shipped), shipped
