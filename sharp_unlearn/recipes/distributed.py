@@ -90,6 +90,7 @@ def validate_launch(cfg: ExperimentConfig, address: str | None = None) -> dict[s
     cluster (``address``) after connecting, still before any worker starts.
     """
     launcher = cfg.distributed.launcher
+    address = address or cfg.distributed.address
     if launcher == "torchrun" and address:
         raise ConfigError(f"distributed.address={address!r} needs distributed.launcher=ray "
                           "(torchrun starts workers on this machine only)")
@@ -220,12 +221,14 @@ def make_spec(cfg: ExperimentConfig, *, kind: str = "pretrain", train_indices=No
     }
 
 
-def build_torch_trainer(spec: dict[str, Any], run_config=None):
+def build_torch_trainer(spec: dict[str, Any], run_config=None, cpus_per_worker: float = 1.0):
     """A Ray Train ``TorchTrainer`` running :func:`train_loop_per_worker` on N workers.
 
     ``run_config`` defaults to storage under the run's directory and no retries
     (a dead worker fails the run; rerunning resumes from the sharded checkpoint).
-    Tune trials pass ``RunConfig(callbacks=[TuneReportCallback()])``.
+    Tune trials pass ``RunConfig(callbacks=[TuneReportCallback()])``; inside a
+    trial the workers' CPUs plus the trial's own must fit the cluster, so a
+    fractional ``cpus_per_worker`` (e.g. 0.99) lets N workers fill N CPUs.
     """
     require("ray.train", "tune")
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -234,7 +237,7 @@ def build_torch_trainer(spec: dict[str, Any], run_config=None):
     cfg = config_from_dict(spec["cfg"])
     dist = cfg.distributed
     spec = {**spec, "report": "ray"}
-    resources = {"CPU": 1, **({"GPU": 1} if dist.use_gpu else {})}
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {})}
     if run_config is None:
         out_dir = Path(spec["out_dir"])
         run_config = RunConfig(name=f"{out_dir.name}", storage_path=str(out_dir.parent / "ray"),
@@ -276,6 +279,29 @@ def launch_ray(spec: dict[str, Any], address: str | None = None) -> dict[str, An
         raise RuntimeError(_failure_message(spec, f"Ray Train: {result.error}"))
     outcome = getattr(result, "return_value", None)
     return outcome if outcome is not None else json.loads((Path(spec["out_dir"]) / OUTCOME_FILE).read_text())
+
+
+def run_deepspeed_trial(cfg: ExperimentConfig, *, kind: str = "pretrain", tags: Mapping[str, Any] | None = None,
+                        cpus_per_worker: float = 1.0, name: str | None = None) -> dict[str, Any]:
+    """Inside a Ray Tune function trainable: a sharded run whose per-epoch records
+    reach Tune live (``TuneReportCallback``), so schedulers can stop it early.
+
+    Wrap the trainable with ``tune.with_resources(fn, {"cpu": 0.01})`` (0 is refused);
+    the trial's workers are scheduled on the same cluster. Returns rank 0's outcome.
+    """
+    require("ray.tune", "tune")
+    from ray.train import FailureConfig, RunConfig
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    validate_launch(cfg)
+    spec = make_spec(cfg, kind=kind, tags=tags, quiet=True)
+    out_dir = Path(spec["out_dir"])
+    run_config = RunConfig(name=name or out_dir.name, storage_path=str(out_dir.parent / "ray"),
+                           failure_config=FailureConfig(max_failures=0), callbacks=[TuneReportCallback()])
+    result = build_torch_trainer(spec, run_config=run_config, cpus_per_worker=cpus_per_worker).fit()
+    if getattr(result, "error", None) is not None:
+        raise RuntimeError(_failure_message(spec, f"Ray Train: {result.error}"))
+    return result.return_value or json.loads((out_dir / OUTCOME_FILE).read_text())
 
 
 def _free_port() -> int:
@@ -337,7 +363,7 @@ def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: s
     """
     from sharp_unlearn.engine.checkpoint import load_checkpoint
 
-    address = address or getattr(cfg.distributed, "address", None) or (
+    address = address or cfg.distributed.address or (
         os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
     if launcher is not None and launcher != cfg.distributed.launcher:
         cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
