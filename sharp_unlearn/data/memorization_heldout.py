@@ -284,7 +284,8 @@ def _run_serial(cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """A SIGTERM (a job scheduler, ``kill``) unwinds like Ctrl-C, so ``finally`` blocks
-    shut Ray down instead of leaving its processes behind."""
+    shut Ray down instead of leaving its processes behind. Installed *after*
+    ``ray.init``, whose own handler aborts the driver on SIGTERM."""
     def handler(signum, frame):
         raise KeyboardInterrupt("SIGTERM")
 
@@ -296,7 +297,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # a handler installed from C (Ray's) reads back as None: fall back to the default
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -310,20 +312,19 @@ def ray_session(settings: HeldoutSettings) -> Iterator[Any]:
         yield ray
         return
     address = settings.address or os.environ.get("RAY_ADDRESS") or None
-    with _sigterm_as_interrupt():
-        try:
-            if address:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level="WARNING")
-            else:
-                cpus = (math.ceil(settings.workers * settings.cpus_per_model) if settings.workers
-                        else (os.cpu_count() or 1))
-                ray.init(address="local", num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
-                         include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                         object_store_memory=256 * 2**20)
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        else:
+            cpus = (math.ceil(settings.workers * settings.cpus_per_model) if settings.workers
+                    else (os.cpu_count() or 1))
+            ray.init(address="local", num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
+                     include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                     object_store_memory=256 * 2**20)
+        with _sigterm_as_interrupt():
             yield ray
-        finally:
-            ray.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def concurrency(settings: HeldoutSettings, resources: dict[str, float]) -> int:
@@ -355,7 +356,8 @@ def _run_ray(ray, cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettin
             while queue and len(pending) < in_flight:
                 model_id = queue.pop(0)
                 pending[task.remote(cfg_dict, model_id, settings.subset_fraction, _threads(settings))] = model_id
-            done, _ = ray.wait(list(pending), num_returns=1)
+            # a timeout returns to Python now and then, so a signal (Ctrl-C, SIGTERM) is handled promptly
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 pending.pop(ref)
                 yield ray.get(ref)
