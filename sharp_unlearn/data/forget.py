@@ -107,14 +107,28 @@ def _mid_target(scores: np.ndarray) -> float:
     return float(np.median(scores))
 
 
+def rank_tertiles(scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Positions (into ``scores``) of the low / mid / high rank tertiles.
+
+    Rank tertiles, not score thresholds: score scales differ (Feldman's
+    estimates, unbounded loss proxies, the 0/1 flip record) and ties must not
+    leave a group empty. Sizes differ by at most one; ties keep their order.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ConfigError(f"memorization scores must be one number per example, got shape {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ConfigError("memorization scores contain NaN or infinite values")
+    order = np.argsort(scores, kind="stable")
+    low, mid, high = np.array_split(order, 3)
+    return {"low": np.sort(low), "mid": np.sort(mid), "high": np.sort(high)}
+
+
 def memorization_groups(scores: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Split ``positions`` into low / mid / high by tertiles of their scores (RUM, reports)."""
-    values = scores[positions]
-    if len(np.unique(values)) < 3:  # e.g. a 0/1 flip record: no levels to speak of
-        return {}
-    lo, hi = np.quantile(values, [1 / 3, 2 / 3])
-    return {"low": positions[values <= lo], "mid": positions[(values > lo) & (values <= hi)],
-            "high": positions[values > hi]}
+    """Split training ``positions`` into low / mid / high by rank tertiles of their scores
+    (the same groups RUM unlearns in sequence)."""
+    positions = np.asarray(positions)
+    return {level: positions[idx] for level, idx in rank_tertiles(scores[positions]).items()}
 
 
 # ------------------------------------------------------------------ scores

@@ -58,6 +58,9 @@ class UnlearnContext:
     #: optional precomputed saliency mask {param name: 0/1 tensor}
     mask: dict[str, torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the forget set without training augmentation (same order as ``forget``), for
+    #: measurements such as saliency masks; None means ``forget`` has no augmentation
+    forget_eval: Dataset | None = None
 
 
 class UnlearningMethod:
@@ -115,7 +118,8 @@ def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch
         mask, meta = load_mask(cfg.mask_path)
         source = f"mask file {cfg.mask_path!r}"
     else:
-        scores = forget_gradient_saliency(ctx.model, ctx.forget, ctx.device, max(ctx.batch_size, 256))
+        measured_on = ctx.forget_eval if ctx.forget_eval is not None else ctx.forget
+        scores = forget_gradient_saliency(ctx.model, measured_on, ctx.device, max(ctx.batch_size, 256))
         return saliency_mask(scores, cfg.mask_fraction)
     fraction = meta.get("fraction")
     if fraction is not None and abs(float(fraction) - cfg.mask_fraction) > 1e-9:

@@ -35,26 +35,13 @@ from torch.utils.data import Subset
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
 from sharp_unlearn.engine.objective import Phase, SamSpec
+from sharp_unlearn.data.forget import rank_tertiles
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
 
 LEVELS = ("low", "mid", "high")
 DEFAULT_GROUP_METHOD = "neggrad"
 
-
-def rank_tertiles(scores: np.ndarray) -> dict[str, np.ndarray]:
-    """Positions (into the scored set) of the low / mid / high rank tertiles.
-
-    Sizes differ by at most one; equal scores keep their original order.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1:
-        raise ConfigError(f"memorization scores must be one number per forget example, got shape {scores.shape}")
-    if not np.all(np.isfinite(scores)):
-        raise ConfigError("memorization scores contain NaN or infinite values")
-    order = np.argsort(scores, kind="stable")
-    low, mid, high = np.array_split(order, 3)
-    return {"low": np.sort(low), "mid": np.sort(mid), "high": np.sort(high)}
 
 
 @dataclasses.dataclass

@@ -12,7 +12,9 @@ grid over seeds and memorization levels. A grid spec (YAML) holds:
 ``unlearn_optimizers``   e.g. ``[sgd, sam]``
 ``methods``              ``{method: overrides}``; an ``optimizers`` entry there
                          replaces ``unlearn_optimizers`` for that method
-                         (Sharp MinMax carries its own SAM pair)
+                         (Sharp MinMax carries its own SAM pair), an
+                         ``optimizer`` entry overrides the optimizer section
+                         for that method (e.g. its learning rate)
 
 Pretrained models and retrained references are cached by hash, so re-running
 a grid (or growing it) only trains what is new.
@@ -93,9 +95,10 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
                 for method_name, method_over in wanted.items():
                     method_over = dict(method_over)
                     optimizers = method_over.pop("optimizers", None) or spec["unlearn_optimizers"]
+                    optimizer_over = dict(method_over.pop("optimizer", None) or {})
                     for un_opt in optimizers:
                         tree = merge(unlearn_config(pretrained), copy.deepcopy(spec.get("unlearn", {})))
-                        tree = merge(tree, {"optimizer": {"name": un_opt}, "forget": forget,
+                        tree = merge(tree, {"optimizer": {**optimizer_over, "name": un_opt}, "forget": forget,
                                             "method": {"name": method_name, **method_over},
                                             "output_dir": output_dir, "tracking": tracking})
                         cfg = config_from_dict(tree)

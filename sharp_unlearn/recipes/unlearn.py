@@ -96,6 +96,9 @@ def unlearn_config(pretrained: Pretrained) -> dict:
     tree = copy.deepcopy(pretrained.state["config"])
     tree.pop("forget", None)
     tree.pop("method", None)
+    # tracking is a choice of this run, not a property of the model (a checkpoint pretrained
+    # with tracking off must not silently turn it off for its unlearning runs)
+    tree.pop("tracking", None)
     return tree
 
 
@@ -191,11 +194,8 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
                                  device=device, seed=cfg.seed, batch_size=cfg.data.batch_size,
                                  extras={"forget_scores": None if split.scores is None
                                          else split.scores[split.forget_positions],
-                                         "bundle": bundle, "split": split, "config": cfg})
-            if cfg.method.mask_path:
-                from sharp_unlearn.optim.masks import load_mask
-
-                ctx.mask = load_mask(cfg.method.mask_path)[0]
+                                         "bundle": bundle, "split": split, "config": cfg},
+                                 forget_eval=subset(bundle.train_eval, split.forget_positions))
             datasets = {"retain": retain_ds, "forget": forget_ds}
             prepare_streams = method.prepare(ctx)
             if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
