@@ -393,6 +393,10 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
     missing = [k for k in range(settings.num_models) if k not in outcomes]
     trained: list[int] = []
     if missing:
+        from sharp_unlearn.models import build_model
+
+        # bad model options fail here, as a ConfigError, not K times inside Ray workers
+        build_model(cfg.model, bundle.num_classes, bundle.input_shape)
         (run_dir / "models").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         with contextlib.ExitStack() as stack:

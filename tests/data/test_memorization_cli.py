@@ -64,3 +64,11 @@ def test_cli_rejects_unknown_proxy_names(tmp_path, capsys):
         main(["memorization", "--proxies", "margin", f"output_dir={tmp_path}"])
     assert exc.value.code == 2
     assert "expected 'all' or a comma list" in capsys.readouterr().err
+
+
+def test_cli_bad_model_options_fail_before_any_training(tmp_path, capsys):
+    code = main(["memorization", "--executor", "serial", "--out", str(tmp_path / "m"), f"output_dir={tmp_path}",
+                 *COMMON, "model.options={depth: 3}"])
+    assert code == 2
+    assert "rejected its options" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "models").exists()
