@@ -18,6 +18,7 @@ mlflow and matplotlib are imported lazily (extras ``mlflow``, ``analysis``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
@@ -31,9 +32,13 @@ from typing import Any
 from sharp_unlearn.errors import ConfigError, require
 
 #: identity columns, from run info and the contract tags (DESIGN.md section 6)
-ID_COLUMNS = ("run_id", "run_name", "status", "kind", "method", "optimizer", "dataset", "model", "forget_set",
-              "seed")
-TAG_COLUMNS = ("kind", "method", "optimizer", "dataset", "model", "forget_set", "seed")
+ID_COLUMNS = ("run_id", "run_name", "status", "kind", "method", "optimizer", "pretrain_optimizer", "dataset", "model",
+              "forget_set", "seed")
+TAG_COLUMNS = ("kind", "method", "optimizer", "pretrain_optimizer", "dataset", "model", "forget_set", "seed")
+#: identity columns shown only when some run has them (unlearning runs name the pretraining optimizer)
+OPTIONAL_ID_COLUMNS = ("pretrain_optimizer",)
+#: the rows every unlearning table needs as anchors (DESIGN.md section 7), read from the runs' result tables
+BASELINE_METHODS = ("original", "retrain")
 #: final metrics in the order a reader scans them (contract names first)
 METRIC_ORDER = ("tow", "forget_acc", "retain_acc", "test_acc", "val_acc", "train_acc", "train_loss",
                 "mia_efficacy", "mia_auc", "mia_tpr_at_1fpr", "entanglement_variance",
@@ -169,13 +174,67 @@ def _is_noise(metric: str) -> bool:
     return metric in NOISE_METRICS or metric.startswith(NOISE_PREFIX)
 
 
+@contextlib.contextmanager
+def _no_download_bars():
+    """MLflow draws a progress bar per artifact download; one per run is noise in a report."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def baseline_rows(client, runs: Iterable) -> list[dict[str, Any]]:
+    """The "do nothing" (``original``) and ``retrain`` reference rows of the selected unlearning runs.
+
+    Unlearning runs log their result table (``results/*.parquet``, long format)
+    with the original model and the retrained reference scored on the same
+    forget set; those rows become table rows with ``status='baseline'``. A
+    run without that artifact contributes nothing.
+    """
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    found: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        if run.data.tags.get("kind") != "unlearn":
+            continue
+        with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
+            try:
+                local = Path(client.download_artifacts(run.info.run_id, "results", tmp))
+            except Exception:  # noqa: BLE001 - no result table logged: nothing to add
+                continue
+            for file in sorted(local.glob("*.parquet")):
+                for record in pq.read_table(file).to_pylist():
+                    if record.get("method") not in BASELINE_METHODS or not record.get("run_id"):
+                        continue
+                    key = (record["method"], record["run_id"], record.get("forget_set"), record.get("seed"))
+                    row = found.setdefault(key, {
+                        "run_id": record["run_id"], "run_name": record["method"], "status": "baseline",
+                        "kind": record["method"], "method": record["method"],
+                        "optimizer": record.get("optimizer"), "pretrain_optimizer": record.get("optimizer"),
+                        "dataset": record.get("dataset"), "model": run.data.tags.get("model"),
+                        "forget_set": record.get("forget_set"), "seed": record.get("seed")})
+                    row[record["metric"]] = float(record["value"])
+    return list(found.values())
+
+
 def build_comparison(runs: Iterable, *, metrics: Sequence[str] | None = None, params: Sequence[str] = (),
-                     all_params_varying: bool = True) -> Comparison:
-    """The side-by-side table of ``runs`` (MLflow Run objects).
+                     all_params_varying: bool = True,
+                     baselines: Sequence[Mapping[str, Any]] = ()) -> Comparison:
+    """The side-by-side table of ``runs`` (MLflow Run objects) plus ``baselines`` rows (see baseline_rows).
 
     ``metrics``: metric columns to show (default: the contract metrics present,
     then any other final metric that is not per-step bookkeeping). ``params``:
     param columns always shown; curated sweep params are added when they differ.
+    A baseline ``retrain`` row whose run is itself selected fills that row's
+    missing metrics (its forget/retain accuracy) instead of adding a row.
     """
     runs = list(runs)
     rows: list[dict[str, Any]] = []
@@ -197,6 +256,16 @@ def build_comparison(runs: Iterable, *, metrics: Sequence[str] | None = None, pa
         wanted = set(SWEEP_PARAMS) | set(params)
         curated[run.info.run_id] = {k: parse_value(v) for k, v in run.data.params.items() if k in wanted}
         rows.append(row)
+    by_id = {(r["run_id"], r["kind"]): r for r in rows}
+    for baseline in baselines:
+        selected = by_id.get((baseline["run_id"], baseline["kind"]))
+        if selected is not None:
+            for key, value in baseline.items():
+                if key not in ("run_id", "run_name", "status", "kind") and selected.get(key) is None:
+                    selected[key] = value
+        else:
+            rows.append(dict(baseline))
+        present_metrics.update(k for k, v in baseline.items() if k not in ID_COLUMNS and isinstance(v, float))
 
     if metrics:
         metric_columns = list(metrics)
@@ -211,9 +280,10 @@ def build_comparison(runs: Iterable, *, metrics: Sequence[str] | None = None, pa
                 param_columns.append(key)
     for row in rows:
         for key in param_columns:
-            row[key] = curated[row["run_id"]].get(key)
+            row[key] = None if row["status"] == "baseline" else curated.get(row["run_id"], {}).get(key)
     lineage_columns = [c for c in LINEAGE_COLUMNS if any(r.get(c) for r in rows)]
-    return Comparison(rows, list(ID_COLUMNS), param_columns, metric_columns, lineage_columns, curated)
+    id_columns = [c for c in ID_COLUMNS if c not in OPTIONAL_ID_COLUMNS or any(r.get(c) for r in rows)]
+    return Comparison(rows, id_columns, param_columns, metric_columns, lineage_columns, curated)
 
 
 # --------------------------------------------------------------------------- summary over seeds
@@ -236,7 +306,8 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
 
 def summary_keys(comparison: Comparison) -> list[str]:
     """Runs that differ only in seed form a group: contract keys plus the params that vary."""
-    return [*SUMMARY_KEYS, *comparison.param_columns]
+    optional = [c for c in OPTIONAL_ID_COLUMNS if c in comparison.id_columns]
+    return [*SUMMARY_KEYS, *optional, *comparison.param_columns]
 
 
 def summarize(comparison: Comparison, by: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -346,10 +417,17 @@ def long_rows(comparison: Comparison) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- plots
+def _optimizer_label(row: Mapping[str, Any]) -> str:
+    """The unlearning optimizer, with the pretraining one when runs name it (SGD- vs SAM-pretrained models)."""
+    label = str(row.get("optimizer") or "?")
+    pre = row.get("pretrain_optimizer")
+    return f"{label} [pre {pre}]" if pre and row.get("kind") == "unlearn" else label
+
+
 def _group_label(row: Mapping[str, Any]) -> str:
     kind = row.get("kind") or "?"
     if kind == "unlearn":
-        return f"{row.get('method') or '?'} / {row.get('optimizer') or '?'}"
+        return f"{row.get('method') or '?'} / {_optimizer_label(row)}"
     return f"{kind} / {row.get('optimizer') or '?'}"
 
 
@@ -376,8 +454,8 @@ def plot_tow_by_method(comparison: Comparison):
     if not rows:
         return None
     methods = sorted({r.get("method") or "?" for r in rows})
-    optimizers = sorted({r.get("optimizer") or "?" for r in rows})
-    groups = _grouped(rows, "tow", lambda r: (r.get("method") or "?", r.get("optimizer") or "?"))
+    optimizers = sorted({_optimizer_label(r) for r in rows})
+    groups = _grouped(rows, "tow", lambda r: (r.get("method") or "?", _optimizer_label(r)))
     fig = _figure(max(5.0, 1.3 * len(methods) * max(1, len(optimizers)) ** 0.5 + 3))
     ax = fig.add_subplot()
     width = 0.8 / len(optimizers)
@@ -437,6 +515,8 @@ def plot_tow_vs_param(comparison: Comparison, param: str):
     """ToW against a swept hyper-parameter, one line per method-optimizer group; None unless it varies."""
     points = []
     for row in comparison.rows:
+        if row.get("kind") != "unlearn":
+            continue
         if param in SAM_ONLY_PARAMS and "sam" not in str(row.get("optimizer") or ""):
             continue
         x = comparison.params.get(row["run_id"], {}).get(param)
@@ -503,6 +583,10 @@ def plot_tow_vs_wall(comparison: Comparison):
     for label in sorted({_group_label(r) for r in rows}):
         members = [r for r in rows if _group_label(r) == label]
         ax.scatter([r["wall_seconds"] for r in members], [r["tow"] for r in members], label=label)
+    retrain_seconds = sorted({r["wall_seconds"] for r in comparison.rows
+                              if r.get("kind") == "retrain" and r.get("wall_seconds") is not None})
+    for i, seconds in enumerate(retrain_seconds):  # the cost unlearning is meant to undercut
+        ax.axvline(seconds, color="grey", linestyle="--", linewidth=1, label="retrain" if i == 0 else None)
     ax.set_xlabel("wall seconds")
     ax.set_ylabel("ToW")
     ax.set_ylim(0, 1.05)

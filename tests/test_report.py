@@ -241,3 +241,38 @@ def test_bad_selection_exits_2_with_a_message(sweep_uri, sweep, tmp_path, capsys
 def test_select_runs_unknown_experiment_lists_known_ones(sweep_uri, sweep):
     with pytest.raises(ConfigError, match="known experiments: .*exp"):
         select_runs(MlflowClient(sweep_uri), experiments=["nope"])
+
+
+def test_baselines_come_from_the_unlearn_runs_result_tables(uri, tmp_path):
+    from sharp_unlearn.report import baseline_rows
+    from sharp_unlearn.results import rows_from_metrics, write_results
+
+    pre = _log_run(uri, kind="pretrain", metrics={"test_acc": 97.0})
+    ref = _log_run(uri, kind="retrain", tags={"pretrain_run_id": pre, "method": "retrain"},
+                   metrics={"test_acc": 96.0, "wall_seconds": 40.0})
+    common = dict(dataset="digits", forget_set="random-50", seed=0)
+    table = write_results(
+        rows_from_metrics({"tow": 0.97, "forget_acc": 90.0}, run_id="UNL", method="neggrad", optimizer="sgd", **common)
+        + rows_from_metrics({"forget_acc": 88.5, "retain_acc": 99.5, "test_acc": 96.0}, run_id=ref, method="retrain",
+                            optimizer="sam", **common)
+        + rows_from_metrics({"tow": 0.9125, "forget_acc": 100.0, "retain_acc": 99.9}, run_id=pre, method="original",
+                            optimizer="sam", **common), tmp_path / "results.parquet")
+    with tracked_run(uri=uri, experiment="exp", kind="unlearn",
+                     tags={"method": "neggrad", "optimizer": "sgd", "seed": 0, "forget_set": "random-50",
+                           "pretrain_run_id": pre, "reference_run_id": ref, "pretrain_optimizer": "sam"}) as unl:
+        unl.log_metrics({"tow": 0.97, "forget_acc": 90.0})
+        unl.log_artifact(table, "results")
+    client = MlflowClient(uri)
+    runs = select_runs(client, run_ids=[unl.run_id], with_lineage=True)
+    comparison = build_comparison(runs, baselines=baseline_rows(client, runs))
+    rows = {(r["kind"], r["run_id"]): r for r in comparison.rows}
+    assert set(rows) == {("pretrain", pre), ("retrain", ref), ("unlearn", unl.run_id), ("original", pre)}
+    original = rows[("original", pre)]
+    assert original["status"] == "baseline" and original["tow"] == 0.9125 and original["retain_acc"] == 99.9
+    assert original["optimizer"] == "sam"
+    retrain = rows[("retrain", ref)]  # the selected reference run gains its forget/retain accuracy
+    assert retrain["status"] == "FINISHED" and retrain["retain_acc"] == 99.5 and retrain["wall_seconds"] == 40.0
+    assert retrain["forget_acc"] == 99.0  # a value the run logged itself wins over the result table's
+    assert "pretrain_optimizer" in comparison.id_columns
+    without = build_comparison(runs)
+    assert ("original", pre) not in {(r["kind"], r["run_id"]) for r in without.rows}

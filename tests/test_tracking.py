@@ -294,3 +294,32 @@ def test_uri_precedence(monkeypatch, env_uri):
     assert tracking.resolve_uri("http://127.0.0.1:1") == "http://127.0.0.1:1"
     assert tracking.resolve_uri(None) == (env_uri or "sqlite:///mlruns.db")
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_uri
+
+
+@pytest.mark.slow  # a CLI subprocess: torch import + data + a few epochs
+def test_sigterm_to_the_pretrain_command_ends_its_run_killed(uri, client, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharp_unlearn", "pretrain", "--quiet", "--tracking-uri", uri,
+         f"output_dir={tmp_path / 'runs'}", "tracking.experiment=sigterm", "train.epochs=5000",
+         "model.options={width: 8, feature_dim: 32}"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 90
+        run = None
+        while run is None and time.monotonic() < deadline and proc.poll() is None:
+            experiment = client.get_experiment_by_name("sigterm")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+                run = runs[0]  # at least one epoch logged: training is under way
+            time.sleep(0.3)
+        assert run is not None, proc.stderr.read() if proc.poll() is not None else "no epoch logged in 90 s"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130  # the CLI's "interrupted" code
+    final = client.get_run(run.info.run_id)
+    assert final.info.status == "KILLED" and final.data.tags["interrupted"] == "SIGTERM"

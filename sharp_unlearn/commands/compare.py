@@ -9,12 +9,13 @@ existing run such as a sweep's parent run).
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 
 from sharp_unlearn.commands.base import COMMANDS, Command
 
 #: columns the terminal shows (the files hold them all)
-_TERMINAL_IDS = ("run_id", "kind", "method", "optimizer", "forget_set", "seed", "status")
+_TERMINAL_IDS = ("run_id", "kind", "method", "optimizer", "pretrain_optimizer", "forget_set", "seed", "status")
 _TERMINAL_METRICS = ("tow", "forget_acc", "retain_acc", "test_acc", "mia_efficacy", "wall_seconds")
 
 
@@ -31,6 +32,9 @@ class Compare(Command):
         parser.add_argument("--run-ids", nargs="+", default=[], metavar="ID", help="exact run ids")
         parser.add_argument("--with-lineage", action="store_true",
                             help="add the pretrain and retrain-reference runs the selected runs point to")
+        parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                            help="add the 'original' (do nothing) and 'retrain' reference rows from the unlearning "
+                                 "runs' result tables (default: on)")
         parser.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
                             help="metric columns (default: every final metric, contract names first)")
         parser.add_argument("--params", nargs="+", default=[], metavar="KEY",
@@ -51,7 +55,7 @@ class Compare(Command):
 
     def run(self, args):
         from sharp_unlearn.errors import ConfigError
-        from sharp_unlearn.report import build_comparison, select_runs, write_report
+        from sharp_unlearn.report import baseline_rows, build_comparison, select_runs, write_report
         from sharp_unlearn.tracking import client_for, preflight
 
         if args.max_runs < 1:
@@ -63,7 +67,8 @@ class Compare(Command):
             experiments = ["sharp-unlearn"]
         runs = select_runs(client, experiments=experiments, filter_string=args.filter, run_ids=args.run_ids,
                            max_results=args.max_runs, with_lineage=args.with_lineage)
-        comparison = build_comparison(runs, metrics=args.metrics, params=args.params)
+        baselines = baseline_rows(client, runs) if args.baselines else []
+        comparison = build_comparison(runs, metrics=args.metrics, params=args.params, baselines=baselines)
         selection = {"experiments": experiments or "all", "filter": args.filter or "",
                      "run_ids": " ".join(args.run_ids) or ""}
         title = args.title or f"sharp-unlearn comparison of {len(runs)} runs"
@@ -78,7 +83,8 @@ class Compare(Command):
             columns = [c for c in _TERMINAL_IDS if c in comparison.columns]
             columns += [c for c in comparison.param_columns]
             columns += [c for c in _TERMINAL_METRICS if c in comparison.metric_columns]
-            rows = [{**row, "run_id": row["run_id"][:8]} for row in comparison.rows]
+            rows = [{**{k: ("" if v is None else v) for k, v in row.items()}, "run_id": row["run_id"][:8]}
+                    for row in comparison.rows]
             print_rows(title, columns, rows)
         if not args.json:
             print(f"wrote {files.html} (and comparison.md/.csv/.parquet, summary, figures) to {files.out_dir}")
