@@ -129,9 +129,11 @@ class Trainer:
         loss_sum = 0.0
         for batch in micro:
             loss = objective.loss(self.model, batch) / len(micro)
-            if not torch.isfinite(loss):
+            # one host read serves the finiteness check and the logged value (a sync on GPU)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
                 raise TrainingDiverged(
-                    f"objective {objective.name!r} produced a non-finite loss ({loss.item()}); "
+                    f"objective {objective.name!r} produced a non-finite loss ({loss_value}); "
                     "lower the learning rate (or rho); nothing was written"
                 )
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -140,7 +142,7 @@ class Trainer:
                 total = list(grads)
             else:
                 torch._foreach_add_(total, grads)
-            loss_sum += float(loss.detach())
+            loss_sum += loss_value
         assert total is not None  # micro is never empty (internal invariant)
         return total, loss_sum
 
