@@ -154,6 +154,18 @@ def preflight(uri: str | None = None, experiment: str | None = None, timeout: fl
     return uri
 
 
+def check_tracking(cfg) -> str | None:
+    """``preflight`` for a config: the resolved URI, or None when this process will not log.
+
+    Commands that do long work before their first tracked run (memorization
+    scores, a retrain reference, a sweep) call this first, so an unreachable
+    server stops them at once (ConfigError, exit 2) instead of hours later.
+    """
+    if not cfg.tracking.enabled or not is_rank_zero():
+        return None
+    return preflight(cfg.tracking.uri, cfg.tracking.experiment)
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite store live next to the database, not in the cwd's ./mlruns."""
     db = sqlite_path(uri)

@@ -188,6 +188,15 @@ def test_cli_exits_2_before_training_when_server_unreachable(free_port, tmp_path
     assert elapsed < 20.0  # data set build only; 50 epochs would take far longer
 
 
+def test_check_tracking_follows_the_config(small_cfg, free_port, uri):
+    from sharp_unlearn.tracking import check_tracking
+
+    assert check_tracking(small_cfg()) is None  # tracking off: nothing to check
+    assert check_tracking(_tracked_cfg(small_cfg, uri)) == uri
+    with pytest.raises(ConfigError, match="unreachable"):
+        check_tracking(_tracked_cfg(small_cfg, f"http://127.0.0.1:{free_port}"))
+
+
 def test_bad_sqlite_directory_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         preflight(f"sqlite:///{tmp_path}/missing/dir/mlruns.db")
