@@ -78,9 +78,12 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
     from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
     from sharp_unlearn.results import read_results
 
+    from sharp_unlearn.tracking import check_tracking
+
     tracking = dict(tracking or {})
     wanted = select_methods(spec, methods)
     base_tree = merge(spec["base"], {"output_dir": output_dir, "tracking": tracking})
+    check_tracking(config_from_dict(base_tree))  # an unreachable server fails now, not after the first pretrain
     seeds = list(seeds if seeds is not None else spec.get("seeds") or [base_tree.get("seed", 0)])
     levels = list(spec.get("levels") or [spec["forget"].get("level", "high")])
     result = GridResult()

@@ -228,6 +228,9 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
         metrics["wall_seconds"] = wall
         metrics["speedup_vs_retrain"] = reference.wall_seconds / wall if wall > 0 else float("nan")
         tracker.log_metrics(metrics)
+        # the baselines next to the run's own numbers, so a comparison needs no artifact download
+        tracker.log_metrics({**{f"original_{k}": v for k, v in original.items()},
+                             **{f"reference_{k}": v for k, v in reference.metrics.items()}})
         ckpt_path = None
         if save_model:
             ckpt_path = save_checkpoint(out_dir / "checkpoint.pt", {

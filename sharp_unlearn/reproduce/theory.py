@@ -82,9 +82,12 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
     from sharp_unlearn.recipes.pretrain import train_from_scratch
     from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
 
+    from sharp_unlearn.tracking import check_tracking
+
     spec = spec or TheorySpec()
     out = Path(output_dir)
     tracking = {"enabled": False} if tracking is None else tracking
+    check_tracking(config_from_dict(merge(spec.base, {"tracking": tracking})))
     settings = sorted({(spec.alpha_signal_norm, a) for a in spec.alphas} |
                       {(s, spec.signal_alpha) for s in spec.signal_norms})
     rows: list[dict[str, Any]] = []
@@ -135,8 +138,22 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
     figure_path = plot_theory(rows, spec, out / "theory.png")
     report_path = out / "theory.md"
     report_path.write_text(render_report(rows, verdicts, spec))
+    _log_summary(spec, tracking, out, verdicts, [table_path, report_path] + ([Path(figure_path)] if figure_path else []))
     return {"rows": rows, "verdicts": verdicts, "table": str(table_path), "figure": figure_path,
             "report": str(report_path)}
+
+
+def _log_summary(spec: TheorySpec, tracking: dict, out: Path, verdicts, artifacts) -> None:
+    """One ``kind=reproduce`` run holding the verdicts (as tags and 0/1 metrics) and the report."""
+    from sharp_unlearn.tracking import open_run
+
+    cfg = config_from_dict(merge(spec.base, {"output_dir": str(out), "tracking": tracking}))
+    with open_run(cfg, kind="reproduce", tags={"reproduce": "theory"}, run_name="reproduce-theory") as tracker:
+        tracker.log_metrics({f"prediction_{i + 1}_held": float(v["held"]) for i, v in enumerate(verdicts)})
+        tracker.set_tags({f"prediction_{i + 1}": f"{v['prediction']}: {'held' if v['held'] else 'did not hold'}"
+                          for i, v in enumerate(verdicts)})
+        for path in artifacts:
+            tracker.log_artifact(path, "report")
 
 
 def _mean(rows, key, **where) -> float:
