@@ -6,8 +6,8 @@ shards use); subsets of the training split need *positions*, so a
 retrain reference is reused only for the same hash.
 
 Memorization levels over a score per training example: ``high`` = top N,
-``low`` = bottom N, ``mid`` = the N closest to 0.5 when scores lie in [0, 1]
-(else to the median), ``mix`` = N/3 of each (disjoint). Ties are broken by a
+``low`` = bottom N, ``mid`` = the N closest to 0.5 when scores lie in [-1, 1]
+(memorization estimates; else to the median), ``mix`` = N/3 of each (disjoint). Ties are broken by a
 seeded random order, so selection is deterministic under the seed.
 """
 from __future__ import annotations
@@ -102,7 +102,9 @@ def level_positions(scores: np.ndarray, level: str, size: int, seed: int) -> np.
 
 
 def _mid_target(scores: np.ndarray) -> float:
-    if len(scores) and scores.min() >= 0.0 and scores.max() <= 1.0:
+    """0.5 on a memorization scale (differences of probabilities lie in [-1, 1]); the median
+    for anything else (e.g. unbounded loss proxies)."""
+    if len(scores) and scores.min() >= -1.0 and scores.max() <= 1.0:
         return 0.5
     return float(np.median(scores))
 
