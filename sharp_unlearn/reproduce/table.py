@@ -66,7 +66,9 @@ def summarize(rows: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any
             entry["seeds"] = max(entry.get("seeds", 0), len(values))
         out.append(entry)
     order = {"low": 0, "mid": 1, "high": 2, "mix": 3}
-    return sorted(out, key=lambda e: (order.get(e["level"], 9), e["pretrain"], e["method"], e["unlearn_opt"]))
+    first = {"original": 0, "retrain": 1}  # the baselines head each block
+    return sorted(out, key=lambda e: (order.get(e["level"], 9), e["pretrain"], first.get(e["method"], 2),
+                                      e["method"], e["unlearn_opt"]))
 
 
 def sam_vs_sgd(summary: Sequence[dict[str, Any]]) -> list[str]:
