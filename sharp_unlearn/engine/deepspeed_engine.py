@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from sharp_unlearn.config import ExperimentConfig, OptimizerConfig, TrainConfig
 from sharp_unlearn.engine.checkpoint import save_checkpoint
-from sharp_unlearn.engine.ds_shards import Shard, ShardView
+from sharp_unlearn.engine.ds_shards import Shard, ShardView, share_stage3_fp32_master
 from sharp_unlearn.engine.loop import StepStats, Timer, Trainer, as_batch, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Batch, Objective, Phase
 from sharp_unlearn.engine.runner import StageResult
@@ -131,10 +131,13 @@ class DeepSpeedTrainer(Trainer):
                          grad_clip=0.0)  # DeepSpeed clips (gradient_clipping) inside engine.step
         self.engine = engine
         self.proxy = EngineModel(engine)
+        share_stage3_fp32_master(engine)  # fp32 ZeRO-3: one copy of the partition, not two
         self.view = ShardView(engine, self.named_params)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.chunk_numel = max(1, int(chunk_numel))
+        self.input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else (
+            torch.float16 if engine.fp16_enabled() else None)
         self.probe = probe
         self._mask_slices_cache: dict[int, tuple[dict, tuple, list[torch.Tensor]]] = {}
 
@@ -147,8 +150,10 @@ class DeepSpeedTrainer(Trainer):
         weight = count * self.world / total
         if count == 0:  # fewer rows than ranks: still take part in the collectives, with weight 0
             start, count, weight = 0, 1, 0.0
-        return Batch(batch.x[start:start + count], batch.y[start:start + count],
-                     batch.index[start:start + count]), weight
+        x = batch.x[start:start + count]
+        if self.input_dtype is not None and x.is_floating_point():
+            x = x.to(self.input_dtype)  # bf16 weights need bf16 inputs (DeepSpeed does not cast them)
+        return Batch(x, batch.y[start:start + count], batch.index[start:start + count]), weight
 
     # ------------------------------------------------------------ passes
     def _backward(self, objective: Objective, micro: Sequence[tuple[Batch, float]]) -> torch.Tensor:

@@ -68,15 +68,20 @@ def distributed_accuracy(model, dataset: Dataset, batch_size: int, device: torch
     module.eval()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     counts = torch.zeros(2, dtype=torch.float64)
+    weight_dtype = next(module.parameters()).dtype  # bf16 engines need bf16 inputs
     loader = make_loader(dataset, batch_size * world, shuffle=False)
     for item in loader:
         batch = as_batch(item)
         start, count = split_rows(len(batch.y), world, rank)
         x = batch.x[start:start + count].to(device)
+        if x.is_floating_point():
+            x = x.to(weight_dtype)
         logits = module(x)  # may be 0 rows: the gathers still happen in step with the other ranks
         counts[0] += float((logits.argmax(1).cpu() == batch.y[start:start + count]).sum())
         counts[1] += count
+    counts = counts.to(device)  # NCCL reduces device tensors only
     torch.distributed.all_reduce(counts)
+    counts = counts.cpu()
     module.train(was_training)
     return 100.0 * float(counts[0] / counts[1])
 

@@ -20,7 +20,8 @@ stage 3 unless the ZeRO optimizer's ``zero_grad`` resets its micro-step
 counter; ``engine.step()`` rewrites every forward weight from the fp32 master
 (stages 1-3), which therefore restores the weights when the master is a
 separate copy. In fp32 at stage 3 the master *is* the forward partition
-(DeepSpeed aliases them), so the perturbation must be undone before the step.
+(:func:`share_stage3_fp32_master` makes sure of it), so there the perturbation
+is undone before the step instead.
 
 Views are rebuilt by :meth:`ShardView.refresh` every step, because DeepSpeed
 re-creates gradient lists and re-links fragments after checkpoint loads.
@@ -190,6 +191,32 @@ class ShardView:
         """Sum a small tensor over the data-parallel group, in place."""
         torch.distributed.all_reduce(tensor, group=self.group)
         return tensor
+
+
+def share_stage3_fp32_master(engine) -> bool:
+    """At ZeRO-3 in fp32, let the fp32 master partition *be* the forward partition (saves 1/N
+    of the model per rank); returns whether it now is.
+
+    DeepSpeed means to do this itself ("we don't need another copy of the weights")
+    but decides by comparing ``tensor.device`` with a device *string*, which
+    torch 2.14 reports as unequal, so it keeps a second fp32 copy. The master
+    tensor objects stay (the optimizer's state is keyed by them); only their
+    storage is pointed at the forward partition, which holds the same values.
+    """
+    if int(engine.zero_optimization_stage()) != 3:
+        return False
+    opt = engine.optimizer
+    if opt.offload_optimizer or getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
+        return False
+    forward, masters = opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat
+    if len(forward) != len(masters) or any(
+            f is None or f.dtype != m.dtype or f.dtype != opt.master_weights_and_grads_dtype
+            or f.device != m.device or f.numel() != m.numel() for f, m in zip(forward, masters)):
+        return False  # bf16/fp16 weights: the fp32 master is a real second copy
+    for f, m in zip(forward, masters):
+        if f.data_ptr() != m.data_ptr():
+            m.data = f.data
+    return True
 
 
 def gather_full_params(engine, named_params: Sequence[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:

@@ -80,35 +80,39 @@ def _model():
     return MLP(CLASSES, (FEATURES,), hidden=(23, 11))  # odd sizes: partitions cut through tensors
 
 
-def _step_batches(case: str, step: int, accum: int, train, retain, forget):
+def _step_batches(case: str, step: int, accum: int, train, retain, forget, device="cpu"):
     from sharp_unlearn.engine.objective import Batch
 
     def split(batch):  # `accum` global micro-batches making up the same global batch
         size = len(batch.y) // accum
         return [Batch(batch.x[i * size:(i + 1) * size], batch.y[i * size:(i + 1) * size],
-                      batch.index[i * size:(i + 1) * size]) for i in range(accum)]
+                      batch.index[i * size:(i + 1) * size]).to(device) for i in range(accum)]
 
     return {"train": split(train[step]), "retain": split(retain[step]), "forget": split(forget[step])}
 
 
-def _reference(case: str):
+def _reference(case: str, device="cpu", bf16_init: bool = False):
     import torch
 
     from sharp_unlearn.engine.loop import Trainer
 
-    model = _model()
+    model = _model().to(device)
+    if bf16_init:  # a bf16 engine's fp32 masters start from the bf16-rounded weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
     named = [(n, p) for n, p in model.named_parameters()]
-    objectives = _objectives(case, named)
+    objectives = _objectives(case, [(n, p.cpu()) for n, p in named])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     accum = 2 if "accum2" in case else 1
-    trainer = Trainer(model, opt, None, grad_accum=accum)
+    trainer = Trainer(model, opt, None, grad_accum=accum, device=device)
     train, retain, forget = _data(1), _data(2), _data(3)
     for step in range(STEPS):
-        trainer.step(objectives, _step_batches(case, step, accum, train, retain, forget))
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.step(objectives, _step_batches(case, step, accum, train, retain, forget, device))
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
-def _deepspeed_run(case: str, stage: int, persistent: bool):
+def _deepspeed_run(case: str, stage: int, persistent: bool, device="cpu", bf16: bool = False):
     import deepspeed
     import torch
 
@@ -118,29 +122,39 @@ def _deepspeed_run(case: str, stage: int, persistent: bool):
     from sharp_unlearn.engine.ds_shards import gather_full_params
 
     accum = 2 if "accum2" in case else 1
+    world = torch.distributed.get_world_size()
     cfg = load_config([], ["distributed.backend=deepspeed", f"distributed.zero_stage={stage}",
-                           "distributed.num_workers=2", f"data.batch_size={GLOBAL_BATCH // 2 // accum}",
+                           f"distributed.num_workers={world}", f"data.batch_size={GLOBAL_BATCH // world // accum}",
                            f"train.grad_accum={accum}", "model.name=mlp", "tracking.enabled=false"])
     ds_config = resolve_deepspeed_config(cfg)
     if persistent:  # small tensors stay gathered on every rank (DeepSpeed's default threshold)
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 100_000
+    if bf16:
+        ds_config["bf16"] = {"enabled": True}
     model = _model()
     named = [(n, p) for n, p in model.named_parameters()]
     objectives = _objectives(case, named)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    trainer = DeepSpeedTrainer(engine, grad_accum=accum)
+    trainer = DeepSpeedTrainer(engine, grad_accum=accum, device=device)
     train, retain, forget = _data(1), _data(2), _data(3)
+    restore_gap = 0.0
     for step in range(STEPS):
-        trainer.step(objectives, _step_batches(case, step, accum, train, retain, forget))
-    full = gather_full_params(engine, trainer.named_params)
-    partition = trainer.view.partition_numel
-    total = sum(int(getattr(p, "ds_numel", p.numel())) for _, p in named)
+        trainer.step(objectives, _step_batches(case, step, accum, train, retain, forget, device))
+        trainer.view.refresh()
+        for shard in trainer.view.shards:  # after the step the forward weights are the masters again
+            if shard.master is not None:
+                gap = (shard.weight.float() - shard.master.to(shard.weight.dtype).float()).abs().max()
+                restore_gap = max(restore_gap, float(gap))
+    full = {n: t.cpu() for n, t in gather_full_params(engine, trainer.named_params).items()}
+    info = {"partition_numel": trainer.view.partition_numel, "masters_separate": trainer.view.masters_are_separate,
+            "total_numel": sum(int(getattr(p, "ds_numel", p.numel())) for _, p in named),
+            "restore_gap": restore_gap}
     engine.destroy()
-    return full, partition, total
+    return full, info
 
 
-def worker(out_path: str, stages: list[int]) -> None:
+def worker(out_path: str, stages: list[int], device: str = "cpu", bf16: bool = False) -> None:
     import deepspeed
     import torch
 
@@ -149,22 +163,27 @@ def worker(out_path: str, stages: list[int]) -> None:
     import gc
 
     gc.freeze()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
+        torch.backends.cudnn.allow_tf32 = False
+        device = f"cuda:{torch.cuda.current_device()}"
+    deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo", verbose=False)
     rank = torch.distributed.get_rank()
     results = {}
     for stage in stages:
         variants = [(c, False) for c in CASES] + ([("sam-min", True), ("minmax", True)] if stage == 3 else [])
         for case, persistent in variants:
-            full, partition, total = _deepspeed_run(case, stage, persistent)
+            full, info = _deepspeed_run(case, stage, persistent, device, bf16)
             key = f"zero{stage}/{case}" + ("/persistent" if persistent else "")
             if rank == 0:
-                ref = _reference(case)
+                ref = _reference(case, device, bf16_init=bf16)
                 diff = max(float((full[n] - ref[n]).abs().max()) for n in ref)
                 moved = max(float((ref[n] - _model().state_dict()[n]).abs().max()) for n in ref)
-                results[key] = {"max_abs_diff": diff, "moved": moved, "partition_numel": partition,
-                                "total_numel": total}
+                results[key] = {"max_abs_diff": diff, "moved": moved, **info}
     if rank == 0:
-        Path(out_path).write_text(json.dumps(results, indent=1))
+        Path(out_path).write_text(json.dumps({"device": device, "bf16": bf16, "world": torch.distributed.get_world_size(),
+                                              "rows": results} if bf16 or device != "cpu" else results, indent=1))
     torch.distributed.barrier()
 
 
@@ -212,7 +231,13 @@ def test_each_rank_holds_only_its_partition(equivalence, stage):
     # rank 0's pieces: about half the parameters (alignment padding aside), never all of them
     assert row["partition_numel"] <= row["total_numel"] // 2 + 16
     assert row["partition_numel"] >= row["total_numel"] // 2 - 16
+    # stages 1/2 restore the weights from separate fp32 masters; fp32 stage 3 shares one copy,
+    # so there the SAM step undoes the perturbation itself (both paths are checked above)
+    assert row["masters_separate"] is (stage != 3)
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], [int(s) for s in sys.argv[2].split(",")])
+    # OUT.json STAGES [--device cuda] [--bf16]   (benchmarks/gpu_check.sh runs the GPU variants)
+    worker(sys.argv[1], [int(s) for s in sys.argv[2].split(",")],
+           device="cuda" if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cuda" else "cpu",
+           bf16="--bf16" in sys.argv)

@@ -119,3 +119,17 @@ def test_cli_rejects_before_any_process_starts(tmp_path, capsys, override, messa
     assert message in capsys.readouterr().err
     assert elapsed < 10  # no worker was started (a launch costs tens of seconds here)
     assert not list((tmp_path / "runs").glob("**/launch"))  # workers write their pid files there
+
+
+@pytest.mark.parametrize("name, stage", [("zero3-bf16-nccl.json", 3), ("zero2-bf16-nccl.json", 2)])
+def test_cluster_deepspeed_files_agree_with_a_gpu_run_config(name, stage):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed" / name
+    cfg = cfg_with("distributed.use_gpu=true", f"distributed.zero_stage={stage}", "distributed.num_workers=16",
+                   "train.grad_clip=1.0", f"distributed.deepspeed_config={path}")
+    ds = resolve_deepspeed_config(cfg)
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 32 * 16 and ds["gradient_clipping"] == 1.0
+    with pytest.raises(ConfigError, match="contradicts distributed.zero_stage"):
+        resolve_deepspeed_config(cfg_with(f"distributed.zero_stage={5 - stage}", f"distributed.deepspeed_config={path}"))
