@@ -136,12 +136,11 @@ def measure_stage(args, stage: int, baseline: int) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     del model, optimizer
     points: dict[str, tuple[int, dict]] = {}
-    trainer = None
+    trainer = DeepSpeedTrainer(engine)
 
     def probe(point: str) -> None:
         points[point] = (live_tensor_bytes() - baseline, categorized(trainer))
 
-    trainer = DeepSpeedTrainer(engine)
     g = torch.Generator().manual_seed(1)
     batch = Batch(torch.randn(args.batch * world, 3, 32, 32, generator=g),
                   torch.randint(0, 10, (args.batch * world,), generator=g), torch.arange(args.batch * world))
@@ -161,7 +160,6 @@ def measure_stage(args, stage: int, baseline: int) -> dict:
         out[f"{name}_extra_states"] = sum(after.values()) - sum(before.values())
     trainer.probe = None
     engine.destroy()
-    del engine, trainer
     gc.collect()
     return out
 

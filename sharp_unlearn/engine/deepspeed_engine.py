@@ -28,29 +28,19 @@ when the last batch does not split evenly.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
-from torch import nn
-from torch.utils.data import Dataset
 
-from sharp_unlearn.config import ExperimentConfig, OptimizerConfig, TrainConfig
-from sharp_unlearn.engine.checkpoint import save_checkpoint
+from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.engine.ds_shards import Shard, ShardView, share_stage3_fp32_master
-from sharp_unlearn.engine.loop import StepStats, Timer, Trainer, as_batch, epoch_seed, make_loader
-from sharp_unlearn.engine.objective import Batch, Objective, Phase
-from sharp_unlearn.engine.runner import StageResult
+from sharp_unlearn.engine.loop import StepStats, Trainer
+from sharp_unlearn.engine.objective import Batch, Objective
 from sharp_unlearn.errors import ConfigError, TrainingDiverged, require
-from sharp_unlearn.optim.factory import build_base_optimizer, build_scheduler
 from sharp_unlearn.optim.sam import SIGNS, combine, frozen_bn_stats, perturbation, scaled_grads, squared_norm
-from sharp_unlearn.progress import progress_bar
-from sharp_unlearn.tracking import NullTracker
 
 #: largest temporary (elements) the SAM arithmetic allocates at once
 DEFAULT_CHUNK_NUMEL = 1 << 22

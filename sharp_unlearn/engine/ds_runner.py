@@ -86,6 +86,17 @@ def distributed_accuracy(model, dataset: Dataset, batch_size: int, device: torch
     return 100.0 * float(counts[0] / counts[1])
 
 
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics).
+
+    Each rank's BatchNorm sees only its slice of the batch, so running
+    statistics drift apart; like DDP (``broadcast_buffers``), rank 0's are the
+    model's: evaluation on every rank and the exported checkpoint then agree.
+    """
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer.data, src=src)
+
+
 # ---------------------------------------------------------------- checkpoints
 def read_progress(sharded_dir: Path) -> dict[str, Any] | None:
     path = Path(sharded_dir) / PROGRESS_FILE
@@ -210,6 +221,7 @@ def run_deepspeed_stage(
                     record[f"loss_{phase.name}_{key}" if len(phases) > 1 else f"loss_{key}"] = value
             record["train_loss"] = float(sum(v for k, v in record.items() if k.startswith("loss_")))
             record["lr"] = optimizer.param_groups[0]["lr"]
+            broadcast_buffers(engine.module)  # before evaluating and saving: one set of BatchNorm statistics
             last = epoch + 1 == epochs
             if evaluate is not None and (last or (train_cfg.eval_every and (epoch + 1) % train_cfg.eval_every == 0)):
                 record.update(evaluate(trainer.proxy, epoch + 1))

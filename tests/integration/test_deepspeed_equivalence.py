@@ -182,8 +182,9 @@ def worker(out_path: str, stages: list[int], device: str = "cpu", bf16: bool = F
                 moved = max(float((ref[n] - _model().state_dict()[n]).abs().max()) for n in ref)
                 results[key] = {"max_abs_diff": diff, "moved": moved, **info}
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"device": device, "bf16": bf16, "world": torch.distributed.get_world_size(),
-                                              "rows": results} if bf16 or device != "cpu" else results, indent=1))
+        world = torch.distributed.get_world_size()
+        payload = {"device": device, "bf16": bf16, "world": world, "rows": results}
+        Path(out_path).write_text(json.dumps(payload if bf16 or device != "cpu" else results, indent=1))
     torch.distributed.barrier()
 
 

@@ -132,4 +132,5 @@ def test_cluster_deepspeed_files_agree_with_a_gpu_run_config(name, stage):
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == 32 * 16 and ds["gradient_clipping"] == 1.0
     with pytest.raises(ConfigError, match="contradicts distributed.zero_stage"):
-        resolve_deepspeed_config(cfg_with(f"distributed.zero_stage={5 - stage}", f"distributed.deepspeed_config={path}"))
+        resolve_deepspeed_config(cfg_with(f"distributed.zero_stage={5 - stage}",
+                                          f"distributed.deepspeed_config={path}"))
