@@ -15,6 +15,14 @@ on a shared machine wall time mostly measures the neighbours (``--clock wall``
 and ``--threads N`` measure that instead). On CUDA the clock is wall time
 between device synchronisations.
 
+What lies above 2.0 on CPU is mostly not SAM's arithmetic (perturb, restore
+and combine cost well under 1 % of a step) but glibc's allocator: it hands
+freed activation memory back to the kernel and page-faults it in again on the
+next pass, and a SAM step pays that more than twice. Running with
+``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` (or
+jemalloc/tcmalloc) removes the faults: both steps get faster and the ratio is
+2.0. The environment is printed with the results (see benchmarks/README.md).
+
 Cases: ``small_cnn`` on digits-shaped (1x8x8, batch 64) and CIFAR-shaped
 (3x32x32, batch 128) batches, and ``resnet18`` (3x32x32) when that model is
 registered. Exit code 1 when a ratio exceeds ``--target`` (default 2.15).
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{'process CPU' if use_cpu_clock else 'wall'} time")
     if device.type == "cuda":
         machine += f" ({torch.cuda.get_device_name()})"
+    malloc_env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    machine += f", allocator: {' '.join(malloc_env) or 'glibc defaults'}"
     if args.json:
         print(json.dumps({"machine": machine, "target": args.target, "results": [asdict(r) for r in results]},
                          indent=2))

@@ -68,7 +68,7 @@ def test_resume_continues_with_identical_results(small_cfg, tmp_path):
     assert resumed.resumed_from == 2
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
-    for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
+    for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     final = load_checkpoint(ckpt)
     assert final["completed"] and final["epoch"] == 4

@@ -53,7 +53,7 @@ def grad_at(model: nn.Module, x, y, weights: list[torch.Tensor] | None = None) -
     clone = copy.deepcopy(model)
     if weights is not None:
         with torch.no_grad():
-            for p, w in zip(clone.parameters(), weights):
+            for p, w in zip(clone.parameters(), weights, strict=True):
                 p.copy_(w)
     return list(torch.autograd.grad(loss_of(clone, x, y), list(clone.parameters())))
 
@@ -77,13 +77,13 @@ def sam_steps(opt: SAM, model: nn.Module, x, y, steps: int = 1) -> None:
 
 def assert_all_equal(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         assert torch.equal(a, e), (a - e).abs().max()
 
 
 def assert_all_close(actual, expected, rtol=1e-10, atol=1e-12) -> None:
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
@@ -115,11 +115,11 @@ def hand_sam_update(model, x, y, rho, lr, lamb=1.0, sign=+1.0, adaptive=False):
     w = weights(model)
     g = grad_at(model, x, y)
     t = [wi.abs() if adaptive else torch.ones_like(wi) for wi in w]
-    tg_norm = global_norm([ti * gi for ti, gi in zip(t, g)])
-    e = [rho * ti * ti * gi / tg_norm for ti, gi in zip(t, g)]
-    g2 = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e)])
-    final = [gi + sign * lamb * (g2i - gi) for gi, g2i in zip(g, g2)]
-    return [wi - lr * fi for wi, fi in zip(w, final)], e
+    tg_norm = global_norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+    e = [rho * ti * ti * gi / tg_norm for ti, gi in zip(t, g, strict=True)]
+    g2 = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e, strict=True)])
+    final = [gi + sign * lamb * (g2i - gi) for gi, g2i in zip(g, g2, strict=True)]
+    return [wi - lr * fi for wi, fi in zip(w, final, strict=True)], e
 
 
 def test_lamb1_min_is_textbook_sam():
@@ -131,15 +131,15 @@ def test_lamb1_min_is_textbook_sam():
     g = grad_at(model, x, y)
     norm = global_norm(g)
     e = [rho * gi / norm for gi in g]
-    g_pert = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e)])
-    expected = [wi - lr * gi for wi, gi in zip(w, g_pert)]
+    g_pert = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e, strict=True)])
+    expected = [wi - lr * gi for wi, gi in zip(w, g_pert, strict=True)]
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr)
     sam_steps(opt, model, x, y)
     assert_all_close(weights(model), expected)
     # and it is not plain gradient descent (the perturbation mattered)
-    plain = [wi - lr * gi for wi, gi in zip(w, g)]
-    assert max(float((a - b).abs().max()) for a, b in zip(weights(model), plain)) > 1e-4
+    plain = [wi - lr * gi for wi, gi in zip(w, g, strict=True)]
+    assert max(float((a - b).abs().max()) for a, b in zip(weights(model), plain, strict=True)) > 1e-4
 
 
 @pytest.mark.parametrize("lamb, sign", [(1.0, "max"), (0.5, "max"), (0.25, "min"), (2.0, "min"), (0.0, "max")])
@@ -162,11 +162,11 @@ def test_max_moves_along_g_minus_lamb_times_difference():
     w = weights(model)
     g = grad_at(model, x, y)
     e = [rho * gi / global_norm(g) for gi in g]
-    g2 = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e)])
-    direction = [gi - lamb * (g2i - gi) for gi, g2i in zip(g, g2)]
+    g2 = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e, strict=True)])
+    direction = [gi - lamb * (g2i - gi) for gi, g2i in zip(g, g2, strict=True)]
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lamb=lamb, sign="max", lr=lr)
     sam_steps(opt, model, x, y)
-    moved = [w0 - w1 for w0, w1 in zip(w, weights(model))]  # lr = 1: the step is the direction
+    moved = [w0 - w1 for w0, w1 in zip(w, weights(model), strict=True)]  # lr = 1: the step is the direction
     assert_all_close(moved, direction)
     # min and max with the same lamb move differently
     min_model = tiny_mlp()
@@ -182,13 +182,13 @@ def test_asam_perturbation_matches_formula():
     w = weights(model)
     g = grad_at(model, x, y)
     t = [wi.abs() for wi in w]
-    norm = global_norm([ti * gi for ti, gi in zip(t, g)])
-    e_expected = [rho * ti * ti * gi / norm for ti, gi in zip(t, g)]
+    norm = global_norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+    e_expected = [rho * ti * ti * gi / norm for ti, gi in zip(t, g, strict=True)]
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=True, lr=0.1)
     loss_of(model, x, y).backward()
     opt.first_step(zero_grad=True)
-    e_actual = [w1 - w0 for w0, w1 in zip(w, weights(model))]
+    e_actual = [w1 - w0 for w0, w1 in zip(w, weights(model), strict=True)]
     assert_all_close(e_actual, e_expected)
     # ASAM's perturbation is not SAM's: scaled per entry by |w|^2
     e_sam = [rho * gi / global_norm(g) for gi in g]
@@ -211,12 +211,12 @@ def test_param_groups_with_different_rho_are_respected():
     g = grad_at(model, x, y)
     norm = global_norm(g)  # one norm over every parameter, whatever its group
     rhos = [0.05] * len(first) + [0.4] * len(second)
-    e_expected = [r * gi / norm for r, gi in zip(rhos, g)]
+    e_expected = [r * gi / norm for r, gi in zip(rhos, g, strict=True)]
 
     opt = SAM([{"params": first, "rho": 0.05}, {"params": second, "rho": 0.4}], torch.optim.SGD, rho=0.1, lr=0.1)
     loss_of(model, x, y).backward()
     opt.first_step(zero_grad=True)
-    e_actual = [w1 - w0 for w0, w1 in zip(w, weights(model))]
+    e_actual = [w1 - w0 for w0, w1 in zip(w, weights(model), strict=True)]
     assert_all_close(e_actual, e_expected)
 
 
@@ -240,11 +240,11 @@ def test_group_options_lamb_sign_adaptive_per_group():
     n_first = len(list(model[0].parameters()))
     # group 0: ASAM-max with lamb 0.5; group 1: SAM-min, lamb 1; one global ||T g||
     t = [wi.abs() if i < n_first else torch.ones_like(wi) for i, wi in enumerate(w)]
-    norm = global_norm([ti * gi for ti, gi in zip(t, g)])
-    e = [rho * ti * ti * gi / norm for ti, gi in zip(t, g)]
-    g2 = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e)])
+    norm = global_norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+    e = [rho * ti * ti * gi / norm for ti, gi in zip(t, g, strict=True)]
+    g2 = grad_at(model, x, y, [wi + ei for wi, ei in zip(w, e, strict=True)])
     coeff = [-0.5 if i < n_first else 1.0 for i in range(len(w))]
-    expected = [wi - lr * (gi + c * (g2i - gi)) for wi, gi, g2i, c in zip(w, g, g2, coeff)]
+    expected = [wi - lr * (gi + c * (g2i - gi)) for wi, gi, g2i, c in zip(w, g, g2, coeff, strict=True)]
     opt = SAM([{"params": list(model[0].parameters()), "adaptive": True, "sign": "max", "lamb": 0.5},
                {"params": list(model[2].parameters())}], torch.optim.SGD, rho=rho, lr=lr)
     sam_steps(opt, model, x, y)
@@ -263,7 +263,7 @@ def test_norm_skips_parameters_without_gradient():
     loss_of(model, x, y).backward()
     assert unused.grad is None
     opt.first_step(zero_grad=True)
-    assert_all_close([w1 - w0 for w0, w1 in zip(w, weights(model))], e_expected)
+    assert_all_close([w1 - w0 for w0, w1 in zip(w, weights(model), strict=True)], e_expected)
     assert torch.equal(unused.detach(), torch.full((7,), 3.0, dtype=DTYPE))
     # the perturbation has norm rho exactly
     torch.testing.assert_close(global_norm(e_expected), torch.tensor(0.2, dtype=DTYPE))
@@ -431,10 +431,10 @@ def test_trainer_mask_freezes_entries_and_confines_the_perturbation(adaptive):
 
     # the perturbation expected at the start: e = rho T^2 (g*M) / ||T (g*M)||, zero outside M
     g = grad_at(model, x, y)
-    gm = [gi * mi for gi, mi in zip(g, masks)]
+    gm = [gi * mi for gi, mi in zip(g, masks, strict=True)]
     t = [wi.abs() if adaptive else torch.ones_like(wi) for wi in start]
-    norm = global_norm([ti * gi for ti, gi in zip(t, gm)])
-    e_expected = [rho * ti * ti * gi / norm for ti, gi in zip(t, gm)]
+    norm = global_norm([ti * gi for ti, gi in zip(t, gm, strict=True)])
+    e_expected = [rho * ti * ti * gi / norm for ti, gi in zip(t, gm, strict=True)]
 
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.0, weight_decay=0.0))
     objective = Objective("ce", "train", recording_loss, sam=SamSpec(rho=rho, adaptive=adaptive), mask=mask)
@@ -442,14 +442,14 @@ def test_trainer_mask_freezes_entries_and_confines_the_perturbation(adaptive):
         trainer.step([objective], {"train": [batch]})
 
     assert len(seen) == 8  # two passes per step
-    e_actual = [w1 - w0 for w0, w1 in zip(seen[0], seen[1])]
+    e_actual = [w1 - w0 for w0, w1 in zip(seen[0], seen[1], strict=True)]
     assert_all_close(e_actual, e_expected)
     for step in range(4):
         w_at, w_pert = seen[2 * step], seen[2 * step + 1]
-        for m, a, b in zip(masks, w_at, w_pert):
+        for m, a, b in zip(masks, w_at, w_pert, strict=True):
             assert torch.equal((b - a)[m == 0], torch.zeros_like(a[m == 0]))  # perturbation inside M
     end = weights(model)
-    for m, w0, w1 in zip(masks, start, end):
+    for m, w0, w1 in zip(masks, start, end, strict=True):
         assert torch.equal(w1[m == 0], w0[m == 0])  # masked entries never move
         assert not torch.equal(w1[m == 1], w0[m == 1])  # the others do
 
@@ -478,6 +478,6 @@ def test_trainer_mask_cache_follows_the_mask_object():
         trainer.step([Objective("ce", "train", cross_entropy, mask=mask)], {"train": [batch]})
         after = weights(model)
         del mask  # free it: the next dict may land at the same address
-        for i, (w0, w1) in enumerate(zip(before, after)):
+        for i, (w0, w1) in enumerate(zip(before, after, strict=True)):
             moved = not torch.equal(w0, w1)
             assert moved == ((i < 2) == keep_first), (step, names[i])
