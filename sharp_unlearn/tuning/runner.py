@@ -229,15 +229,12 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- results
-def _trial_status(result_grid) -> dict[str, str]:
-    try:
-        return {t.trial_id: t.status for t in result_grid._experiment_analysis.trials}
-    except AttributeError:  # pragma: no cover - older/newer Ray layouts
-        return {}
+def collect_rows(spec: SweepSpec, result_grid, run_ids: dict[str, str],
+                 statuses: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per trial; ``statuses`` (from the sweep callback) says which trials truly finished.
 
-
-def collect_rows(spec: SweepSpec, result_grid, run_ids: dict[str, str]) -> list[dict[str, Any]]:
-    statuses = _trial_status(result_grid)
+    (Ray marks the trials an interrupted sweep stopped TERMINATED too, so its own status cannot tell.)
+    """
     rows = []
     for result in result_grid:
         metrics = dict(result.metrics or {})
@@ -245,7 +242,7 @@ def collect_rows(spec: SweepSpec, result_grid, run_ids: dict[str, str]) -> list[
         trial_id = metrics.get("trial_id") or Path(str(result.path)).name
         epoch = int(metrics.get("epoch", 0))
         planned = int(metrics.get("epochs_planned", epoch))
-        status = statuses.get(trial_id, "ERROR" if result.error else "TERMINATED")
+        status = statuses.get(trial_id, "UNFINISHED")
         row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": epoch, "planned": planned,
                                "stopped_early": bool(status == "TERMINATED" and epoch < planned),
                                "diverged": bool(metrics.get("diverged")),
@@ -279,6 +276,10 @@ def pick_best(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | N
         return None
     sign = 1.0 if spec.objective.mode == "max" else -1.0
     return max(complete, key=lambda r: sign * float(r["objective"]))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _fmt(value: Any) -> Any:
@@ -382,6 +383,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
     else:
         parent_cm = open_run(base_cfg, kind="sweep", tags=tags, run_name=f"sweep-{spec.name}")
 
+    if not resume and meta.is_dir():  # left by an earlier attempt that never reached Ray: start clean
+        import shutil
+
+        shutil.rmtree(meta)
     meta.mkdir(parents=True, exist_ok=True)
     with parent_cm as parent:
         parent_id = parent.run_id
@@ -401,9 +406,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
                 import ray
 
                 ray.shutdown()
-        run_ids = json.loads((meta / "mlflow_runs.json").read_text()) if (meta / "mlflow_runs.json").is_file() \
-            else {}
-        rows = collect_rows(spec, result_grid, run_ids)
+        run_ids = _read_json(meta / "mlflow_runs.json")
+        rows = collect_rows(spec, result_grid, run_ids, _read_json(meta / "trial_status.json"))
         interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows) or \
             len(rows) < spec.total_trials
         best = None if interrupted else pick_best(spec, rows)
@@ -445,16 +449,14 @@ def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, par
             tuner = tune.Tuner.restore(str(path) if path else f"{spec.storage.rstrip('/')}/{spec.name}",
                                        trainable=trainable, resume_unfinished=True, resume_errored=True)
             return tuner.fit()
-        callbacks = []
-        if parent_id and uri:
-            from sharp_unlearn.tuning.callback import TrialRuns
+        from sharp_unlearn.tuning.callback import TrialRuns
 
-            callbacks.append(TrialRuns(uri=uri, experiment_id=experiment_id, parent_run_id=parent_id,
-                                       map_file=str(map_file), sweep=spec.name, stage=spec.stage, dims=spec.dims,
-                                       pretrain_tree=spec.pretrain_tree, unlearn_tree=spec.unlearn_tree,
-                                       unlearn_overrides=spec.unlearn_overrides,
-                                       common_tags={k: context.get(k) for k in
-                                                    ("split_hash", "pretrain_run_id", "reference_run_id")}))
+        callbacks = [TrialRuns(status_file=str(map_file.with_name("trial_status.json")), uri=uri,
+                               experiment_id=experiment_id, parent_run_id=parent_id, map_file=str(map_file),
+                               sweep=spec.name, stage=spec.stage, dims=spec.dims, pretrain_tree=spec.pretrain_tree,
+                               unlearn_tree=spec.unlearn_tree, unlearn_overrides=spec.unlearn_overrides,
+                               common_tags={k: context.get(k) for k in
+                                            ("split_hash", "pretrain_run_id", "reference_run_id")})]
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(spec),

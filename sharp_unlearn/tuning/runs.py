@@ -61,16 +61,37 @@ def trial_params(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
     return params
 
 
-class TrialRunsMixin:
-    """Tune callback hooks: child run per trial, metrics per result, status at the end.
+def _read_json(path: str | None) -> dict[str, Any]:
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return {}
 
-    Mixed into a ``ray.tune.Callback`` in ``tuning/callback.py`` (the only module importing Ray at the top).
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, target)
+
+
+class TrialRunsMixin:
+    """Tune callback hooks: which trials truly finished, and (with a tracking URI) their MLflow runs.
+
+    Finished means Tune ended the trial itself (it ran out of epochs, or the
+    scheduler stopped it): ``on_trial_complete``. An interrupted sweep also
+    ends its running trials, but without that hook; those resume on
+    ``--resume``. The status file is what the driver trusts for that.
+    Mixed into a ``ray.tune.Callback`` in ``tuning/callback.py`` (the only
+    module here importing Ray at the top).
     """
 
-    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, map_file: str, sweep: str,
-                 stage: str, dims, pretrain_tree, unlearn_tree, unlearn_overrides,
+    def __init__(self, *, status_file: str, sweep: str, stage: str, dims, pretrain_tree, unlearn_tree,
+                 unlearn_overrides, uri: str | None = None, experiment_id: str | None = None,
+                 parent_run_id: str | None = None, map_file: str | None = None,
                  common_tags: Mapping[str, Any] | None = None):
-        self.uri = uri
+        self.status_file = status_file
+        self.uri = uri if parent_run_id else None
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.map_file = map_file
@@ -83,13 +104,12 @@ class TrialRunsMixin:
         self.common_tags = dict(common_tags or {})
         self._client = None
         self._runs: dict[str, str] | None = None
-        self._last_epoch: dict[str, int] = {}
+        self._status: dict[str, str] | None = None
 
-    # a pickled Tuner (for --resume) must not carry a live client
+    # a pickled Tuner (for --resume) must carry no live client; the files hold the state
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_client"] = None
-        state["_runs"] = None
+        state.update(_client=None, _runs=None, _status=None)
         return state
 
     @property
@@ -101,22 +121,28 @@ class TrialRunsMixin:
     @property
     def runs(self) -> dict[str, str]:
         if self._runs is None:
-            path = Path(self.map_file)
-            self._runs = json.loads(path.read_text()) if path.is_file() else {}
+            self._runs = _read_json(self.map_file)
         return self._runs
 
-    def _save_map(self) -> None:
-        path = Path(self.map_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+    @property
+    def status(self) -> dict[str, str]:
+        if self._status is None:
+            self._status = _read_json(self.status_file)
+        return self._status
 
-    def run_id(self, trial) -> str | None:
-        return self.runs.get(trial.trial_id)
+    def _set_status(self, trial_id: str, value: str | None) -> None:
+        if value is None:
+            self.status.pop(trial_id, None)
+        else:
+            self.status[trial_id] = value
+        _write_json(self.status_file, self.status)
 
     # -- hooks -----------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.status:  # an errored trial restarted by --resume
+            self._set_status(trial.trial_id, None)
+        if self.uri is None:
+            return
         from sharp_unlearn.config import config_from_dict
         from sharp_unlearn.tracking import MlflowTracker, standard_tags
 
@@ -136,24 +162,23 @@ class TrialRunsMixin:
         run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep}-{trial.trial_id}",
                                      tags={k: str(v)[:5000] for k, v in tags.items() if v is not None})
         self.runs[trial.trial_id] = run.info.run_id
-        self._save_map()
+        _write_json(self.map_file, self.runs)
         MlflowTracker(self.client, run.info.run_id, uri=self.uri).log_params(trial_params(self.stage, pre_cfg,
                                                                                           un_cfg))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from sharp_unlearn.tracking import MlflowTracker
-
-        run_id = self.runs.get(trial.trial_id)
+        run_id = self.runs.get(trial.trial_id) if self.uri else None
         if run_id is None:
             return
+        from sharp_unlearn.tracking import MlflowTracker
+
         metrics = {k: v for k, v in result.items()
                    if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self._last_epoch[trial.trial_id] = epoch
         MlflowTracker(self.client, run_id, uri=self.uri).log_metrics(metrics, step=epoch)
 
     def _finish(self, trial, status: str, tags: Mapping[str, Any]) -> None:
-        run_id = self.runs.get(trial.trial_id)
+        run_id = self.runs.get(trial.trial_id) if self.uri else None
         if run_id is None:
             return
         from sharp_unlearn.tracking import MlflowTracker
@@ -164,6 +189,7 @@ class TrialRunsMixin:
             self.client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._set_status(trial.trial_id, "TERMINATED")
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
         planned = int(last.get("epochs_planned", epoch))
@@ -171,20 +197,21 @@ class TrialRunsMixin:
                                          "diverged": "true" if last.get("diverged") else None})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
+        run_id = self.runs.get(trial.trial_id) if self.uri else None
         if run_id is not None:
             with contextlib.suppress(Exception):
                 self.client.set_tag(run_id, "retries", str(trial.run_metadata.num_failures))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._set_status(trial.trial_id, "ERROR")
         error = getattr(trial, "error_file", None) or ""
         self._finish(trial, "FAILED", {"error": f"trial failed after {trial.run_metadata.num_failures} "
                                                 f"attempt(s); see {error}" if error else "trial failed"})
 
     def on_experiment_end(self, trials, **info):
-        # an interrupted sweep leaves unfinished trials; --resume reopens their runs
+        # an interrupted sweep ends its running trials without on_trial_complete; --resume reopens their runs
         for trial in trials:
-            if trial.status not in ("TERMINATED", "ERROR"):
+            if trial.trial_id not in self.status:
                 self._finish(trial, "KILLED", {"interrupted": "true"})
 
 
