@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,8 @@ def resolve_auto(names: Sequence[str], ctx: EvalContext) -> list[str]:
         if name == "auto":
             for candidate in AUTO_METRICS:
                 spec = METRICS.get(candidate)
-                runnable = all(ctx.has(s) for s in spec.needs) and (not spec.needs_reference or ctx.reference is not None)
+                has_reference = not spec.needs_reference or ctx.reference is not None
+                runnable = all(ctx.has(s) for s in spec.needs) and has_reference
                 if runnable and candidate not in out:
                     out.append(candidate)
         elif name not in out:

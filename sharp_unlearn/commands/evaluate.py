@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments
+from sharp_unlearn.progress import progress_bar
 from sharp_unlearn.report_console import print_metrics, print_rows
 
 
@@ -36,13 +37,16 @@ class Evaluate(Command):
         if args.no_tracking:
             overrides.append("tracking.enabled=false")
 
-        def progress(name: str) -> None:
-            if not (args.quiet or args.json):
-                print(f"evaluate: {name} ...", flush=True)
+        with progress_bar("evaluate", len(names), quiet=args.quiet or args.json) as advance:
+            done: list[str] = []
 
-        outcome = evaluate_checkpoint(args.checkpoint, names, out_dir=args.out, options=options,
-                                      config_files=args.config, overrides=overrides, reference=args.reference,
-                                      progress=progress)
+            def progress(name: str) -> None:  # called as each metric starts
+                advance(completed=len(done), status=name)
+                done.append(name)
+
+            outcome = evaluate_checkpoint(args.checkpoint, names, out_dir=args.out, options=options,
+                                          config_files=args.config, overrides=overrides, reference=args.reference,
+                                          progress=progress)
         result = outcome.result
         target = outcome.target
         if not args.json:

@@ -23,8 +23,8 @@ split with the surface and the contour side by side.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,12 +85,12 @@ def loss_surface(model: nn.Module, batches: Sequence, directions: tuple[Sequence
         with eval_mode(model), torch.no_grad():
             for i, a in enumerate(alphas):
                 for j, b in enumerate(betas):
-                    for p, w, x, y in zip(params, original, d1, d2):
+                    for p, w, x, y in zip(params, original, d1, d2, strict=True):
                         p.copy_(w + float(a) * x + float(b) * y)
                     loss[i, j], acc[i, j] = surface_fn(model, batches)
     finally:
         with torch.no_grad():
-            for p, w in zip(params, original):
+            for p, w in zip(params, original, strict=True):
                 p.copy_(w)
     return loss, acc
 

@@ -32,7 +32,7 @@ leakage, 0.5 = forget indistinguishable from test.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -18,7 +18,7 @@ well defined.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,15 +44,15 @@ def _weights(batches: Sequence) -> list[float]:
 def mean_loss(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy_mean) -> float:
     """Example-weighted mean of ``loss_fn`` over the batches (no graph)."""
     with torch.no_grad():
-        return float(sum(w * float(loss_fn(model, b)) for w, b in zip(_weights(batches), batches)))
+        return float(sum(w * float(loss_fn(model, b)) for w, b in zip(_weights(batches), batches, strict=True)))
 
 
 def loss_gradient(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy_mean) -> list[torch.Tensor]:
     params = _trainable(model)
     total = [torch.zeros_like(p) for p in params]
-    for w, batch in zip(_weights(batches), batches):
+    for w, batch in zip(_weights(batches), batches, strict=True):
         grads = torch.autograd.grad(loss_fn(model, batch) * w, params, allow_unused=True)
-        for t, g in zip(total, grads):
+        for t, g in zip(total, grads, strict=True):
             if g is not None:
                 t.add_(g)
     return total
@@ -63,22 +63,22 @@ def hessian_vector_product(model: nn.Module, batches: Sequence, vector: Sequence
     """``H v`` of the mean loss over the batches, by double backward (one pass per batch)."""
     params = _trainable(model)
     total = [torch.zeros_like(p) for p in params]
-    for w, batch in zip(_weights(batches), batches):
+    for w, batch in zip(_weights(batches), batches, strict=True):
         loss = loss_fn(model, batch) * w
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        pairs = [(g, v) for g, v in zip(grads, vector) if g is not None]
+        pairs = [(g, v) for g, v in zip(grads, vector, strict=True) if g is not None]
         if not pairs:
             continue
         dot = sum((g * v).sum() for g, v in pairs)
         hv = torch.autograd.grad(dot, params, allow_unused=True)
-        for t, h in zip(total, hv):
+        for t, h in zip(total, hv, strict=True):
             if h is not None:
                 t.add_(h)
     return total
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
 def top_hessian_eigenvalue(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy_mean, *,
@@ -128,7 +128,7 @@ def sam_sharpness(model: nn.Module, batches: Sequence, rho: float, loss_fn: Loss
             perturbed = mean_loss(model, batches, loss_fn)
         finally:
             with torch.no_grad():
-                for p, w in zip(params, original):
+                for p, w in zip(params, original, strict=True):
                     p.copy_(w)
     return perturbed - base, base
 

@@ -59,7 +59,7 @@ def test_directions_are_filter_normalised_and_skip_biases():
     direction = filter_normalized_direction(net, torch.Generator().manual_seed(1))
     params = list(net.parameters())
     assert len(direction) == len(params)
-    for d, p in zip(direction, params):
+    for d, p in zip(direction, params, strict=True):
         assert d.shape == p.shape
         if p.dim() <= 1:
             assert torch.count_nonzero(d) == 0
@@ -70,18 +70,19 @@ def test_directions_are_filter_normalised_and_skip_biases():
 def test_registered_metric_writes_grid_and_figures(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    data = {s: IndexedTensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,))) for s in ("retain", "forget", "test")}
+    data = {s: IndexedTensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+            for s in ("retain", "forget", "test")}
     points = 5
     ctx = EvalContext(net, data, options=EvalOptions(landscape_points=points, landscape_samples=20), out_dir=tmp_path)
     before = [p.detach().clone() for p in net.parameters()]
     result = METRICS.get("landscape").fn(ctx)
-    for p, w in zip(net.parameters(), before):
+    for p, w in zip(net.parameters(), before, strict=True):
         assert torch.equal(p.detach(), w)
     rows = {(v.metric, v.split) for v in result.values}
     assert rows == {(f"landscape_{k}", s) for k in ("spread", "grad", "basin") for s in ("forget", "test")}
     grid = pq.read_table(tmp_path / "landscape.parquet").to_pydict()
     assert len(grid["loss"]) == 2 * points * points and set(grid["split"]) == {"forget", "test"}
-    centre = [loss for a, b, loss, s in zip(grid["a"], grid["b"], grid["loss"], grid["split"])
+    centre = [loss for a, b, loss, s in zip(grid["a"], grid["b"], grid["loss"], grid["split"], strict=True)
               if a == 0 and b == 0 and s == "forget"]
     assert centre[0] == pytest.approx(result.details["landscape"]["forget"]["center_loss"], rel=1e-6)
     for split in ("forget", "test"):

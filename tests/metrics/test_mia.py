@@ -24,7 +24,8 @@ def test_attack_features_match_hand_computation():
     feats = attack_features(logits, labels)
     assert feats["correctness"].ravel().tolist() == [1.0, 0.0]
     np.testing.assert_allclose(feats["confidence"].ravel(), [0.7, 0.3])
-    np.testing.assert_allclose(feats["entropy"][0, 0], -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)))
+    entropy = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    np.testing.assert_allclose(feats["entropy"][0, 0], entropy)
     # Song & Mittal: -(1-p_y) log p_y - sum_{i != y} p_i log(1 - p_i)
     expected = -(0.3 * math.log(0.7)) - 0.2 * math.log(0.8) - 0.1 * math.log(0.9)
     np.testing.assert_allclose(feats["m_entropy"][0, 0], expected)

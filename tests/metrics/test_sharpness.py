@@ -54,7 +54,7 @@ def test_power_iteration_matches_the_exact_hessian_of_a_small_network():
 
     def loss_of(flat):
         params, start = {}, 0
-        for name, shape in zip(names, shapes):
+        for name, shape in zip(names, shapes, strict=True):
             size = shape.numel()
             params[name] = flat[start:start + size].reshape(shape)
             start += size
@@ -106,7 +106,8 @@ def test_batchnorm_is_in_eval_mode_and_the_model_is_left_untouched():
 def test_registered_metric_reports_every_split_and_the_forget_headline():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    data = {s: IndexedTensorDataset(torch.randn(30, 4), torch.randint(0, 3, (30,))) for s in ("forget", "retain", "test")}
+    data = {s: IndexedTensorDataset(torch.randn(30, 4), torch.randint(0, 3, (30,)))
+            for s in ("forget", "retain", "test")}
     ctx = EvalContext(net, data, options=EvalOptions(sharpness_samples=16, hessian_iters=50))
     result = METRICS.get("sharpness").fn(ctx)
     rows = {(v.metric, v.split): v.value for v in result.values}
