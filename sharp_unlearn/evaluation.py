@@ -241,6 +241,8 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
 
     ref_path = Path(reference) if reference is not None else (
         Path(state["reference_checkpoint"]) if state.get("reference_checkpoint") else None)
+    if ref_path is None and split_hash is not None and state.get("kind", "pretrain") == "pretrain":
+        ref_path = cached_reference(data_source, split_hash)
     ref_model = None
     if ref_path is not None:
         if not ref_path.is_file():
@@ -256,6 +258,19 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
     optimizer = str(state.get("optimizer_tag") or cfg.optimizer.tag)
     return EvaluationTarget(path, model.eval(), cfg, state, bundle, splits, ref_model, ref_path, forget_label,
                             split_hash, _kind_method(state), optimizer, device)
+
+
+def cached_reference(pretrain_cfg, split_hash: str) -> Path | None:
+    """The retrained reference ``unlearn`` cached for this pretraining recipe and split, if there is one."""
+    from sharp_unlearn.engine.checkpoint import load_checkpoint
+    from sharp_unlearn.recipes.pretrain import stage_dir
+
+    path = stage_dir(pretrain_cfg, "retrain", split_hash) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    complete = state.get("completed") and state.get("split_hash") == split_hash
+    return path if complete and state.get("config_hash") == pretrain_cfg.training_hash() else None
 
 
 @dataclass

@@ -165,8 +165,20 @@ def test_metrics_that_need_a_forget_set_or_a_reference_exit_2(trained, capsys):
     code, _, err = _cli(capsys, trained["pretrain"], "--no-tracking", "--metrics", "mia")
     assert code == 2 and "needs the split(s) retain, forget" in err and "forget.kind=random" in err
     code, _, err = _cli(capsys, trained["pretrain"], "--no-tracking", "--metrics", "tow",
-                        "forget.kind=random", "forget.size=60")
+                        "forget.kind=random", "forget.size=60", f"output_dir={trained['dir'] / 'elsewhere'}")
     assert code == 2 and "reference" in err
+
+
+def test_pretrain_checkpoint_finds_the_cached_reference_of_its_split(trained, tmp_path):
+    outcome = evaluate_checkpoint(trained["pretrain"], "tow", out_dir=tmp_path,
+                                  overrides=["tracking.enabled=false", "forget.kind=random", "forget.size=60"])
+    assert outcome.target.reference_checkpoint == trained["outcome"].reference.checkpoint
+    # the "do nothing" row: the same ToW the unlearning recipe reported for the original model
+    original = trained["outcome"].original_metrics
+    reference = trained["outcome"].reference.metrics
+    from sharp_unlearn.metrics.tow import tow
+
+    assert outcome.result.value("tow", "all") == pytest.approx(tow(original, reference))
 
 
 def test_forget_overrides_on_an_unlearn_checkpoint_and_wrong_reference_are_rejected(trained, capsys, tmp_path):
