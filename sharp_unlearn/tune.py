@@ -9,8 +9,18 @@ Public entry points (the pieces live in ``sharp_unlearn/tuning/``)::
 The sweep file format is documented in ``tuning/README.md``.
 """
 from sharp_unlearn.tuning.runner import SweepInterrupted, SweepOutcome, pick_best, prepare_inputs, run_sweep
-from sharp_unlearn.tuning.spec import (DISTRIBUTIONS, SCHEDULERS, SEARCHERS, STAGES, Constraint, Dimension,
-                                       Objective, SweepSpec, load_sweep, parse_sweep)
+from sharp_unlearn.tuning.spec import (
+                                       DISTRIBUTIONS,
+                                       SCHEDULERS,
+                                       SEARCHERS,
+                                       STAGES,
+                                       Constraint,
+                                       Dimension,
+                                       Objective,
+                                       SweepSpec,
+                                       load_sweep,
+                                       parse_sweep,
+)
 from sharp_unlearn.tuning.trainables import LocalSession, TrialInputs, run_trial, trial_configs
 
 __all__ = ["DISTRIBUTIONS", "SCHEDULERS", "SEARCHERS", "STAGES", "Constraint", "Dimension", "LocalSession",

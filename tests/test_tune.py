@@ -9,8 +9,15 @@ import pytest
 import yaml
 
 from sharp_unlearn.errors import ConfigError, MissingExtra
-from sharp_unlearn.tune import (Constraint, LocalSession, Objective, TrialInputs, parse_sweep, pick_best, run_trial,
-                                trial_configs)
+from sharp_unlearn.tune import (
+    Constraint,
+    LocalSession,
+    Objective,
+    parse_sweep,
+    pick_best,
+    run_trial,
+    trial_configs,
+)
 from sharp_unlearn.tuning.spec import resolve_trial_trees, set_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,3 +338,33 @@ def test_runtime_env_packaging_leaves_out_mlflow(tmp_path):
             "tuning/smoke.yaml", "pyproject.toml"} <= shipped
     assert not any(n.startswith("mlflow/") for n in shipped), shipped
     assert not any(n.startswith(("runs/", "tests/")) or n.endswith(".db") for n in shipped), shipped
+
+
+@pytest.mark.slow
+def test_pretrain_and_both_trials_use_the_shared_cache(tmp_path):
+    from sharp_unlearn.tune import prepare_inputs
+
+    pre_spec = parse(tmp_path, stage="pretrain", forget=None, method=None, unlearn=None,
+                     search={"optimizer": {"grid": [{"name": "sgd"}, {"name": "sam", "rho": 0.05}]}})
+    inputs, _ = prepare_inputs(pre_spec)
+    inputs.ledger_dir = str(tmp_path / "ledger")
+    first = LocalSession("p1")
+    final = run_trial(inputs, {"optimizer": {"name": "sam", "rho": 0.05}}, first)
+    assert [r["epoch"] for r in first.reports] == [1, 2, 3]
+    assert final["objective"] == final["val_acc"] and "test_acc" in final  # default objective of stage pretrain
+    again = LocalSession("p2")  # same config: the cached model, no training, one final report
+    assert run_trial(inputs, {"optimizer": {"name": "sam", "rho": 0.05}}, again)["val_acc"] == final["val_acc"]
+    assert [r["epoch"] for r in again.reports] == [3]
+    assert '"cached": true' in (tmp_path / "ledger" / "p2.jsonl").read_text()
+
+    both = parse(tmp_path, stage="both", search={"pretrain.optimizer": {"grid": [{"name": "sam", "rho": 0.05}]},
+                                                  "method.alpha": {"grid": [0.9, 0.95]}})
+    inputs, _ = prepare_inputs(both)
+    session = LocalSession("b1")
+    result = run_trial(inputs, {"pretrain.optimizer": {"name": "sam", "rho": 0.05}, "method.alpha": 0.95}, session)
+    # the pretraining above is reused (same config): its cache dir holds exactly one model of that config
+    cached = list((tmp_path / "runs" / "pretrain").glob("digits-small_cnn-sam-*"))
+    assert len(cached) == 1
+    assert [r["epoch"] for r in session.reports] == [1, 2, 3] and 0.0 <= result["tow"] <= 1.0
+    references = list((tmp_path / "runs" / "retrain").glob("digits-small_cnn-sam-*"))
+    assert len(references) == 1  # the trial's own reference, trained with its own pretraining recipe

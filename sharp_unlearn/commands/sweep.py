@@ -74,11 +74,19 @@ class Sweep(Command):
 def _print(outcome, spec) -> None:
     from sharp_unlearn.report_console import print_rows
 
-    # * = stopped early by the scheduler, ! = diverged (worst objective)
-    rows = [{**r, "trial_id": r["trial_id"] + ("*" if r.get("stopped_early") else "")
-             + ("!" if r.get("diverged") else "")} for r in (*outcome.baseline_rows, *outcome.rows)]
-    rows = [{k: (f"{v:.4g}" if isinstance(v, float) and k in spec.keys else v) for k, v in r.items()} for r in rows]
-    print_rows(f"sweep {outcome.name}: {spec.objective.describe()}", outcome.columns, rows)
+    # searched keys shown by their last part when that is unambiguous (method.rho_min -> rho_min)
+    last = [k.split(".")[-1] for k in spec.keys]
+    label = {k: (short if last.count(short) == 1 else k) for k, short in zip(spec.keys, last, strict=True)}
+    # the terminal table leaves out what the files keep (val_acc, train_loss)
+    columns = [label.get(c, c) for c in outcome.columns if c not in ("val_acc", "train_loss")]
+    rows = []
+    for row in (*outcome.baseline_rows, *outcome.rows):
+        shown = {label.get(k, k): (f"{v:.4g}" if isinstance(v, float) and k in label else v) for k, v in row.items()}
+        # * = stopped early by the scheduler, ! = diverged (worst objective)
+        shown["trial_id"] = row["trial_id"] + ("*" if row.get("stopped_early") else "") + (
+            "!" if row.get("diverged") else "")
+        rows.append(shown)
+    print_rows(f"sweep {outcome.name}: {spec.objective.describe()}", columns, rows)
     if any(r.get("stopped_early") for r in outcome.rows):
         print("* stopped early by the scheduler (the table shows its last reported epoch)")
     if any(r.get("diverged") for r in outcome.rows):

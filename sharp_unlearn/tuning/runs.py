@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from sharp_unlearn.errors import require
 from sharp_unlearn.tuning.spec import resolve_trial_trees

@@ -17,9 +17,10 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, load_yaml, merge, parse_override
 from sharp_unlearn.errors import ConfigError, MissingExtra

@@ -234,3 +234,22 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
     _, trials = mlflow_runs("trial")
     assert [p.info.status for p in parents] == ["FINISHED"]  # the same parent run, reopened and finished
     assert len(trials) == 6 and all(t.info.status == "FINISHED" for t in trials)
+
+
+def test_stage_both_pretrains_per_trial_and_logs_both_configs(tmp_path):
+    from sharp_unlearn.tune import load_sweep, run_sweep
+
+    path = write_sweep(tmp_path, "both", stage="both", method={"name": "neggrad", "epochs": 2, "alpha": 0.95},
+                       search={"pretrain.optimizer": {"grid": [{"name": "sgd"}, {"name": "sam", "rho": 0.05}]}})
+    outcome = run_sweep(load_sweep(path, storage=str(tmp_path / "storage")), num_cpus=2, quiet=True)
+    assert [r["status"] for r in outcome.rows] == ["TERMINATED", "TERMINATED"]
+    assert all(0.0 <= r["tow"] <= 1.0 and r["epochs"] == 2 for r in outcome.rows)
+    # one pretrained model and one reference per pretraining optimizer, in the shared cache
+    for kind in ("pretrain", "retrain"):
+        names = sorted(p.name.split("-")[2] for p in (tmp_path / "runs" / kind).iterdir())
+        assert names == ["sam", "sgd"], (kind, names)
+    _, trials = mlflow_runs("trial")
+    assert sorted(t.data.params["pretrain.optimizer.name"] for t in trials) == ["sam", "sgd"]
+    assert sorted(t.data.tags["pretrain_optimizer"] for t in trials) == ["sam", "sgd"]
+    # the unlearning side starts from each trial's own pretraining config (here: its optimizer too)
+    assert sorted(t.data.params["optimizer.name"] for t in trials) == ["sam", "sgd"]
