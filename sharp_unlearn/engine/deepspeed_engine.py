@@ -75,6 +75,29 @@ def init_distributed(cfg: ExperimentConfig) -> torch.device:
     return device
 
 
+def apply_group_timeout(seconds: float) -> int:
+    """Give every process group this rank belongs to the run's collective timeout; returns how many.
+
+    ``init_process_group(timeout=...)`` only covers the world group; DeepSpeed
+    creates its data-parallel groups with ``new_group()``, which takes torch's
+    default (30 minutes for gloo), so a frozen peer would hang a ZeRO
+    reduction that long. Call after ``deepspeed.initialize`` (which creates them).
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=seconds)
+    count = 0
+    for group in list(c10d._world.pg_map):
+        if group is None or c10d._rank_not_in_group(group):
+            continue
+        if hasattr(torch.distributed, "set_timeout"):
+            torch.distributed.set_timeout(timeout, group)
+        else:  # pragma: no cover - torch < 2.6
+            c10d._set_pg_timeout(timeout, group)
+        count += 1
+    return count
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

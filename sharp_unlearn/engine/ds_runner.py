@@ -33,7 +33,8 @@ from torch.utils.data import Dataset
 
 from sharp_unlearn.config import ExperimentConfig, OptimizerConfig, TrainConfig
 from sharp_unlearn.engine.checkpoint import save_checkpoint
-from sharp_unlearn.engine.deepspeed_engine import DeepSpeedTrainer, EngineModel, barrier, split_rows
+from sharp_unlearn.engine.deepspeed_engine import (DeepSpeedTrainer, EngineModel, apply_group_timeout, barrier,
+                                                   split_rows)
 from sharp_unlearn.engine.loop import Timer, as_batch, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Phase
 from sharp_unlearn.engine.runner import StageResult
@@ -179,6 +180,7 @@ def run_deepspeed_stage(
     optimizer = build_base_optimizer(model.parameters(), optimizer_cfg)
     scheduler = build_scheduler(optimizer, train_cfg, max(1, steps_per_epoch), epochs)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    apply_group_timeout(cfg.distributed.timeout_s)  # DeepSpeed's own groups too: a frozen peer fails the run
     trainer = DeepSpeedTrainer(engine, device=device, grad_accum=train_cfg.grad_accum)
 
     start_epoch, history = 0, []

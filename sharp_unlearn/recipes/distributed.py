@@ -21,8 +21,9 @@ logs to MLflow (``open_run`` checks ``RANK``).
 
 Faults: a worker that dies makes the launcher stop the others (torchrun on
 one node within seconds; Ray Train fails the run with ``max_failures=0``);
-across nodes the survivors fail at their next collective after
-``distributed.timeout_s``. The run exits 1 naming the sharded checkpoint;
+across nodes, or when a worker hangs, the others fail at their next
+collective after ``distributed.timeout_s`` (set on every process group,
+DeepSpeed's included). The run exits 1 naming the sharded checkpoint;
 rerunning the same command resumes from it.
 
 Ray Tune (Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer)`` is refused):

@@ -1,11 +1,15 @@
-"""Killing one worker fails the whole run within the stated timeout; a restart resumes.
+"""A dead or frozen worker fails the whole run within a stated time; a restart resumes.
 
 Real processes: ``sharp-unlearn pretrain ... distributed.launcher=torchrun`` with
-2 gloo workers (ZeRO-2, SAM). When rank 1 is killed (SIGKILL), torchrun stops
-rank 0 and the command exits 1 naming the last committed sharded checkpoint,
-well within ``distributed.timeout_s`` (the bound for survivors on other nodes,
-which only notice at their next collective). Rerunning the same command
-continues from that checkpoint and finishes the remaining epochs.
+2 gloo workers and SAM.
+
+* Killed (SIGKILL) rank 1: torchrun notices the death and stops rank 0 within
+  seconds; the command exits 1 naming the last committed sharded checkpoint.
+  Rerunning the same command resumes from it and finishes the remaining epochs.
+* Frozen (SIGSTOP) rank 1, as a hung node would be: rank 0's next collective
+  fails after ``distributed.timeout_s`` (on every process group, DeepSpeed's
+  own included), then torchrun stops the frozen rank (SIGTERM, then SIGKILL
+  after its 30 s grace). Stated bound: ``timeout_s + 30 s`` plus slack.
 """
 from __future__ import annotations
 
@@ -19,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-TIMEOUT_S = 30
-EPOCHS = 40
+TORCHRUN_GRACE_S = 30  # torchrun's SIGTERM -> SIGKILL wait for workers that do not exit
 
 
 def _alive(pid: int) -> bool:
@@ -35,49 +38,61 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _command(out: Path, epochs: int, stage: int, timeout_s: int) -> list[str]:
+    return [sys.executable, "-m", "sharp_unlearn", "pretrain", "--json", "--quiet", f"output_dir={out}",
+            "data.batch_size=32", "model.name=mlp", "model.options={hidden: [48]}", f"train.epochs={epochs}",
+            "optimizer.name=sam", "tracking.enabled=false", "distributed.backend=deepspeed",
+            f"distributed.zero_stage={stage}", "distributed.num_workers=2", "distributed.launcher=torchrun",
+            f"distributed.timeout_s={timeout_s}"]
+
+
+def _start_until_epoch(cmd: list[str], out: Path, epoch: int, env: dict):
+    """Start the run; return it once a sharded checkpoint of at least ``epoch`` is committed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.glob("pretrain/*/deepspeed/progress.json"))
+        if found:
+            try:
+                progress = json.loads(found[0].read_text())
+            except (OSError, json.JSONDecodeError):
+                progress = None
+            if progress and progress["epoch"] >= epoch:
+                assert not progress["completed"]
+                run_dir = found[0].parent.parent
+                pids = [int((run_dir / "launch" / f"rank{r}.pid").read_text()) for r in (0, 1)]
+                return proc, run_dir, pids
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "still running")
+    raise AssertionError(f"the run never reached epoch {epoch}: {err[-3000:]}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # only our own process group
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_killed_worker_fails_the_run_and_a_restart_resumes(tmp_path):
+    timeout_s, epochs = 30, 40
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "sharp_unlearn", "pretrain", "--json", "--quiet", f"output_dir={out}",
-           "data.batch_size=32", "model.name=mlp", "model.options={hidden: [48]}", f"train.epochs={EPOCHS}",
-           "optimizer.name=sam", "tracking.enabled=false", "distributed.backend=deepspeed",
-           "distributed.zero_stage=2", "distributed.num_workers=2", "distributed.launcher=torchrun",
-           f"distributed.timeout_s={TIMEOUT_S}"]
+    cmd = _command(out, epochs, stage=2, timeout_s=timeout_s)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc, run_dir, (rank0, rank1) = _start_until_epoch(cmd, out, 2, env)
     try:
-        deadline = time.monotonic() + 300
-        progress = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list(out.glob("pretrain/*/deepspeed/progress.json"))
-            if found:
-                try:
-                    progress = json.loads(found[0].read_text())
-                except (OSError, json.JSONDecodeError):
-                    progress = None
-                if progress and progress["epoch"] >= 2:
-                    break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert progress is not None and progress["epoch"] >= 2 and not progress["completed"]
-        run_dir = found[0].parent.parent
-        rank0 = int((run_dir / "launch" / "rank0.pid").read_text())
-        rank1 = int((run_dir / "launch" / "rank1.pid").read_text())
-
         os.kill(rank1, signal.SIGKILL)
         killed_at = time.monotonic()
-        _, err = proc.communicate(timeout=TIMEOUT_S + 60)
+        _, err = proc.communicate(timeout=timeout_s + 60)
         elapsed = time.monotonic() - killed_at
     finally:
-        if proc.poll() is None:  # only our own process group
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop_group(proc)
 
-    print(f"run failed {elapsed:.1f}s after rank 1 was killed (bound: {TIMEOUT_S}s)")
+    print(f"run failed {elapsed:.1f}s after rank 1 was killed")
     assert proc.returncode == 1, err[-3000:]
-    assert elapsed < TIMEOUT_S, f"the run took {elapsed:.1f}s to fail"
+    assert elapsed < timeout_s, f"the run took {elapsed:.1f}s to fail"
     assert "sharded run failed" in err and "rerun the same command to resume" in err
     assert "torchrun exited with code" in err
     assert not _alive(rank0), "rank 0 outlived the failed run"
@@ -90,7 +105,33 @@ def test_killed_worker_fails_the_run_and_a_restart_resumes(tmp_path):
     from sharp_unlearn.engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(result["checkpoint"])
-    assert state["completed"] and state["epoch"] == EPOCHS
+    assert state["completed"] and state["epoch"] == epochs
     assert state["resumed_from"] == committed["epoch"] >= 2  # continued, did not start over
-    assert [r["epoch"] for r in state["history"]] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in state["history"]] == list(range(1, epochs + 1))
     assert result["test_acc"] > 50.0  # 40 epochs of digits: well above chance (10 %)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_frozen_worker_fails_the_run_after_the_collective_timeout(tmp_path):
+    timeout_s = 8
+    out = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc, run_dir, (rank0, rank1) = _start_until_epoch(_command(out, 200, stage=3, timeout_s=timeout_s), out, 1,
+                                                       env)
+    try:
+        os.kill(rank1, signal.SIGSTOP)  # alive but silent, like a hung node
+        frozen_at = time.monotonic()
+        _, err = proc.communicate(timeout=timeout_s + TORCHRUN_GRACE_S + 90)
+        elapsed = time.monotonic() - frozen_at
+    finally:
+        if _alive(rank1):
+            os.kill(rank1, signal.SIGKILL)
+        _stop_group(proc)
+
+    print(f"run failed {elapsed:.1f}s after rank 1 froze (timeout_s={timeout_s})")
+    assert proc.returncode == 1, err[-3000:]
+    assert "Timed out" in err  # rank 0's collective gave up after timeout_s, not torch's 30-minute default
+    assert timeout_s <= elapsed < timeout_s + TORCHRUN_GRACE_S + 30
+    assert "sharded run failed" in err
+    assert not _alive(rank0)
