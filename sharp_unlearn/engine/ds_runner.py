@@ -33,8 +33,13 @@ from torch.utils.data import Dataset
 
 from sharp_unlearn.config import ExperimentConfig, OptimizerConfig, TrainConfig
 from sharp_unlearn.engine.checkpoint import save_checkpoint
-from sharp_unlearn.engine.deepspeed_engine import (DeepSpeedTrainer, EngineModel, apply_group_timeout, barrier,
-                                                   split_rows)
+from sharp_unlearn.engine.deepspeed_engine import (
+    DeepSpeedTrainer,
+    EngineModel,
+    apply_group_timeout,
+    barrier,
+    split_rows,
+)
 from sharp_unlearn.engine.loop import Timer, as_batch, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Phase
 from sharp_unlearn.engine.runner import StageResult
@@ -147,7 +152,7 @@ def run_deepspeed_stage(
     checkpoint_meta: Mapping[str, Any] | None = None,
     evaluate: Callable[[Any, int], dict[str, float]] | None = None,
     tracker: NullTracker | None = None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     quiet: bool = False,
     description: str = "train",
     resume: bool = True,
@@ -155,7 +160,8 @@ def run_deepspeed_stage(
     """Train ``model`` under DeepSpeed for ``epochs`` epochs of ``phases_fn(epoch)`` (all ranks call this).
 
     ``evaluate(model, epoch)`` runs on every rank (use :func:`distributed_accuracy`);
-    ``on_epoch_end(record)`` too (e.g. ``ray.train.report``, which every worker must call).
+    ``on_epoch_end(epoch, record)`` too, after the epoch's checkpoint is committed
+    (e.g. ``ray.train.report``, which every worker must call).
     Returns the export path as ``checkpoint``; ``resumed_from`` is the epoch resumed at.
     """
     deepspeed = require("deepspeed", "deepspeed")
@@ -229,12 +235,14 @@ def run_deepspeed_stage(
                 record.update(evaluate(trainer.proxy, epoch + 1))
             history.append(record)
             tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-            if on_epoch_end is not None:
-                on_epoch_end(record)
             if not last and train_cfg.checkpoint_every and (epoch + 1) % train_cfg.checkpoint_every == 0:
                 save(epoch + 1, completed=False)
+            if on_epoch_end is not None and not last:
+                on_epoch_end(epoch + 1, record)
             advance(status=f"loss {record['train_loss']:.3f}")
     final_tag = save(epochs, completed=True)
+    if on_epoch_end is not None and history and int(history[-1]["epoch"]) == epochs:
+        on_epoch_end(epochs, history[-1])
     if export_path is not None and rank == 0:
         save_checkpoint(export_path, {
             **meta,

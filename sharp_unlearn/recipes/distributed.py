@@ -149,7 +149,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     if spec.get("report") == "ray":
         from ray import train as ray_train
 
-        def on_epoch_end(record):  # every worker must call report the same number of times
+        def on_epoch_end(epoch, record):  # every worker must call report the same number of times
             ray_train.report({k: float(v) for k, v in record.items()})
 
     tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash,
