@@ -107,7 +107,13 @@ def barrier() -> None:
 class EngineModel:
     """What an objective's loss receives as ``model``: ``model(x)`` runs ``engine.forward``
     (DeepSpeed hooks its backward bookkeeping onto that output); other attributes
-    (``features``, ``head``, ``parameters``...) are the wrapped module's."""
+    (``features``, ``head``, ``parameters``...) are the wrapped module's.
+
+    Calling a submodule directly (``model.features(x)``) works at every stage
+    (ZeRO-3 gathers a submodule's parameters in its own forward hooks), except
+    for parameters registered on the top-level module itself at stage 3, which
+    only its own forward gathers: losses should prefer ``model(x)``.
+    """
 
     def __init__(self, engine):
         self.__dict__["_engine"] = engine

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("deepspeed")  # the `deepspeed` extra
+
 TOLERANCE = 1e-5
 STAGES = (0, 1, 2, 3)
 CASES = ("sam-min", "sam-max", "asam-max", "sgd", "accum2-sam-min", "minmax", "minmax-accum2")

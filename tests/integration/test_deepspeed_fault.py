@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("deepspeed")  # the `deepspeed` extra
+
 TORCHRUN_GRACE_S = 30  # torchrun's SIGTERM -> SIGKILL wait for workers that do not exit
 
 

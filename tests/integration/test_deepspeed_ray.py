@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+pytest.importorskip("deepspeed")  # the `deepspeed` extra
+
 EPOCHS = 3
 BASE = ["data.batch_size=32", "model.name=mlp", "model.options={hidden: [64]}", f"train.epochs={EPOCHS}",
         "optimizer.name=sam", "optimizer.lr=0.1", "distributed.backend=deepspeed", "distributed.zero_stage=3",
