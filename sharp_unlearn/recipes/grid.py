@@ -50,13 +50,20 @@ def load_spec(path: str | None, default: str, overrides: Sequence[str] = ()) -> 
     return spec
 
 
+def method_of(entry: str) -> str:
+    """A methods entry is ``name`` or ``name@label`` (several entries of one method, e.g. tuned per optimizer)."""
+    return entry.split("@", 1)[0]
+
+
 def select_methods(spec: dict[str, Any], methods: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     wanted = dict(spec.get("methods") or {name: {} for name in METHODS.names()})
+    for entry in wanted:
+        METHODS.get(method_of(entry))  # raises listing the known names
     if methods:
         for name in methods:
-            METHODS.get(name)  # raises listing the known names
-        wanted = {m: wanted.get(m, {}) for m in methods}
-    return {m: dict(o or {}) for m, o in wanted.items() if m in METHODS and m != "retrain"}
+            METHODS.get(name)
+        wanted = {e: o for e, o in wanted.items() if method_of(e) in methods} or {m: {} for m in methods}
+    return {e: dict(o or {}) for e, o in wanted.items() if method_of(e) != "retrain"}
 
 
 @dataclass
@@ -95,7 +102,8 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
             for level in levels:
                 forget = merge(copy.deepcopy(spec["forget"]), {"level": level})
                 split = None
-                for method_name, method_over in wanted.items():
+                for entry, method_over in wanted.items():
+                    method_name = method_of(entry)
                     method_over = dict(method_over)
                     optimizers = method_over.pop("optimizers", None) or spec["unlearn_optimizers"]
                     optimizer_over = dict(method_over.pop("optimizer", None) or {})

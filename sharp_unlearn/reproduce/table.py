@@ -255,8 +255,79 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
             "summary": str(summary_path), "speedup": speed, "sam_vs_sgd": statements}
 
 
-def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool) -> dict[str, Any]:
-    """``--sweep``: tune each method's cell with Ray Tune first, then use the best settings."""
-    from sharp_unlearn.tune import tune_grid_methods
+#: what ``--sweep`` searches per method (the learning rate always; the method's own weights where it has them)
+SWEEP_SPACE: dict[str, dict[str, Any]] = {
+    "neggrad": {"method.alpha": {"uniform": [0.9, 0.999]}},
+    "sharp_minmax": {"method.alpha": {"uniform": [0.9, 0.999]}, "method.mask_fraction": {"uniform": [0.2, 0.8]},
+                     "method.rho_max": {"loguniform": [0.01, 0.2]}},
+    "salun": {"method.mask_fraction": {"uniform": [0.2, 0.8]}},
+    "l1_sparse": {"method.l1_weight": {"loguniform": [1e-5, 1e-3]}},
+    "scrub": {"method.temperature": {"choice": [2.0, 4.0]}},
+}
 
-    return tune_grid_methods(spec, seed=seed, output_dir=output_dir, tracking=tracking, quiet=quiet)
+
+def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool,
+                 num_samples: int = 6) -> dict[str, Any]:
+    """``--sweep``: tune every (method, unlearn optimizer) cell with Ray Tune on the first level's forget
+    set (ToW, ASHA), then run the grid with each cell's best settings.
+
+    The tuned settings are recorded in the returned spec (``methods.<name>.per_optimizer``) and the
+    sweeps are MLflow parent runs of their own, so a reader can see what was searched.
+    """
+    from sharp_unlearn.tune import parse_sweep, run_sweep
+
+    tuned = copy.deepcopy(spec)
+    level = (spec.get("levels") or [spec["forget"].get("level", "high")])[-1]
+    methods = dict(spec.get("methods") or {})
+    per_cell: dict[str, dict[str, Any]] = {}
+    for method_name, over in methods.items():
+        over = dict(over or {})
+        optimizers = over.pop("optimizers", None) or spec["unlearn_optimizers"]
+        optimizer_over = dict(over.pop("optimizer", None) or {})
+        for opt in optimizers:
+            search = {"optimizer.lr": {"loguniform": [0.002, 0.1]}, **SWEEP_SPACE.get(method_name, {})}
+            raw = {"name": f"reproduce-{method_name}-{opt}-s{seed}", "stage": "unlearn",
+                   "base": merge(spec["base"], {"seed": seed}),
+                   "forget": merge(spec["forget"], {"level": level}),
+                   "unlearn": merge(spec.get("unlearn", {}), {"optimizer": {**optimizer_over, "name": opt}}),
+                   "method": {"name": method_name, **over},
+                   "search": search, "objective": {"metric": "tow", "mode": "max"},
+                   "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                   "searcher": {"name": "random", "seed": seed}, "num_samples": num_samples,
+                   "resources": {"cpu": 1}, "output_dir": output_dir}
+            sweep = parse_sweep(raw, tracking=tracking)
+            try:
+                outcome = run_sweep(sweep, resume=False, quiet=quiet)
+            except ConfigError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                outcome = run_sweep(sweep, resume=True, quiet=quiet)  # a finished sweep: reuse its trials
+            if outcome.best is None:
+                continue
+            best = {key: outcome.best[key] for key in search if key in outcome.best}
+            per_cell[f"{method_name}/{opt}"] = best
+    tuned["tuned"] = per_cell
+    return apply_tuned(tuned)
+
+
+def apply_tuned(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fold ``spec["tuned"]`` (``{"method/opt": {"optimizer.lr": .., "method.alpha": ..}}``) into per-method,
+    per-optimizer entries the grid understands (one method entry per tuned optimizer)."""
+    tuned = spec.pop("tuned", {}) or {}
+    methods = dict(spec.get("methods") or {})
+    out: dict[str, Any] = {}
+    for method_name, over in methods.items():
+        over = dict(over or {})
+        optimizers = over.pop("optimizers", None) or spec["unlearn_optimizers"]
+        for opt in optimizers:
+            cell = copy.deepcopy(over)
+            cell["optimizers"] = [opt]
+            for key, value in tuned.get(f"{method_name}/{opt}", {}).items():
+                section, field_name = key.split(".", 1)
+                if section == "optimizer":
+                    cell.setdefault("optimizer", {})[field_name] = value
+                else:
+                    cell[field_name] = value
+            out[method_name if len(optimizers) == 1 else f"{method_name}@{opt}"] = cell
+    spec["methods"] = out
+    return spec
