@@ -56,7 +56,7 @@ class Sweep(Command):
                   f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU per trial")
         try:
             outcome = run_sweep(spec, address=args.address, resume=args.resume, num_cpus=args.num_cpus,
-                                quiet=args.quiet)
+                                quiet=args.quiet or args.json)
         except SweepInterrupted as exc:
             outcome = getattr(exc, "outcome", None)
             if outcome is not None and not args.json:

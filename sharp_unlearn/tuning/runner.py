@@ -197,6 +197,25 @@ def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
     return True
 
 
+def _loopback_connect_settings(address: str) -> None:
+    """Let a driver join a Ray head on this machine's loopback address (e.g. cluster/start-local.sh).
+
+    Ray (2.60) rewrites a 127.0.0.1 bootstrap address to the node's outward IP,
+    where a loopback-only head does not listen, unless clusters are marked
+    unsupported for this platform; and a driver joining an existing instance
+    only sends the token ``ray start`` keeps in ~/.ray/auth_token when token
+    auth is switched on explicitly. Both are read when Ray is imported, so
+    this runs before the first Ray import (as the CLI does); both settings
+    stay in this process.
+    """
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _check_fit(spec: SweepSpec) -> None:
     """A trial must fit the cluster it runs on, or Ray would wait forever."""
     import ray
@@ -338,6 +357,8 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
 # --------------------------------------------------------------------------- the sweep
 def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = False, num_cpus: int | None = None,
               quiet: bool = False) -> SweepOutcome:
+    if address or os.environ.get("RAY_ADDRESS"):
+        _loopback_connect_settings(address or os.environ["RAY_ADDRESS"])
     require("ray.tune", "tune")
     from sharp_unlearn.tracking import open_run, preflight
 

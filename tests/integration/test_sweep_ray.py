@@ -253,3 +253,46 @@ def test_stage_both_pretrains_per_trial_and_logs_both_configs(tmp_path):
     assert sorted(t.data.tags["pretrain_optimizer"] for t in trials) == ["sam", "sgd"]
     # the unlearning side starts from each trial's own pretraining config (here: its optimizer too)
     assert sorted(t.data.params["optimizer.name"] for t in trials) == ["sam", "sgd"]
+
+
+def test_sweep_joins_an_existing_ray_head_with_address(tmp_path, free_port):
+    """`--address`: the driver joins a Ray head started separately (as cluster/start-local.sh does)."""
+    import shutil
+    import tempfile
+
+    # a short temp dir: Ray's unix socket paths must stay under ~107 characters
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                             str(free_port), "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir",
+                             str(ray_tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and head.poll() is None:
+            if "blocking" in _head_log(ray_tmp) or list(ray_tmp.glob("session_*/logs/raylet.out")):
+                break
+            time.sleep(0.5)
+        assert head.poll() is None, "the Ray head did not start"
+        time.sleep(3)
+        path = write_sweep(tmp_path, "joined")
+        # the CLI in its own process, as a user runs it (this test process has Ray imported already)
+        driver = subprocess.run([sys.executable, "-m", "sharp_unlearn", "sweep", str(path), "--address",
+                                 f"127.0.0.1:{free_port}", "--storage", str(tmp_path / "storage"), "--json"],
+                                capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        result = json.loads(driver.stdout[driver.stdout.index('{\n  "name"'):])
+        assert [r["status"] for r in result["rows"]] == ["TERMINATED", "TERMINATED"]
+        assert head.poll() is None  # the driver left the cluster it joined running
+    finally:
+        head.terminate()  # `ray start --block` stops its own processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    _, trials = mlflow_runs("trial")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+
+
+def _head_log(ray_tmp: Path) -> str:
+    return "".join(f.read_text(errors="replace") for f in ray_tmp.glob("session_*/logs/raylet.out"))
