@@ -16,9 +16,10 @@ gamma='auto') per attack feature:
 Efficacy of a target set = the share of its examples the SVC predicts "out"
 (a fraction in [0, 1]; higher = the set looks less like training data). The
 headline ``mia_efficacy`` uses the **confidence** feature, the one SalUn's
-tables report. Besides the forget set, the same SVC scores ``val`` (never
-trained on: the non-member rate a perfectly forgotten set should show) and
-the retain examples left out of the shadow set (the member rate).
+tables report. Besides the whole forget set, the same SVC scores ``val``
+(never trained on: the non-member rate a perfectly forgotten set should show)
+and the retain examples left out of the shadow set (the member rate), each
+on at most ``mia_max_baseline`` seeded examples.
 
 **Threshold-free attack** (``mia_auc``, ``mia_tpr_at_1fpr``). Score per
 example = LiRA's logit-scaled confidence ``phi = log p_y - log(1 - p_y)``.
@@ -154,12 +155,14 @@ def mia_metric(ctx: EvalContext) -> MetricResult:
     result = MetricResult()
     retain, forget, test = ctx.outputs("retain"), ctx.outputs("forget"), ctx.outputs("test")
     in_pos, out_pos = shadow_positions(len(retain), len(test), ctx.options.mia_max_shadow, ctx.seed)
+    baseline_cap = min(ctx.options.mia_max_baseline, len(out_pos))
     targets = {"forget": forget}
     if ctx.has("val"):
-        targets["val"] = ctx.outputs("val")
+        val = ctx.outputs("val")
+        targets["val"] = val.take(sample_positions(len(val), baseline_cap, ctx.seed, salt=4))
     held_out = np.setdiff1d(np.arange(len(retain)), in_pos)
     if len(held_out):
-        held_out = held_out[sample_positions(len(held_out), len(out_pos), ctx.seed, salt=3)]
+        held_out = held_out[sample_positions(len(held_out), baseline_cap, ctx.seed, salt=3)]
         targets["retain"] = retain.take(held_out)
     efficacy = svc_mia(retain.take(in_pos), test.take(out_pos), targets)
     for feature, by_target in efficacy.items():
