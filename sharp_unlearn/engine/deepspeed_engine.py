@@ -53,9 +53,20 @@ def dist_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def quiet_deepspeed_deprecations() -> None:
+    """DeepSpeed calls collectives torch 2.14 renamed, and torch warns on *every* call
+    (thousands of lines per run, enough to fill a pipe and stall a worker whose
+    output nobody reads yet): silence exactly those."""
+    import warnings
+
+    renamed = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", category=FutureWarning, message=renamed)
+
+
 def init_distributed(cfg: ExperimentConfig) -> torch.device:
     """Join (or reuse) the process group with ``distributed.timeout_s``; returns this rank's device."""
     deepspeed = require("deepspeed", "deepspeed")
+    quiet_deepspeed_deprecations()
     rank, world, local_rank = dist_env()
     if world != cfg.distributed.num_workers:
         raise ConfigError(f"this worker was launched with WORLD_SIZE={world}, but distributed.num_workers="
