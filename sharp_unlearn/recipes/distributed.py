@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     """``validate`` / ``launch`` (driver) and ``worker`` (one rank under torchrun or deepspeed)."""
     parser = argparse.ArgumentParser(prog="python -m sharp_unlearn.recipes.distributed",
                                      description=__doc__.splitlines()[0])
+    # the deepspeed launcher puts --local_rank=N right after the module name, before the action
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="action", required=True)
     for name, text in (("validate", "check the config, DeepSpeed JSON and resources; start nothing"),
                        ("launch", "validate, then run on N workers (Ray Train or torchrun)"),
@@ -410,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--no-resume", action="store_true")
         if name == "worker":
             p.add_argument("--spec", default=None, help="spec JSON written by the launcher")
-            p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+            p.add_argument("--local_rank", "--local-rank", dest="local_rank_", type=int, default=None,
                            help="passed by the deepspeed launcher; LOCAL_RANK is read from the environment")
     args = parser.parse_args(argv)
     try:
