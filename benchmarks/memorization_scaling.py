@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     mpm = {w: 60.0 * sum(s["models"]) / sum(s["wall"]) for w, s in per_setting.items()}
     # the speed-up of each adjacent (1-worker, 2-worker) pair of rounds, then the median: a burst
     # of load from a neighbour spoils one pair, not the whole figure
-    pair_ratios = [w1 / w2 for w1, w2 in zip(per_setting[1]["wall"], per_setting[2]["wall"])]
+    pair_ratios = [w1 / w2 for w1, w2 in zip(per_setting[1]["wall"], per_setting[2]["wall"], strict=True)]
     speedup = statistics.median(pair_ratios)
     efficiency = speedup / 2
     model_seconds = statistics.median(per_setting[1]["task"])

@@ -17,9 +17,10 @@ without training); the K trainings and their Ray orchestration live in
 (loss, confidence, learning speed) in :mod:`sharp_unlearn.data.memorization_proxies`.
 
 Small-K shrinkage: each conditional probability gets one pseudo-observation
-at the example's pooled accuracy ``q = correct / K`` over all K models: ``p_in = (correct_in + q) / (n_in + 1)``, likewise ``p_out``. With
-p = 0.7 and a few dozen models some examples are never held out, where a plain
-mean is undefined; the shrunk estimate is then 0 (no evidence of memorization)
+at the example's pooled accuracy ``q = correct / K`` over all K models:
+``p_in = (correct_in + q) / (n_in + 1)``, likewise ``p_out``. With p = 0.7
+and a few dozen models some examples are never held out, where a plain mean
+is undefined; the shrunk estimate is then 0 (no evidence of memorization)
 rather than an artefact. Shrinking towards the pooled rate (not towards 1/2)
 keeps examples that every model gets right, or every model gets wrong, at
 exactly 0 whatever the in/out counts; it moves a score by at most
@@ -33,9 +34,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

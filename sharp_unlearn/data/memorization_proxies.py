@@ -22,8 +22,8 @@ import contextlib
 import dataclasses
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -114,7 +114,8 @@ def compute_proxy_scores(cfg: ExperimentConfig, bundle=None, kinds: Sequence[str
     path = proxy_cache_path(cfg)
     records = None
     if use_cache and path.is_file():
-        with contextlib.suppress(OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile), np.load(path, allow_pickle=False) as data:
+        unreadable = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
+        with contextlib.suppress(*unreadable), np.load(path, allow_pickle=False) as data:
             records = {k: data[k] for k in ("prob_label", "loss", "correct")}
     if records is not None and bundle is not None and records["loss"].shape[1] != len(bundle.train_eval):
         records = None  # a cache from another version of the data set

@@ -143,11 +143,11 @@ def test_score_table_round_trip(tmp_path):
 
 
 def test_score_table_is_accepted_by_forget_set_selection(tmp_path):
+    import torch
+
     from sharp_unlearn.config import ForgetConfig
     from sharp_unlearn.data.base import DatasetBundle, IndexedTensorDataset
     from sharp_unlearn.data.forget import select_forget_set
-
-    import torch
 
     n = 30
     data = IndexedTensorDataset(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long))

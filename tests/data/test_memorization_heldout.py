@@ -7,7 +7,7 @@ import pytest
 from sharp_unlearn.config import load_config
 from sharp_unlearn.data import build_dataset
 from sharp_unlearn.data.memorization import auroc, compute_memorization, heldout_estimate, read_scores
-from sharp_unlearn.data.memorization_heldout import HeldoutSettings, model_path, run_heldout
+from sharp_unlearn.data.memorization_heldout import HeldoutSettings, default_run_dir, model_path, run_heldout
 
 #: a recipe that memorizes flipped digits labels within ~1 s per model (adam, constant lr, no decay)
 MEMORIZING = ["model.name=mlp", "model.options={hidden: [256, 256]}", "optimizer.name=adam",
@@ -114,9 +114,7 @@ def test_flipped_labels_get_the_highest_scores(mem_cfg, tmp_path):
     np.testing.assert_allclose(score, result.estimate.score)
 
     # the standard error shrinks as K grows (estimates from the first 3, 6, 12 models)
-    from sharp_unlearn.data.memorization_heldout import default_run_dir, run_heldout as rerun
-
-    stacked = rerun(cfg, serial(12), run_dir=default_run_dir(cfg, 0.7), quiet=True)
+    stacked = run_heldout(cfg, serial(12), run_dir=default_run_dir(cfg, 0.7), quiet=True)
     assert stacked.trained == []  # all 12 on disk
     mean_se = [heldout_estimate(stacked.masks[:k], stacked.train_correct[:k]).stderr.mean() for k in (3, 6, 12)]
     assert mean_se[0] > mean_se[1] > mean_se[2]
