@@ -12,10 +12,14 @@ class Pretrain(Command):
     def add_arguments(self, parser):
         add_config_arguments(parser)
         parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+        parser.add_argument("--address", default=None,
+                            help="Ray cluster for distributed.backend=deepspeed (same as distributed.address=...)")
 
     def run(self, args):
         from sharp_unlearn.recipes.pretrain import train_from_scratch
 
+        if args.address:
+            args.overrides = [*args.overrides, f"distributed.address={args.address}"]
         cfg = config_from_args(args)
         outcome = train_from_scratch(cfg, quiet=args.quiet, resume=not args.no_resume, use_cache=False)
         result = {"checkpoint": str(outcome.checkpoint), "run_id": outcome.run_id, **outcome.metrics}
