@@ -117,6 +117,8 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     from sharp_unlearn.recipes.pretrain import cross_entropy_loss
     from sharp_unlearn.tracking import open_run
 
+    if spec.get("kind") == "unlearn":
+        return run_unlearn_worker(spec)
     cfg = config_from_dict(spec["cfg"])
     kind = spec.get("kind", "pretrain")
     out_dir = Path(spec["out_dir"])
@@ -191,6 +193,90 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
             _write_atomic(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
         result.engine.destroy()
         barrier()
+    return outcome
+
+
+def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One rank of a sharded unlearning stage (spec from :func:`make_unlearn_spec`).
+
+    The driver (``run_unlearning``) selected the split, trained the reference and
+    keeps measuring; each rank rebuilds the pretrained model and the *same* split
+    from the positions in the spec (never reselecting), prepares the method on the
+    full model before DeepSpeed partitions it (saliency masks, SCRUB's teacher),
+    runs the phases, and rank 0 exports the consolidated fp32 weights.
+    """
+    import torch
+
+    from sharp_unlearn.data.forget import ForgetSplit
+    from sharp_unlearn.engine.checkpoint import load_model_state
+    from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
+    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.ds_runner import _write_atomic, run_deepspeed_stage
+    from sharp_unlearn.methods import METHODS, UnlearnContext
+    from sharp_unlearn.metrics.accuracy import subset
+    from sharp_unlearn.models import build_model
+    from sharp_unlearn.optim.factory import sam_spec
+    from sharp_unlearn.recipes.unlearn import load_pretrained
+
+    cfg = config_from_dict(spec["cfg"])
+    out_dir = Path(spec["out_dir"])
+    _stdout_to_stderr()
+    device = init_distributed(cfg)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    (out_dir / "launch").mkdir(parents=True, exist_ok=True)
+    (out_dir / "launch" / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    pretrained = load_pretrained(spec["checkpoint"])
+    bundle = pretrained.bundle
+    s = spec["split"]
+    split = ForgetSplit(np.asarray(s["forget_positions"], dtype=np.int64),
+                        np.asarray(s["retain_positions"], dtype=np.int64),
+                        np.asarray(s["forget_indices"], dtype=np.int64),
+                        np.asarray(s["retain_indices"], dtype=np.int64), s["split_hash"], s["label"],
+                        None if s["scores"] is None else np.asarray(s["scores"], dtype=np.float64))
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    load_model_state(model, pretrained.state["model"], f"checkpoint {spec['checkpoint']!r}")
+    model.to(device)
+    method = METHODS.get(cfg.method.name)(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
+    retain_ds = subset(bundle.train, split.retain_positions)
+    forget_ds = subset(bundle.train, split.forget_positions)
+    # the same context as the single-device recipe; batch_size is the global batch it sees
+    ctx = UnlearnContext(model=model, retain=retain_ds, forget=forget_ds, num_classes=bundle.num_classes,
+                         device=device, seed=cfg.seed, batch_size=cfg.data.batch_size * world,
+                         extras={"forget_scores": None if split.scores is None
+                                 else split.scores[split.forget_positions],
+                                 "bundle": bundle, "split": split, "config": cfg},
+                         forget_eval=subset(bundle.train_eval, split.forget_positions))
+    datasets = {"retain": retain_ds, "forget": forget_ds}
+    extra_streams = method.prepare(ctx)  # on the full model: DeepSpeed has not partitioned it yet
+    if isinstance(extra_streams, dict):
+        datasets.update(extra_streams)
+
+    on_epoch_end = None
+    if spec.get("report") == "ray":
+        from ray import train as ray_train
+
+        def on_epoch_end(epoch, record):  # every worker must call report the same number of times
+            ray_train.report({k: float(v) for k, v in record.items()})
+
+    export_path = out_dir / "unlearned_fp32.pt"
+    # the driver holds the MLflow run; workers log nothing (it logs the history afterwards)
+    result = run_deepspeed_stage(
+        model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer, train_cfg=cfg.train,
+        epochs=method.epochs, ds_config=resolve_deepspeed_config(cfg), device=device,
+        sharded_dir=out_dir / "deepspeed", export_path=export_path,
+        checkpoint_meta={"config_hash": spec["config_hash"], "kind": "unlearn", "split_hash": split.split_hash,
+                         "model_name": cfg.model.name, "dataset": cfg.data.name},
+        on_epoch_end=on_epoch_end, quiet=bool(spec.get("quiet")),
+        description=f"unlearn {cfg.method.name}/{method.optimizer_tag} zero{cfg.distributed.zero_stage}",
+        resume=bool(spec.get("resume", True)))
+    outcome = None
+    if rank == 0:
+        outcome = {"checkpoint": str(export_path), "wall_seconds": result.wall_seconds,
+                   "history": result.history, "resumed_from": result.resumed_from}
+        _write_atomic(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
+    result.engine.destroy()
+    barrier()
     return outcome
 
 
@@ -390,6 +476,46 @@ def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: s
             epoch_callback(int(record["epoch"]), record)
     return TrainOutcome(Path(outcome["checkpoint"]), dict(outcome["metrics"]), outcome.get("run_id"),
                         cached=False, wall_seconds=float(outcome["wall_seconds"]), history=history)
+
+
+def make_unlearn_spec(cfg: ExperimentConfig, checkpoint: str | Path, split, out_dir: str | Path, *,
+                      config_hash: str, quiet: bool = False, resume: bool = True) -> dict[str, Any]:
+    """A sharded unlearning stage's spec: the run config, the pretrained checkpoint and the split itself."""
+    cfg = _absolute(cfg)
+
+    def ints(values):
+        return [int(v) for v in np.asarray(values)]
+
+    return {
+        "cfg": cfg.to_dict(), "kind": "unlearn", "checkpoint": str(Path(checkpoint).resolve()),
+        "split": {"forget_positions": ints(split.forget_positions), "retain_positions": ints(split.retain_positions),
+                  "forget_indices": ints(split.forget_indices), "retain_indices": ints(split.retain_indices),
+                  "split_hash": split.split_hash, "label": split.label,
+                  "scores": None if split.scores is None else [float(v) for v in np.asarray(split.scores)]},
+        "config_hash": config_hash, "quiet": quiet, "resume": resume,
+        "out_dir": str(Path(out_dir).resolve() / f"zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}"),
+    }
+
+
+def launch_deepspeed_unlearn(cfg: ExperimentConfig, checkpoint: str | Path, split, out_dir: str | Path, *,
+                             config_hash: str, quiet: bool = False, resume: bool = True,
+                             address: str | None = None, launcher: str | None = None) -> TrainOutcome:
+    """Run an unlearning method's phases ZeRO-sharded on ``distributed.num_workers`` workers.
+
+    Returns the consolidated fp32 export (``checkpoint``, a project checkpoint whose
+    ``model`` the driver loads), the wall time and the per-epoch history;
+    ``metrics`` is empty: the driver measures on its own copy of the model.
+    """
+    address = address or cfg.distributed.address or (
+        os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
+    if launcher is not None and launcher != cfg.distributed.launcher:
+        cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
+                                                                 "launcher": launcher}})
+    validate_launch(cfg, address)
+    spec = make_unlearn_spec(cfg, checkpoint, split, out_dir, config_hash=config_hash, quiet=quiet, resume=resume)
+    outcome = launch_ray(spec, address) if cfg.distributed.launcher == "ray" else launch_torchrun(spec)
+    return TrainOutcome(Path(outcome["checkpoint"]), {}, None, cached=False,
+                        wall_seconds=float(outcome["wall_seconds"]), history=list(outcome.get("history", [])))
 
 
 # ---------------------------------------------------------------- command line

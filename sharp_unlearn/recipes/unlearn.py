@@ -156,6 +156,10 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
     if cfg.forget is None:
         raise ConfigError("unlearning needs a forget set: set forget.kind and forget.size (or forget.classes)")
     method_cls = METHODS.get(cfg.method.name)
+    if cfg.distributed.backend == "deepspeed":  # bad stage/workers/JSON fail before any training
+        from sharp_unlearn.recipes.distributed import validate_launch
+
+        validate_launch(cfg)
     pretrained = pretrained or load_pretrained(checkpoint)
     bundle = pretrained.bundle
     device = resolve_device(cfg.device)
@@ -187,6 +191,19 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             wall = reference.wall_seconds
             ref_state = load_checkpoint(reference.checkpoint)
             load_model_state(model, ref_state["model"], "retrain reference")
+        elif cfg.distributed.backend == "deepspeed":
+            # only the phases run ZeRO-sharded (recipes/distributed.py); the workers rebuild this
+            # split from its positions, and measuring stays here on the consolidated fp32 weights
+            from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn
+
+            sharded = launch_deepspeed_unlearn(cfg, pretrained.path, split, out_dir, config_hash=out_dir.name,
+                                               quiet=quiet)
+            load_model_state(model, load_checkpoint(sharded.checkpoint)["model"], "sharded unlearning export")
+            wall, history = sharded.wall_seconds, sharded.history
+            for record in history:  # the workers log nothing: the run's per-epoch losses go in from here
+                tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+                if epoch_callback is not None:  # after the run, and without per-epoch ToW
+                    epoch_callback(int(record["epoch"]), record)
         else:
             retain_ds = subset(bundle.train, split.retain_positions)
             forget_ds = subset(bundle.train, split.forget_positions)
