@@ -61,18 +61,27 @@ def time_sequential(spec, inputs) -> float:
     return time.perf_counter() - start
 
 
-def first_trial_start(inputs, since: float) -> float:
-    """When the first trial of a run started working (from the trials' own ledger)."""
+def trial_times(inputs, since: float) -> tuple[float, float]:
+    """From the trials' own ledger: when the first trial of a run started, and the median
+    start-to-done time of its trials (the work itself: with 2 in flight on 2 free cores it
+    equals the 1-in-flight time; when it grows, the second core was busy with other jobs)."""
     import json
+    import statistics
 
-    times = [json.loads(line)["time"] for file in Path(inputs.ledger_dir).glob("*.jsonl")
-             for line in file.read_text().splitlines() if line.strip()]
-    later = [t for t in times if t >= since]
-    return min(later) if later else since
+    events = [json.loads(line) for file in Path(inputs.ledger_dir).glob("*.jsonl")
+              for line in file.read_text().splitlines() if line.strip()]
+    events = [e for e in events if e["time"] >= since]
+    starts = {e["trial_id"]: e["time"] for e in events if e["event"] == "start"}
+    done = {e["trial_id"]: e["time"] for e in events if e["event"] == "done"}
+    durations = [done[t] - starts[t] for t in done if t in starts]
+    first = min(starts.values()) if starts else since
+    return first, statistics.median(durations) if durations else float("nan")
 
 
-def time_ray(spec, inputs, concurrent: int, name: str, tracking_uri: str | None = None) -> tuple[float, float]:
-    """(wall time of the Tune run, of which start-up: Tuner set-up and worker processes until the first trial)."""
+def time_ray(spec, inputs, concurrent: int, name: str,
+             tracking_uri: str | None = None) -> tuple[float, float, float]:
+    """(wall time of the Tune run, of which start-up: Tuner set-up and worker processes until the first
+    trial works, median seconds a trial took from start to done)."""
     from dataclasses import replace
 
     from sharp_unlearn.tuning.runner import _fit, meta_dir
@@ -93,7 +102,8 @@ def time_ray(spec, inputs, concurrent: int, name: str, tracking_uri: str | None 
     bad = [r for r in results if r.error or int(r.metrics.get("epoch", 0)) != spec.max_epochs()]
     if bad:
         raise SystemExit(f"{name}: {len(bad)} trial(s) did not run all epochs: {bad[0].error}")
-    return elapsed, first_trial_start(inputs, wall_start) - wall_start
+    first, in_trial = trial_times(inputs, wall_start)
+    return elapsed, first - wall_start, in_trial
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = ["sequential", "ray x1", "ray x2"] + (["ray x2 + mlflow"] if args.mlflow else [])
     wall: dict[str, list[float]] = {arm: [] for arm in arms}
     warmup: dict[str, list[float]] = {arm: [] for arm in arms}
+    in_trial: dict[str, list[float]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as tmp:
         tmp = Path(tmp)
         spec = build_spec(tmp, args.trials, args.epochs, args.width)
@@ -132,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                 for arm, concurrent, uri in (("ray x1", 1, None), ("ray x2", 2, None),
                                              ("ray x2 + mlflow", 2, f"sqlite:///{tmp / 'mlflow.db'}")):
                     if arm in wall:
-                        elapsed, first = time_ray(spec, inputs, concurrent, f"{arm.replace(' ', '-')}-{round_no}",
-                                                  uri if arm.endswith("mlflow") else None)
+                        elapsed, first, median = time_ray(spec, inputs, concurrent,
+                                                          f"{arm.replace(' ', '-')}-{round_no}",
+                                                          uri if arm.endswith("mlflow") else None)
                         wall[arm].append(elapsed)
                         warmup[arm].append(first)
+                        in_trial[arm].append(median)
         finally:
             ray.shutdown()
 
@@ -160,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({(steady['ray x1'] - sequential) / args.trials:+.2f} s per trial)")
     print(f"RATIO speed-up with 2 concurrent trials on 2 CPUs (sequential / ray x2): x{sequential / ray_2:.2f} "
           f"(after start-up: x{sequential / steady['ray x2']:.2f}; vs ray x1: x{ray_1 / ray_2:.2f}; target ~x2)")
+    contention = in_trial["ray x2"][best["ray x2"]] / in_trial["ray x1"][best["ray x1"]]
+    print(f"  contention (median trial time with 2 in flight / with 1): {contention:.2f}  "
+          f"(~1.0: the second core was free and the speed-up means something; ~2: it was busy)")
     if "ray x2 + mlflow" in total:
         print(f"RATIO MLflow child runs (ray x2 + mlflow / ray x2 - 1): "
               f"{100 * (total['ray x2 + mlflow'] / ray_2 - 1):+.1f} %")

@@ -95,6 +95,30 @@ def test_bad_search_space_names_the_key(tmp_path, search, needle):
     assert repr(next(iter(search))) in str(info.value)  # the offending key, as written in the file
 
 
+def test_name_and_storage_precedence(tmp_path):
+    raw = sweep(tmp_path, name="from-file")
+    assert parse_sweep(raw, tracking={"enabled": False}).name == "from-file"
+    spec = parse_sweep(raw, name="from-cli", storage=str(tmp_path / "s"), tracking={"enabled": False})
+    assert spec.name == "from-cli" and spec.storage == str(tmp_path / "s")
+    raw.pop("name")
+    assert parse_sweep(raw, default_name="stem", tracking={"enabled": False}).name == "stem"
+    assert parse_sweep(raw, tracking={"enabled": False}).storage == str(tmp_path / "runs" / "sweeps")
+    with pytest.raises(ConfigError, match="sweep name 'a b'"):
+        parse_sweep(raw, name="a b", tracking={"enabled": False})
+
+
+def test_relative_paths_are_resolved_for_trials_in_other_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = sweep(tmp_path, forget={"kind": "memorization", "level": "high", "size": 20, "scores": "scores.parquet"})
+    raw["base"]["data"]["root"] = "data/digits"
+    spec = parse_sweep(raw, tracking={"uri": "sqlite:///rel/m.db?timeout=5"})
+    assert spec.pretrain_tree["data"]["root"] == str(tmp_path / "data" / "digits")
+    assert spec.unlearn_tree["forget"]["scores"] == str(tmp_path / "scores.parquet")
+    assert spec.unlearn_tree["tracking"]["uri"] == f"sqlite:///{tmp_path / 'rel' / 'm.db'}?timeout=5"
+    raw["forget"]["scores"] = "flipped"  # a proxy name is not a path
+    assert parse_sweep(raw, tracking={"enabled": False}).unlearn_tree["forget"]["scores"] == "flipped"
+
+
 def test_empty_search_and_unknown_top_level_key(tmp_path):
     with pytest.raises(ConfigError, match="no search space"):
         parse(tmp_path, search={})

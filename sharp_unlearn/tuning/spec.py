@@ -646,12 +646,13 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), *, num_sa
         node[keys[-1]] = value
         raw = merge(raw, update)
     return parse_sweep(raw, source=str(path), num_samples=num_samples, max_concurrent=max_concurrent,
-                       storage=storage, name=name or Path(str(path)).stem, tracking=tracking)
+                       storage=storage, name=name, default_name=Path(str(path)).stem, tracking=tracking)
 
 
 def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: int | None = None,
                 max_concurrent: int | None = None, storage: str | None = None, name: str | None = None,
-                tracking: dict[str, Any] | None = None) -> SweepSpec:
+                default_name: str = "sweep", tracking: dict[str, Any] | None = None) -> SweepSpec:
+    """Validate a sweep definition; keyword arguments (the CLI's options) win over the file's keys."""
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in the sweep file; expected one of: "
@@ -659,7 +660,7 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
     stage = str(raw.get("stage", "unlearn"))
     if stage not in STAGES:
         raise ConfigError(f"stage={stage!r} is not valid; expected one of: {', '.join(STAGES)}")
-    name = str(raw.get("name") or name or "sweep")
+    name = str(name or raw.get("name") or default_name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"sweep name {name!r} must use only letters, digits, '_', '.', '-'")
 

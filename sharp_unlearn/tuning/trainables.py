@@ -248,7 +248,9 @@ def _shared_pretrained(data: bytes):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"pretrained-{key[:12]}.pt"
         path.write_bytes(data)
-        _PRETRAINED_CACHE.clear()  # one sweep per process at a time: do not keep old models alive
+        for old in _PRETRAINED_CACHE.values():  # one sweep per process at a time: drop the previous model
+            Path(old.path).unlink(missing_ok=True)
+        _PRETRAINED_CACHE.clear()
         _PRETRAINED_CACHE[key] = load_pretrained(path)
     return _PRETRAINED_CACHE[key]
 
