@@ -119,6 +119,13 @@ def test_relative_paths_are_resolved_for_trials_in_other_directories(tmp_path, m
     assert parse_sweep(raw, tracking={"enabled": False}).unlearn_tree["forget"]["scores"] == "flipped"
 
 
+def test_sharded_trials_are_refused(tmp_path):
+    raw = sweep(tmp_path)
+    raw["unlearn"]["distributed"] = {"backend": "deepspeed", "zero_stage": 2, "num_workers": 2}
+    with pytest.raises(ConfigError, match="not supported inside sweep trials"):
+        parse_sweep(raw, tracking={"enabled": False})
+
+
 def test_empty_search_and_unknown_top_level_key(tmp_path):
     with pytest.raises(ConfigError, match="no search space"):
         parse(tmp_path, search={})
@@ -392,3 +399,41 @@ def test_pretrain_and_both_trials_use_the_shared_cache(tmp_path):
     assert [r["epoch"] for r in session.reports] == [1, 2, 3] and 0.0 <= result["tow"] <= 1.0
     references = list((tmp_path / "runs" / "retrain").glob("digits-small_cnn-sam-*"))
     assert len(references) == 1  # the trial's own reference, trained with its own pretraining recipe
+
+
+@pytest.mark.slow
+def test_config_shape_and_an_existing_checkpoint(tmp_path):
+    from sharp_unlearn.config import config_from_dict
+    from sharp_unlearn.recipes.pretrain import train_from_scratch
+
+    pre = config_from_dict({**copy.deepcopy(TINY), "output_dir": str(tmp_path / "pre"),
+                            "tracking": {"enabled": False}})
+    checkpoint = train_from_scratch(pre, quiet=True).checkpoint
+    unlearning = {"optimizer": {"name": "sam", "lr": 0.01, "rho": 0.1},
+                  "forget": {"kind": "random", "size": 20}, "method": {"name": "neggrad", "epochs": 2}}
+    spec = parse_sweep({"stage": "unlearn", "config": unlearning, "pretrain": {"checkpoint": str(checkpoint)},
+                        "output_dir": str(tmp_path / "runs"), "search": {"method.alpha": {"grid": [0.9]}}},
+                       tracking={"enabled": False})
+    assert spec.checkpoint == str(checkpoint) and spec.pretrain_tree is None
+    _, cfg = spec.trial_configs({"method.alpha": 0.9})
+    assert (cfg.optimizer.name, cfg.optimizer.rho, cfg.method.alpha) == ("sam", 0.1, 0.9)
+    assert cfg.model.options == {"width": 8, "feature_dim": 32} and cfg.data.label_noise == 0.05  # the checkpoint's
+    assert cfg.train.epochs == 3  # inherited from the checkpoint's recipe, as `sharp-unlearn unlearn` does
+
+    demo_shape = parse_sweep({"stage": "unlearn", "checkpoint": str(checkpoint), "forget": unlearning["forget"],
+                              "method": unlearning["method"], "output_dir": str(tmp_path / "runs"),
+                              "search": {"optimizer.rho": {"grid": [0.05]}}}, tracking={"enabled": False})
+    assert demo_shape.trial_configs({"optimizer.rho": 0.05})[1].optimizer.name == "sgd"
+
+    recipe = parse_sweep({"stage": "unlearn", "config": {**copy.deepcopy(TINY), **unlearning},
+                          "pretrain": {"optimizer": {"name": "asam", "rho": 1.0}, "train": {"epochs": 4}},
+                          "output_dir": str(tmp_path / "runs"), "search": {"method.alpha": {"grid": [0.9]}}},
+                         tracking={"enabled": False})
+    pre_cfg = config_from_dict(recipe.pretrain_tree)
+    assert (pre_cfg.optimizer.name, pre_cfg.optimizer.rho, pre_cfg.train.epochs) == ("asam", 1.0, 4)
+    assert pre_cfg.model.options == {"width": 8, "feature_dim": 32}
+    with pytest.raises(ConfigError, match="either `config`"):
+        parse_sweep({"config": unlearning, "base": TINY, "search": {"method.alpha": {"grid": [0.9]}}})
+    with pytest.raises(ConfigError, match="needs a pretrained model"):
+        parse_sweep({"stage": "unlearn", "forget": unlearning["forget"], "method": unlearning["method"],
+                     "search": {"method.alpha": {"grid": [0.9]}}}, tracking={"enabled": False})

@@ -617,6 +617,11 @@ def _normalize_base(raw: dict[str, Any], stage: str) -> tuple[dict | None, str |
             return copy.deepcopy(config), None, {}
         checkpoint = pretrain.get("checkpoint", checkpoint)
         recipe = {k: v for k, v in pretrain.items() if k != "checkpoint"}
+        if checkpoint:
+            if recipe:
+                raise ConfigError(f"`pretrain` has a checkpoint and a recipe ({', '.join(sorted(recipe))}); "
+                                  f"give one: the checkpoint is used as it is")
+            return None, checkpoint, copy.deepcopy(config)
         pre = merge({k: v for k, v in config.items() if k not in ("forget", "method", "optimizer", "train")},
                     recipe)
         return pre, checkpoint, copy.deepcopy(config)
@@ -705,6 +710,12 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
         if cfg.forget is None:
             raise ConfigError(f"stage {stage!r} needs a forget set: `forget: {{kind: memorization, size: ...}}`")
 
+    for tree in (pre_tree, unlearn_tree):
+        if tree is not None and config_from_dict(tree).distributed.backend != "none":
+            # a trial is one process holding its CPU/GPU share; a ZeRO-sharded stage launches its own
+            # workers, reports no per-epoch ToW and keeps no Tune checkpoint, so it cannot be a trial yet
+            raise ConfigError("distributed.backend='deepspeed' is not supported inside sweep trials (each trial "
+                              "runs in one process); set distributed.backend=none in the sweep's base config")
     searcher = parse_searcher(raw.get("searcher"))
     space = raw.get("search")
     if not isinstance(space, dict) or not space:
