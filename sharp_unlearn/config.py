@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -449,6 +449,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``tree`` with each ``key.path=value`` override merged in, in order (YAML-typed values)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        update: dict[str, Any] = {}
+        node = update
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+        node[keys[-1]] = value
+        tree = merge(tree, update)
+    return tree
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
@@ -487,15 +500,7 @@ def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     tree: dict[str, Any] = dict(base or {})
     for path in paths:
         tree = merge(tree, load_yaml(path))
-    for text in overrides:
-        keys, value = parse_override(text)
-        update: dict[str, Any] = {}
-        node = update
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-        node[keys[-1]] = value
-        tree = merge(tree, update)
-    return build_section(ExperimentConfig, tree)
+    return build_section(ExperimentConfig, apply_overrides(tree, overrides))
 
 
 def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sharp_unlearn.config import config_from_dict, load_yaml, merge, parse_override
+from sharp_unlearn.config import apply_overrides, config_from_dict, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods import METHODS
 
@@ -34,15 +34,7 @@ REQUIRED = ("base", "forget", "pretrain_optimizers", "unlearn_optimizers")
 
 
 def load_spec(path: str | None, default: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    spec = load_yaml(path or default)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node: dict[str, Any] = {}
-        cursor = node
-        for key in keys[:-1]:
-            cursor = cursor.setdefault(key, {})
-        cursor[keys[-1]] = value
-        spec = merge(spec, node)
+    spec = apply_overrides(load_yaml(path or default), overrides)
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise ConfigError(f"grid spec lacks {missing[0]!r}; expected keys: {', '.join(REQUIRED)} "
