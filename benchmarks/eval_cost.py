@@ -98,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # read now: UMAP's numba may change it later
     clock = CLOCKS[args.clock]
     torch.manual_seed(0)
     if args.data == "digits":
@@ -136,7 +137,7 @@ def main() -> None:
 
     ratio = full / epoch
     print(f"data: {args.data} train={n} (retain {len(retain)}, forget {len(forget)}) test={len(test)} "
-          f"val={len(val)}; model {args.model}; threads {torch.get_num_threads()}; clock {args.clock}")
+          f"val={len(val)}; model {args.model}; threads {threads}; clock {args.clock}")
     print(f"caps: mia_max_shadow={opts.mia_max_shadow} wasserstein_max_per_set={opts.wasserstein_max_per_set} "
           f"sharpness_samples={opts.sharpness_samples} hessian_iters<={opts.hessian_iters} (tol {opts.hessian_tol})")
     print(f"one training epoch (SGD, batch {args.batch_size}): {epoch:.2f} s  (timed epochs: "
