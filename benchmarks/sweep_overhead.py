@@ -61,7 +61,7 @@ def time_sequential(spec, inputs) -> float:
     return time.perf_counter() - start
 
 
-def trial_times(inputs, since: float) -> tuple[float, float]:
+def trial_times(inputs, since: float) -> tuple[float, float, float]:
     """From the trials' own ledger: when the first trial of a run started, and the median
     start-to-done time of its trials (the work itself: with 2 in flight on 2 free cores it
     equals the 1-in-flight time; when it grows, the second core was busy with other jobs)."""
@@ -75,13 +75,16 @@ def trial_times(inputs, since: float) -> tuple[float, float]:
     done = {e["trial_id"]: e["time"] for e in events if e["event"] == "done"}
     durations = [done[t] - starts[t] for t in done if t in starts]
     first = min(starts.values()) if starts else since
-    return first, statistics.median(durations) if durations else float("nan")
+    waits = [e["report_seconds"] for e in events if e["event"] == "epoch" and "report_seconds" in e]
+    return (first, statistics.median(durations) if durations else float("nan"),
+            statistics.median(waits) if waits else float("nan"))
 
 
 def time_ray(spec, inputs, concurrent: int, name: str,
-             tracking_uri: str | None = None) -> tuple[float, float, float]:
+             tracking_uri: str | None = None) -> tuple[float, float, float, float]:
     """(wall time of the Tune run, of which start-up: Tuner set-up and worker processes until the first
-    trial works, median seconds a trial took from start to done)."""
+    trial works, median seconds a trial took from start to done, median seconds a trial waited in
+    one per-epoch ``tune.report``)."""
     from dataclasses import replace
 
     from sharp_unlearn.tuning.runner import _fit, meta_dir
@@ -102,8 +105,8 @@ def time_ray(spec, inputs, concurrent: int, name: str,
     bad = [r for r in results if r.error or int(r.metrics.get("epoch", 0)) != spec.max_epochs()]
     if bad:
         raise SystemExit(f"{name}: {len(bad)} trial(s) did not run all epochs: {bad[0].error}")
-    first, in_trial = trial_times(inputs, wall_start)
-    return elapsed, first - wall_start, in_trial
+    first, in_trial, report_wait = trial_times(inputs, wall_start)
+    return elapsed, first - wall_start, in_trial, report_wait
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     wall: dict[str, list[float]] = {arm: [] for arm in arms}
     warmup: dict[str, list[float]] = {arm: [] for arm in arms}
     in_trial: dict[str, list[float]] = {arm: [] for arm in arms}
+    report_wait: dict[str, list[float]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as tmp:
         tmp = Path(tmp)
         spec = build_spec(tmp, args.trials, args.epochs, args.width)
@@ -143,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                 for arm, concurrent, uri in (("ray x1", 1, None), ("ray x2", 2, None),
                                              ("ray x2 + mlflow", 2, f"sqlite:///{tmp / 'mlflow.db'}")):
                     if arm in wall:
-                        elapsed, first, median = time_ray(spec, inputs, concurrent,
+                        elapsed, first, median, wait = time_ray(spec, inputs, concurrent,
                                                           f"{arm.replace(' ', '-')}-{round_no}",
                                                           uri if arm.endswith("mlflow") else None)
                         wall[arm].append(elapsed)
                         warmup[arm].append(first)
                         in_trial[arm].append(median)
+                        report_wait[arm].append(wait)
         finally:
             ray.shutdown()
 
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({(steady['ray x1'] - sequential) / args.trials:+.2f} s per trial)")
     print(f"RATIO speed-up with 2 concurrent trials on 2 CPUs (sequential / ray x2): x{sequential / ray_2:.2f} "
           f"(after start-up: x{sequential / steady['ray x2']:.2f}; vs ray x1: x{ray_1 / ray_2:.2f}; target ~x2)")
+    waits = ", ".join(f"{arm} {1000 * report_wait[arm][best[arm]]:.0f} ms" for arm in arms if arm != "sequential")
+    print(f"  median wait in one per-epoch tune.report (checkpoint persisted, driver round trip): {waits}")
     contention = in_trial["ray x2"][best["ray x2"]] / in_trial["ray x1"][best["ray x1"]]
     print(f"  contention (median trial time with 2 in flight / with 1): {contention:.2f}  "
           f"(~1.0: the second core was free and the speed-up means something; ~2: it was busy)")

@@ -202,9 +202,12 @@ class EpochReporter:
         self.last_record = dict(record)
         if epoch >= self.planned:
             return
-        self.session.report(self.metrics(epoch, record), self.stage_file)
-        # written after report returns: by then Ray has registered this epoch's checkpoint
-        self.ledger.write("epoch", epoch=epoch)
+        metrics = self.metrics(epoch, record)
+        started = time.perf_counter()
+        self.session.report(metrics, self.stage_file)
+        # written after report returns: by then Ray has registered this epoch's checkpoint;
+        # report_seconds = how long the trial waited on Ray for it (persisting the checkpoint, the driver)
+        self.ledger.write("epoch", epoch=epoch, report_seconds=round(time.perf_counter() - started, 4))
 
     def final(self, record: dict[str, Any], epoch: int | None = None) -> dict[str, float]:
         epoch = max(int(epoch or self.planned), self.last_epoch)
