@@ -158,7 +158,7 @@ def load_score_file(path: str, stable: np.ndarray) -> np.ndarray:
                               f"(found: {tbl.column_names})")
         index = tbl.column("index").to_numpy().astype(np.int64)
         score = tbl.column("score").to_numpy().astype(np.float64)
-        lookup = dict(zip(index.tolist(), score.tolist()))
+        lookup = dict(zip(index.tolist(), score.tolist(), strict=True))
         missing = [int(i) for i in stable if int(i) not in lookup]
         if missing:
             raise ConfigError(f"score table {path!r} lacks {len(missing)} training examples "

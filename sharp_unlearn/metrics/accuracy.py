@@ -1,7 +1,7 @@
 """Accuracy on retain, forget, val, test (percent), and per memorization level."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

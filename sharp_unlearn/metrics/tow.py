@@ -8,7 +8,7 @@ offered alongside, never instead.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 SPLITS = ("retain", "forget", "test")
 
@@ -40,7 +40,7 @@ def t_critical_95(dof: int) -> float:
     if dof in _T95:
         return _T95[dof]
     keys = sorted(_T95)
-    for lo, hi in zip(keys, keys[1:]):
+    for lo, hi in zip(keys, keys[1:], strict=False):
         if lo < dof < hi:
             return _T95[hi]
     return 1.96

@@ -6,9 +6,10 @@ is a tracked run; the table is written to Parquet (long format) and Markdown.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sharp_unlearn.recipes.grid import load_spec, markdown_table, model_evaluator, run_grid, write_long
 

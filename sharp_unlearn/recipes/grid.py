@@ -22,9 +22,10 @@ a grid (or growing it) only trains what is new.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sharp_unlearn.config import apply_overrides, config_from_dict, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
@@ -76,7 +77,6 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
     from sharp_unlearn.recipes.pretrain import load_trained_model, train_from_scratch
     from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
     from sharp_unlearn.results import read_results
-
     from sharp_unlearn.tracking import check_tracking
 
     tracking = dict(tracking or {})

@@ -1,9 +1,10 @@
 """Pretraining (SGD, SAM or ASAM) and training from scratch on a subset (the retrain reference)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from sharp_unlearn.engine.objective import Objective, Phase
 from sharp_unlearn.engine.runner import resolve_device, run_stage
 from sharp_unlearn.models import build_model
 from sharp_unlearn.optim.factory import sam_spec
-from sharp_unlearn.tracking import NullTracker, open_run
+from sharp_unlearn.tracking import open_run
 
 
 @dataclass

@@ -16,8 +16,9 @@ import base64
 import copy
 import html
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sharp_unlearn.config import config_from_dict, merge
 from sharp_unlearn.errors import ConfigError
@@ -58,7 +59,7 @@ def summarize(rows: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any
                 merged[key][metric].append(float(value))
     out = []
     for key, metrics in merged.items():
-        entry: dict[str, Any] = dict(zip(keys, key))
+        entry: dict[str, Any] = dict(zip(keys, key, strict=True))
         for metric, values in metrics.items():
             mean, half = mean_ci95(values)
             entry[metric] = mean
@@ -128,8 +129,10 @@ def render_markdown(summary, statements, speed, spec_name: str, seeds: Sequence[
                 continue
             lines.append("| " + " | ".join([
                 s["pretrain"], s["method"], s["unlearn_opt"], _fmt(s.get("tow"), s.get("tow_ci95")),
-                _fmt(s.get("forget_acc"), s.get("forget_acc_ci95")), _fmt(s.get("retain_acc"), s.get("retain_acc_ci95")),
-                _fmt(s.get("test_acc"), s.get("test_acc_ci95")), _fmt(s.get("mia_efficacy"), s.get("mia_efficacy_ci95")),
+                _fmt(s.get("forget_acc"), s.get("forget_acc_ci95")),
+                _fmt(s.get("retain_acc"), s.get("retain_acc_ci95")),
+                _fmt(s.get("test_acc"), s.get("test_acc_ci95")),
+                _fmt(s.get("mia_efficacy"), s.get("mia_efficacy_ci95")),
                 _fmt(s.get("entanglement_variance"), s.get("entanglement_variance_ci95")),
                 f"{s.get('wall_seconds', float('nan')):.2f}"]) + " |")
         lines.append("")
@@ -245,7 +248,8 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
     md_path = out / "report.md"
     md_path.write_text(markdown)
     html_path = out / "report.html"
-    html_path.write_text(render_html(markdown, summary, plot_summary(summary), f"sharp-unlearn reproduction ({spec_name})"))
+    html_path.write_text(render_html(markdown, summary, plot_summary(summary),
+                                     f"sharp-unlearn reproduction ({spec_name})"))
     with open_run(base_cfg, kind="reproduce", tags={"reproduce": "table"}, run_name="reproduce-table") as tracker:
         if speed is not None:
             tracker.log_metrics({"best_speedup_vs_retrain": speed["speedup"], "best_tow": speed["tow"]})

@@ -17,9 +17,10 @@ on this run: the verdicts are computed from the numbers, never assumed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ import torch
 from sharp_unlearn.config import config_from_dict, merge
 from sharp_unlearn.data import build_dataset
 from sharp_unlearn.data.forget import ForgetSplit
-from sharp_unlearn.results import write_results
 
 DEFAULT_BASE: dict[str, Any] = {
     "seed": 0,
@@ -81,7 +81,6 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
     """Run the sweep; returns rows, verdicts and the paths of the table and figure."""
     from sharp_unlearn.recipes.pretrain import train_from_scratch
     from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
-
     from sharp_unlearn.tracking import check_tracking
 
     spec = spec or TheorySpec()
@@ -138,7 +137,8 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
     figure_path = plot_theory(rows, spec, out / "theory.png")
     report_path = out / "theory.md"
     report_path.write_text(render_report(rows, verdicts, spec))
-    _log_summary(spec, tracking, out, verdicts, [table_path, report_path] + ([Path(figure_path)] if figure_path else []))
+    artifacts = [table_path, report_path] + ([Path(figure_path)] if figure_path else [])
+    _log_summary(spec, tracking, out, verdicts, artifacts)
     return {"rows": rows, "verdicts": verdicts, "table": str(table_path), "figure": figure_path,
             "report": str(report_path)}
 

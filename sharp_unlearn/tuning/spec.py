@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from sharp_unlearn.config import ExperimentConfig, config_from_dict, load_yaml, merge, parse_override
+from sharp_unlearn.config import ExperimentConfig, apply_overrides, config_from_dict, load_yaml, merge
 from sharp_unlearn.errors import ConfigError, MissingExtra
 
 STAGES = ("pretrain", "unlearn", "both")
@@ -641,15 +641,7 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), *, num_sa
                max_concurrent: int | None = None, storage: str | None = None, name: str | None = None,
                tracking: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate a sweep file (plus ``key=value`` overrides of it); no Ray involved."""
-    raw = load_yaml(path)
-    for text in overrides:
-        keys, value = parse_override(text)
-        update: dict[str, Any] = {}
-        node = update
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-        node[keys[-1]] = value
-        raw = merge(raw, update)
+    raw = apply_overrides(load_yaml(path), overrides)
     return parse_sweep(raw, source=str(path), num_samples=num_samples, max_concurrent=max_concurrent,
                        storage=storage, name=name, default_name=Path(str(path)).stem, tracking=tracking)
 
