@@ -33,7 +33,7 @@ RETAIN_DROP_MAX = 12.0
 SETTINGS = {
     "finetune": ({"sgd": 0.05, "sam": 0.05}, 3, {}),
     "l1_sparse": ({"sgd": 0.05, "sam": 0.05}, 3, {}),
-    "grad_ascent": ({"sgd": 0.02, "sam": 0.05}, 3, {}),
+    "grad_ascent": ({"sgd": 0.015, "sam": 0.05}, 3, {}),
     "neggrad": ({"sgd": 0.01, "sam": 0.01}, 2, {"alpha": 0.9}),
     "random_label": ({"sgd": 0.005, "sam": 0.005}, 2, {}),
     "salun": ({"sgd": 0.005, "sam": 0.005}, 2, {"mask_fraction": 0.5}),
