@@ -39,6 +39,8 @@ def test_speedup_is_the_cheapest_run_reaching_the_tow_floor():
     speed = best_speedup(summarize(rows, []))
     assert speed["method"] == "neggrad" and speed["speedup"] == pytest.approx(10.0)
     assert best_speedup(summarize([rows[0], rows[3]], [])) is None
+    # where doing nothing already reaches ToW 0.9 the cell says nothing about unlearning
+    assert best_speedup(summarize(rows + [_row(0, "sgd", "original", "-", 0.95, wall=0.0)], [])) is None
     text = render_markdown(summarize(rows, []), [], speed, "spec", [0])
     assert "**10.0x** cheaper" in text
 
