@@ -21,7 +21,6 @@ import base64
 import contextlib
 import html
 import io
-import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -287,21 +286,12 @@ def build_comparison(runs: Iterable, *, metrics: Sequence[str] | None = None, pa
 
 
 # --------------------------------------------------------------------------- summary over seeds
-def _t_quantile_975(dof: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))
-
-
 def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and the half-width of the 95 % confidence interval (Student t); None for one value."""
-    values = [float(v) for v in values]
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, _t_quantile_975(n - 1) * math.sqrt(var / n)
+    from sharp_unlearn.metrics.tow import mean_ci95 as _mean_ci95
+
+    mean, half = _mean_ci95(values)
+    return mean, None if half != half else half
 
 
 def summary_keys(comparison: Comparison) -> list[str]:

@@ -30,20 +30,13 @@ def forget_gap(unlearned: Mapping[str, float], reference: Mapping[str, float]) -
     return unlearned["forget_acc"] - reference["forget_acc"]
 
 
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
 def t_critical_95(dof: int) -> float:
+    """Two-sided 95 % Student-t quantile (scipy comes with scikit-learn, a core dependency)."""
     if dof <= 0:
         return float("nan")
-    if dof in _T95:
-        return _T95[dof]
-    keys = sorted(_T95)
-    for lo, hi in zip(keys, keys[1:], strict=False):
-        if lo < dof < hi:
-            return _T95[hi]
-    return 1.96
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
