@@ -5,7 +5,8 @@ member module explicitly so the full list is greppable.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from sharp_unlearn.errors import ConfigError
 

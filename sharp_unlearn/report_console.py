@@ -1,7 +1,8 @@
 """Short terminal tables (rich) for command results."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def _fmt(value: Any) -> str:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Callable, Mapping, Sequence
 
 import torch
 

@@ -28,8 +28,8 @@ re-creates gradient lists and re-links fragments after checkpoint loads.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

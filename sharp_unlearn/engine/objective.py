@@ -7,8 +7,9 @@ complementary masks, NegGrad+ two plain objectives, SCRUB two phases.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ class Batch(NamedTuple):
     y: torch.Tensor
     index: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True),
                      self.index.to(device, non_blocking=True))
 

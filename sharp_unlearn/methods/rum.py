@@ -34,8 +34,8 @@ import numpy as np
 from torch.utils.data import Subset
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
-from sharp_unlearn.engine.objective import Phase, SamSpec
 from sharp_unlearn.data.forget import rank_tertiles
+from sharp_unlearn.engine.objective import Phase, SamSpec
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
 

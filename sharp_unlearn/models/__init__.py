@@ -1,8 +1,13 @@
 """Model registry: every model exposes ``features(x)`` (penultimate) and ``head``."""
+from sharp_unlearn.models import (  # noqa: F401  (register members)  # noqa: F401,E402
+    mlp,
+    resnet,
+    small_cnn,
+    two_layer_cnn,  # noqa: F401,E402
+    vgg,
+    vit,
+)
 from sharp_unlearn.models.base import MODELS, FeatureModel
-from sharp_unlearn.models import mlp, small_cnn  # noqa: F401  (register members)
-from sharp_unlearn.models import two_layer_cnn  # noqa: F401,E402
-from sharp_unlearn.models import resnet, vgg, vit  # noqa: F401,E402
 
 __all__ = ["MODELS", "FeatureModel", "build_model"]
 

@@ -16,8 +16,8 @@ the :class:`SAM` optimizer and the engine's multi-objective path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
