@@ -150,7 +150,8 @@ def render_markdown(summary, statements, speed, spec_name: str, seeds: Sequence[
         lines.append("- No unlearning run reached ToW >= 0.9 where doing nothing does not: no speed-up to report.")
     else:
         lines.append(f"- Cheapest run with ToW >= 0.9 (in a cell where doing nothing stays below): "
-                     f"{speed['method']} ({speed['unlearn_opt']}, pretrain {speed['pretrain']}, {speed['level']}): ToW {speed['tow']:.3f} in {speed['wall_seconds']:.2f} s "
+                     f"{speed['method']} ({speed['unlearn_opt']}, pretrain {speed['pretrain']}, {speed['level']}): "
+                     f"ToW {speed['tow']:.3f} in {speed['wall_seconds']:.2f} s "
                      f"vs retraining {speed['retrain_seconds']:.2f} s: **{speed['speedup']:.1f}x** cheaper.")
     return "\n".join(lines) + "\n"
 
