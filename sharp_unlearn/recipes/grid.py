@@ -124,8 +124,10 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
                         result.rows.append(row)
                         if evaluator is not None and run.checkpoint is not None:
                             model, _, _ = load_trained_model(run.checkpoint)
+                            measured = evaluator(model, pretrained, split, run.reference.checkpoint)
                             result.evaluation.append({**key, "method": method_name, "unlearn_opt": run.optimizer_tag,
-                                                      **evaluator(model, pretrained, split, run.reference.checkpoint)})
+                                                      **measured})
+                            _log_to_run(cfg, run.run_id, measured)
                         for long in read_results(run.results_path).to_pylist():
                             if long["method"] in ("original", "retrain") and any(
                                     r["method"] == long["method"] and r["run_id"] == long["run_id"]
@@ -167,6 +169,22 @@ def model_evaluator(metric_names: Sequence[str], out_dir: Path, seed: int = 0):
         return dict(run_metrics(ctx, names).headline)
 
     return evaluate
+
+
+def _log_to_run(cfg, run_id: str | None, metrics: dict[str, float]) -> None:
+    """Add evaluation metrics (MIA, entanglement, ...) to an already finished unlearning run."""
+    if not run_id or not cfg.tracking.enabled or not metrics:
+        return
+    import time
+
+    from mlflow.entities import Metric
+
+    from sharp_unlearn.tracking import client_for
+
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and v == v]
+    client_for(cfg.tracking.uri).log_batch(run_id, metrics=values)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
