@@ -12,7 +12,7 @@ import traceback
 
 from sharp_unlearn import __version__
 from sharp_unlearn.commands import COMMANDS
-from sharp_unlearn.errors import ConfigError, MissingExtra, TrainingDiverged
+from sharp_unlearn.errors import ConfigError, MissingExtra, TrainingDiverged, termination_requested
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a failure, not bad input
         if args.debug:
             traceback.print_exc()
+        if termination_requested():  # raised while unwinding from SIGTERM / Ctrl-C: still an interruption
+            print(f"sharp-unlearn {args.command}: interrupted ({type(exc).__name__} while stopping)",
+                  file=sys.stderr)
+            return 130
         print(f"sharp-unlearn {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json and result is not None:

@@ -24,6 +24,20 @@ class MissingExtra(ImportError):
         )
 
 
+_termination = {"requested": False}
+
+
+def note_termination() -> None:
+    """Record that SIGTERM / Ctrl-C arrived (signal handlers call this before unwinding)."""
+    _termination["requested"] = True
+
+
+def termination_requested() -> bool:
+    """True once a termination was requested: an error raised while unwinding from it (e.g. by
+    a Ray task cancelled under our feet) is part of the interruption, not a failure."""
+    return _termination["requested"]
+
+
 def require(module: str, extra: str):
     """Import ``module`` lazily, or raise MissingExtra naming the extra to install."""
     import importlib

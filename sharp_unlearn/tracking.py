@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.errors import ConfigError, MissingExtra
+from sharp_unlearn.errors import ConfigError, MissingExtra, note_termination
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
@@ -387,6 +387,7 @@ class RunTerminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame):
+    note_termination()
     raise RunTerminated("SIGTERM")
 
 

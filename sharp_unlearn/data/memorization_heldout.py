@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.errors import ConfigError, note_termination
 
 EXECUTORS = ("ray", "serial")
 #: bump when the per-model file layout or the subset rule changes (old files are then retrained)
@@ -288,6 +288,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     shut Ray down instead of leaving its processes behind. Installed *after*
     ``ray.init``, whose own handler aborts the driver on SIGTERM."""
     def handler(signum, frame):
+        note_termination()
         raise KeyboardInterrupt("SIGTERM")
 
     try:
