@@ -274,7 +274,8 @@ def build_comparison(runs: Iterable, *, metrics: Sequence[str] | None = None, pa
     param_columns = list(params)
     if all_params_varying:
         for key in SWEEP_PARAMS:
-            values = {curated[r["run_id"]].get(key) for r in rows}
+            # baseline rows (the do-nothing model, the reference) may come from runs outside the selection
+            values = {curated.get(r["run_id"], {}).get(key) for r in rows if r["status"] != "baseline"}
             if key not in param_columns and len(values - {None}) > 1:
                 param_columns.append(key)
     for row in rows:

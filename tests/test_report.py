@@ -276,3 +276,29 @@ def test_baselines_come_from_the_unlearn_runs_result_tables(uri, tmp_path):
     assert "pretrain_optimizer" in comparison.id_columns
     without = build_comparison(runs)
     assert ("original", pre) not in {(r["kind"], r["run_id"]) for r in without.rows}
+
+
+def test_readme_compare_line_works_when_baseline_runs_are_not_selected(uri, tmp_path):
+    """The README's `compare --filter "tags.kind = 'unlearn'"`: the baselines' own runs are not selected."""
+    from sharp_unlearn.results import rows_from_metrics, write_results
+
+    pre = _log_run(uri, kind="pretrain", metrics={"test_acc": 97.0})
+    ref = _log_run(uri, kind="retrain", tags={"pretrain_run_id": pre, "method": "retrain"}, metrics={"test_acc": 96.0})
+    common = dict(dataset="digits", forget_set="random-50", seed=0)
+    for alpha, tow in ((0.9, 0.97), (0.8, 0.93)):  # a varying sweep param: the column is built over every row
+        table = write_results(
+            rows_from_metrics({"tow": tow}, run_id="UNL", method="neggrad", optimizer="sgd", **common)
+            + rows_from_metrics({"forget_acc": 88.5, "retain_acc": 99.5, "test_acc": 96.0}, run_id=ref,
+                                method="retrain", optimizer="sgd", **common)
+            + rows_from_metrics({"tow": 0.91, "forget_acc": 100.0}, run_id=pre, method="original", optimizer="sgd",
+                                **common), tmp_path / f"results-{alpha}.parquet")
+        with tracked_run(uri=uri, experiment="exp", kind="unlearn", params={"method.alpha": alpha},
+                         tags={"method": "neggrad", "optimizer": "sgd", "seed": 0, "forget_set": "random-50",
+                               "pretrain_run_id": pre, "reference_run_id": ref}) as unl:
+            unl.log_metrics({"tow": tow})
+            unl.log_artifact(table, "results")
+    out = tmp_path / "compare"
+    assert main(["compare", "--tracking-uri", uri, "--filter", "tags.kind = 'unlearn'", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(next(out.glob("*.csv")))))
+    kinds = sorted(r["kind"] for r in rows)
+    assert kinds == ["original", "retrain", "unlearn", "unlearn"], kinds
