@@ -8,8 +8,12 @@ Layout under ``data.root`` (or ``data.root`` itself being the folder):
 
 torchvision's own classes refuse files whose MD5 differs from the published
 one, which rules out files written by tests or re-packed mirrors; this reader
-only needs the format. ``data.download=true`` calls torchvision's downloader,
-which does verify the checksums of what it fetches.
+only needs the format. Its safety does not rest on the checksum: the pickles
+are loaded by a restricted unpickler that admits only what the format holds
+(numpy arrays, numbers, strings, bytes, lists, dicts, tuples), so a crafted
+file cannot run code. Files whose MD5 is the published one are recorded as the
+official release (``meta["official_release"]``). ``data.download=true`` calls
+torchvision's downloader, which does verify the checksums of what it fetches.
 
 Splits: a fixed, seeded validation split (option ``val_size``, 5000) is carved
 out of the 50 000 training images; the rest is ``train``. Every example keeps
@@ -24,6 +28,7 @@ split without augmentation.
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,10 @@ SPECS: dict[str, dict[str, Any]] = {
         "mean": (0.4914, 0.4822, 0.4465),
         "std": (0.2470, 0.2435, 0.2616),
         "torchvision": "CIFAR10",
+        # the published MD5s (as torchvision checks them on download)
+        "md5": {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+                "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"},
     },
     "cifar100": {
         "folder": "cifar-100-python",
@@ -58,6 +67,7 @@ SPECS: dict[str, dict[str, Any]] = {
         "mean": (0.5071, 0.4865, 0.4409),
         "std": (0.2673, 0.2564, 0.2762),
         "torchvision": "CIFAR100",
+        "md5": {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
     },
 }
 OPTIONS = ("val_size",)
@@ -129,18 +139,80 @@ class ImageTensorDataset(Dataset):
         return self.y.numpy()
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for ``bytes`` (always latin1); nothing else."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not part of the format")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only callables a CIFAR pickle may name: numpy array / dtype / scalar reconstruction.
+
+    The published files (Python 2) name ``numpy.core.multiarray._reconstruct``; numpy 2 writes
+    ``numpy._core...``; protocol 5 uses ``numeric._frombuffer``. Each name maps straight to the
+    object, so no other module is ever imported on the pickle's behalf.
+    """
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                           ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Refuses every global outside :func:`_allowed_globals` (``os.system``, ``builtins.eval``, classes...)."""
+
+    def __init__(self, handle, **kwargs):
+        super().__init__(handle, **kwargs)
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR pickle never holds "
+                                         "(only numpy arrays, numbers, strings, lists and dicts)") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which a CIFAR pickle never holds")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
             # latin1: the published pickles were written by Python 2
-            entry = pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
+    # a crafted pickle can make the reconstruction calls themselves raise almost anything
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{str(path)!r} is not a readable CIFAR pickle: {exc}") from None
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{str(path)!r} holds a {type(entry).__name__}; expected a CIFAR pickle (a dict "
+                          f"with 'data' and {label_key!r})")
     entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
     if "data" not in entry or label_key not in entry:
         raise ConfigError(f"{str(path)!r} lacks the keys 'data' and {label_key!r}; found {sorted(entry)}")
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(entry[label_key], dtype=np.int64)
+    try:
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{str(path)!r}: 'data' and {label_key!r} are not uint8 pixels and integer labels: "
+                          f"{exc}") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ConfigError(f"{str(path)!r} holds data of shape {data.shape} with {len(labels)} labels; "
                           "expected [N, 3072] uint8 and N labels")
@@ -183,6 +255,12 @@ def read_cifar(name: str, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndar
             raise ConfigError(f"{name} {split} labels span {labels.min()}..{labels.max()}; "
                               f"expected 0..{spec['num_classes'] - 1}")
     return train_x, train_y, test_x, test_y
+
+
+def official_release(name: str, folder: Path) -> bool:
+    """Whether every file is the published one (MD5). Files that differ are still read (tests and
+    re-packed mirrors write the same format): the restricted unpickler, not the checksum, keeps them safe."""
+    return all(_md5(folder / file) == md5 for file, md5 in SPECS[name]["md5"].items())
 
 
 def _val_size(cfg, total: int) -> int:
@@ -228,7 +306,7 @@ def build_cifar(name: str, cfg, seed: int) -> DatasetBundle:
             "val_index": val_idx.astype(np.int64),
             "clean_targets": labels[train_idx],
             "mean": spec["mean"], "std": spec["std"], "augmentation": "crop_flip",
-            "folder": str(folder),
+            "folder": str(folder), "official_release": official_release(name, folder),
         },
     )
 

@@ -139,3 +139,46 @@ def test_cli_reports_a_missing_root_with_exit_code_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+class _Trap:
+    """Unpickling calls ``call(*args)``: what a crafted ``data_batch_1`` does to run code."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("trap", ["os.system", "builtins.eval", "class"])
+def test_a_crafted_pickle_is_refused_without_running_code(tmp_path, trap):
+    import collections
+    import os
+
+    write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "marker"
+    payload = {"os.system": _Trap(os.system, f"touch '{marker}'"),
+               "builtins.eval": _Trap(eval, f"open({str(marker)!r}, 'w').close()"),
+               "class": collections.OrderedDict()}[trap]
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as handle:
+        pickle.dump({"data": np.zeros((6, 3072), np.uint8), "labels": [0] * 6, "x": payload}, handle)
+    with pytest.raises(ConfigError, match="data_batch_1.*names (posix|os|builtins|collections)"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path), options={"val_size": 5}), seed=0)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_every_pickle_protocol_of_the_real_format_loads(tmp_path, protocol):
+    images, labels, _, _ = write_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    for file in SPECS["cifar10"]["train_files"] + SPECS["cifar10"]["test_files"]:
+        entry = pickle.loads((folder / file).read_bytes())
+        entry["labels"] = [np.int64(v) for v in entry["labels"]]  # numpy scalars are numbers too
+        (folder / file).write_bytes(pickle.dumps(entry, protocol=protocol))
+    bundle = build_dataset(DataConfig(name="cifar10", root=str(tmp_path), options={"val_size": 5}), seed=0)
+    x, y, index = bundle.train_eval[0]
+    torch.testing.assert_close(x, normalised(images[int(index)], "cifar10"))
+    assert int(y) == labels[int(index)]
+    assert bundle.meta["official_release"] is False  # written here, not the published files
