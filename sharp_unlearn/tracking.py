@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.errors import ConfigError, MissingExtra, note_termination
+from sharp_unlearn.errors import ConfigError, MissingExtra, Terminated, note_termination, termination_requested
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
@@ -54,8 +54,41 @@ _MAX_TAG_CHARS = 5000
 
 
 # --------------------------------------------------------------------------- where runs go
+#: URI schemes MLflow's tracking stores accept (a database URI may add a driver: ``postgresql+psycopg2``)
+URI_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
 def resolve_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    check_uri(uri)
+    return uri
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a tracking URI no MLflow store can open (ConfigError, before anything is written).
+
+    A plain path is MLflow's file store and is accepted; ``C:\\...`` is a path, not a scheme.
+    """
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if match is None or len(match.group(1)) == 1:
+        return
+    scheme = match.group(1).lower()
+    if scheme.split("+", 1)[0] not in URI_SCHEMES:
+        raise ConfigError(f"tracking URI {uri!r} has an unsupported scheme {scheme!r}; expected one of "
+                          f"{', '.join(URI_SCHEMES)} (e.g. sqlite:///mlruns.db or http://HOST:5000), "
+                          "or disable tracking (--no-tracking)")
+    if scheme == "sqlite" and sqlite_path(uri) is None:
+        raise ConfigError(f"tracking URI {uri!r} names no database file; expected sqlite:///RELATIVE/PATH.db "
+                          "or sqlite:////ABSOLUTE/PATH.db")
+
+
+def check_experiment_name(name: str) -> None:
+    """An experiment name becomes a folder under ``mlartifacts/``: it must never lead out of it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"tracking.experiment={name!r} is empty; expected a name such as 'sharp-unlearn'")
+    if any(part in (".", "..") for part in re.split(r"[\\/]", name)):
+        raise ConfigError(f"tracking.experiment={name!r} has a '.' or '..' path part; expected a plain name "
+                          "such as 'sharp-unlearn' (letters, digits, '-', '_', '.')")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -97,28 +130,122 @@ def git_commit() -> str:
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (before any training) when an HTTP tracking server does not answer.
+    """Fail fast (before any training) when an HTTP tracking server does not answer its API.
 
-    MLflow's own client retries an unreachable server with exponential backoff
-    for minutes; one short ``/health`` request tells the user at once.
+    One real API call (an experiments search, the first thing a run needs) with
+    a short timeout and no retries: MLflow's own client retries a hanging or
+    failing server with exponential backoff for minutes, and ``/health`` can
+    answer 200 while the API behind it hangs or fails.
     """
     if not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
     import urllib.request
 
     hint = ("start it (see mlflow/README.md), point --tracking-uri / MLFLOW_TRACKING_URI at a running "
             "server, or disable tracking (--no-tracking, tracking.enabled=false)")
+    headers = {"Content-Type": "application/json"}
+    # the API (unlike /health) may need the same credentials MLflow's client would send
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                                     data=b'{"max_results": 1}', headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             status = response.status
+            response.read()
     except urllib.error.HTTPError as exc:
         status = exc.code
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ConfigError(f"MLflow tracking server {uri!r} is unreachable ({reason}); {hint}") from None
+    except (urllib.error.URLError, OSError) as exc:  # refused, unknown host, or no answer within the timeout
+        reason = getattr(exc, "reason", None) or exc or type(exc).__name__
+        raise ConfigError(f"MLflow tracking server {uri!r} is unreachable or does not answer within "
+                          f"{timeout:g} s ({reason}); {hint}") from None
     if status != 200:
-        raise ConfigError(f"MLflow tracking server {uri!r} answered /health with HTTP {status}; {hint}")
+        raise ConfigError(f"MLflow tracking server {uri!r} answered its experiments API with HTTP {status}; {hint}")
+
+
+#: databases whose tables this process has already created or checked (resolved paths)
+_READY_STORES: set[Path] = set()
+#: how long a process waits for another one that is creating the same store
+_STORE_LOCK_TIMEOUT_S = 300.0
+
+
+def ensure_store(uri: str) -> None:
+    """Create a ``sqlite:///`` store's tables exactly once, under an inter-process file lock.
+
+    MLflow creates a fresh database by running its schema migrations in
+    whichever process opens it first; two processes doing that at the same
+    moment (a sweep's workers, two commands started together in one folder)
+    race and one of them fails. Holding ``<database>.lock`` while the store is
+    opened makes one process migrate and the others find it ready. Cheap after
+    the first call per database in a process; other URIs are left to MLflow.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    db = db.resolve()
+    if db in _READY_STORES:
+        return
+    if not db.parent.is_dir():
+        raise ConfigError(f"tracking URI {uri!r}: directory {str(db.parent)!r} does not exist")
+    from filelock import FileLock, Timeout
+
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    except ImportError as exc:
+        raise MissingExtra("mlflow", "mlflow") from exc
+    lock_path = db.with_name(db.name + ".lock")
+    try:
+        with FileLock(str(lock_path), timeout=_STORE_LOCK_TIMEOUT_S):
+            # artifacts of the default experiment go next to the database too, never into the cwd
+            store = _retry_locked(SqlAlchemyStore, "sqlite:///" + str(db), (db.parent / "mlartifacts").as_uri())
+            store.engine.dispose()
+    except Timeout:
+        raise ConfigError(f"tracking URI {uri!r}: another process has held {str(lock_path)!r} for over "
+                          f"{_STORE_LOCK_TIMEOUT_S:g} s; if none is running, delete that file") from None
+    _READY_STORES.add(db)
+
+
+#: tries and first pause for a write SQLite refuses with "database is locked" (another process's transaction)
+_LOCKED_TRIES = 8
+_LOCKED_FIRST_PAUSE_S = 0.1
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """SQLite's transient 'database is locked', raw or wrapped by SQLAlchemy / MLflow."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if "database is locked" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def _retry_locked(fn, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; while SQLite answers 'database is locked', wait (doubling, with jitter) and try again.
+
+    SQLite lets one process write at a time and gives up after its own busy
+    timeout; several processes logging to one store meet that under load.
+    A bounded number of tries, then the error is raised as it came.
+    """
+    import random
+
+    pause = _LOCKED_FIRST_PAUSE_S
+    for attempt in range(1, _LOCKED_TRIES + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == _LOCKED_TRIES or not _is_locked(exc):
+                raise
+        time.sleep(pause * (0.5 + random.random()))  # jitter: writers that collided do not collide again
+        pause = min(pause * 2, 4.0)
+    raise AssertionError("unreachable")
 
 
 def client_for(uri: str | None = None):
@@ -128,6 +255,7 @@ def client_for(uri: str | None = None):
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
         raise MissingExtra("mlflow", "mlflow") from exc
+    ensure_store(uri)  # every run, preflight and client comes through here: the store exists before first use
     return MlflowClient(tracking_uri=uri)
 
 
@@ -138,16 +266,19 @@ def preflight(uri: str | None = None, experiment: str | None = None, timeout: fl
     work when a command chains several tracked stages.
     """
     uri = resolve_uri(uri)
+    if experiment is not None:
+        check_experiment_name(experiment)
     check_server(uri, timeout)
-    db = sqlite_path(uri)
-    if db is not None and not db.resolve().parent.is_dir():
-        raise ConfigError(f"tracking URI {uri!r}: directory {str(db.resolve().parent)!r} does not exist")
-    client = client_for(uri)
+    if uri.startswith(("http://", "https://")):
+        return uri  # check_server made one real API call; MLflow's client would retry a bad server for minutes
     try:
+        client = client_for(uri)  # creates a fresh SQLite store (once, under its lock)
         if experiment:
             client.get_experiment_by_name(experiment)
         else:
             client.search_experiments(max_results=1)
+    except (ConfigError, MissingExtra):
+        raise
     except Exception as exc:  # noqa: BLE001 - any store failure is a bad URI from the user's side
         raise ConfigError(f"tracking URI {uri!r} cannot be used: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -171,15 +302,23 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     db = sqlite_path(uri)
     if db is None:
         return None  # a server decides (its --artifacts-destination / --default-artifact-root)
+    check_experiment_name(experiment)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("_") or "experiment"
-    return (db.resolve().parent / "mlartifacts" / safe).as_uri()
+    root = db.resolve().parent / "mlartifacts"
+    location = (root / safe).resolve()
+    if location.parent != root.resolve():  # belt and braces: artifacts never leave the store
+        raise ConfigError(f"tracking.experiment={experiment!r} would put artifacts outside {str(root)!r}; "
+                          "expected a plain name such as 'sharp-unlearn'")
+    return location.as_uri()
 
 
 def get_or_create_experiment(client, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
+    experiment = _retry_locked(client.get_experiment_by_name, name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+            return _retry_locked(client.create_experiment, name, artifact_location=_artifact_location(uri, name))
+        except ConfigError:
+            raise
         except Exception:  # noqa: BLE001 - another process created it first (RESOURCE_ALREADY_EXISTS)
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -231,19 +370,24 @@ class MlflowTracker(NullTracker):
         self._last_step = 0
         self._last_timestamp = 0
 
+    @staticmethod
+    def _call(method, *args: Any, **kwargs: Any) -> Any:
+        """A client call, retried while SQLite is busy with another process's write."""
+        return _retry_locked(method, *args, **kwargs)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(str(k), _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + _PARAMS_PER_BATCH])
+            self._call(self.client.log_batch, self.run_id, params=items[start:start + _PARAMS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(str(k), _tag_value(v)) for k, v in tags.items() if v is not None]
         if items:
-            self.client.log_batch(self.run_id, tags=items)
+            self._call(self.client.log_batch, self.run_id, tags=items)
 
     def _timestamp(self) -> int:
         # strictly increasing: a final value logged in the same millisecond as the
@@ -270,7 +414,7 @@ class MlflowTracker(NullTracker):
                 continue
             items.append(Metric(str(key), value, now, step))
         for start in range(0, len(items), _METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start:start + _METRICS_PER_BATCH])
+            self._call(self.client.log_batch, self.run_id, metrics=items[start:start + _METRICS_PER_BATCH])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -280,9 +424,9 @@ class MlflowTracker(NullTracker):
             self._log_reference(path, artifact_path)
             return
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifacts, self.run_id, str(path), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def _log_reference(self, path: Path, artifact_path: str | None) -> None:
         """A file too large to copy (a big checkpoint) is recorded by path and size."""
@@ -290,7 +434,7 @@ class MlflowTracker(NullTracker):
                      "host": os.uname().nodename if hasattr(os, "uname") else ""}
         self.set_tags({f"artifact_ref.{path.name}": reference["path"]})
         name = f"{artifact_path}/{path.name}.ref.json" if artifact_path else f"{path.name}.ref.json"
-        self.client.log_text(self.run_id, json.dumps(reference, indent=2), name)
+        self._call(self.client.log_text, self.run_id, json.dumps(reference, indent=2), name)
 
     def log_checkpoint(self, path: str | os.PathLike, artifact_path: str | None = "checkpoint") -> bool:
         """Copy a checkpoint into the run, or record a reference when it exceeds max_artifact_mb.
@@ -303,7 +447,7 @@ class MlflowTracker(NullTracker):
         return copied
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._call(self.client.log_text, self.run_id, text, name)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         if name.endswith((".yaml", ".yml")):
@@ -329,7 +473,7 @@ class MlflowTracker(NullTracker):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             pq.write_table(arrow, path)
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_indices(self, indices: Sequence[int] | Any, name: str = "forget_indices.parquet",
                     artifact_path: str | None = "forget_set", **columns: Any) -> None:
@@ -350,7 +494,7 @@ class MlflowTracker(NullTracker):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
 
 def _param_value(value: Any) -> str:
@@ -425,15 +569,15 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
     if not enabled or not is_rank_zero():
         yield NullTracker()
         return
-    uri = preflight(uri)
+    uri = preflight(uri, experiment)
     client = client_for(uri)
     experiment_id = get_or_create_experiment(client, experiment, uri)
     all_tags = standard_tags(kind)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})
-    run = client.create_run(experiment_id, run_name=run_name or kind,
-                            tags={k: _tag_value(v) for k, v in all_tags.items()})
+    run = _retry_locked(client.create_run, experiment_id, run_name=run_name or kind,
+                        tags={k: _tag_value(v) for k, v in all_tags.items()})
     run_id = run.info.run_id
     tracker = MlflowTracker(client, run_id, max_artifact_mb, uri=uri, experiment_id=experiment_id)
     status = "FAILED"
@@ -448,16 +592,20 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (RunTerminated)
             status = "KILLED"
             with contextlib.suppress(Exception):
-                how = "SIGTERM" if isinstance(exc, RunTerminated) else "KeyboardInterrupt"
+                how = "SIGTERM" if isinstance(exc, (RunTerminated, Terminated)) else "KeyboardInterrupt"
                 tracker.set_tags({"interrupted": how})
             raise
         except SystemExit as exc:
             status = "FINISHED" if exc.code in (None, 0) else "FAILED"
+            if termination_requested():  # Ray's own SIGTERM handler exits this way
+                status = "KILLED"
             if status == "FAILED":
                 with contextlib.suppress(Exception):
                     tracker.set_tags({"error": f"SystemExit: {exc.code}"})
             raise
         except BaseException as exc:
+            if termination_requested():  # raised while unwinding from SIGTERM / Ctrl-C: an interruption
+                status = "KILLED"
             with contextlib.suppress(Exception):
                 tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
                 tracker.log_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
@@ -469,7 +617,7 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
             # stdout belongs to --json output, so the link goes to stderr
             with _ignore_sigterm(), contextlib.redirect_stdout(sys.stderr):
                 with contextlib.suppress(Exception):
-                    client.set_terminated(run_id, status=status)
+                    _retry_locked(client.set_terminated, run_id, status=status)
 
 
 @contextlib.contextmanager

@@ -165,12 +165,17 @@ def test_disabled_tracking_and_nonzero_rank_log_nothing(small_cfg, uri, client, 
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
-def test_unreachable_server_fails_fast_with_config_error(free_port):
+def test_unreachable_server_fails_fast_with_config_error(free_port, monkeypatch):
+    import mlflow.utils.rest_utils
+
+    calls = []  # MLflow's client retries a dead server for minutes: the preflight must never go through it
+    monkeypatch.setattr(mlflow.utils.rest_utils, "http_request", lambda *a, **k: calls.append(a))
     uri = f"http://127.0.0.1:{free_port}"
     start = time.monotonic()
     with pytest.raises(ConfigError, match="unreachable") as info:
         preflight(uri)
-    assert time.monotonic() - start < 3.0
+    assert calls == []
+    assert time.monotonic() - start < 60.0  # one refused connection; MLflow's retries took minutes
     assert uri in str(info.value) and "--no-tracking" in str(info.value)
 
 
@@ -178,14 +183,11 @@ def test_cli_exits_2_before_training_when_server_unreachable(free_port, tmp_path
     from sharp_unlearn.cli import main
 
     out = tmp_path / "runs"
-    start = time.monotonic()
     code = main(["pretrain", "--quiet", "--tracking-uri", f"http://127.0.0.1:{free_port}", f"output_dir={out}",
                  "train.epochs=50", "model.options={width: 8, feature_dim: 32}"])
-    elapsed = time.monotonic() - start
     assert code == 2
     assert f"http://127.0.0.1:{free_port}" in capsys.readouterr().err
-    assert not list(out.rglob("checkpoint.pt"))  # no training happened
-    assert elapsed < 20.0  # data set build only; 50 epochs would take far longer
+    assert not list(out.rglob("checkpoint.pt"))  # stopped before the first epoch, not after 50
 
 
 def test_check_tracking_follows_the_config(small_cfg, free_port, uri):

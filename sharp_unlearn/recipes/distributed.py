@@ -68,7 +68,7 @@ def distributed_stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | No
 
 def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
     """Workers may run in another directory (Ray): pin relative paths and the tracking URI."""
-    from sharp_unlearn.tracking import resolve_uri
+    from sharp_unlearn.tracking import preflight, resolve_uri
 
     tree = cfg.to_dict()
     tree["output_dir"] = str(Path(cfg.output_dir).resolve())
@@ -80,6 +80,9 @@ def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
         uri = resolve_uri(cfg.tracking.uri)
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        # the driver creates a fresh store (and checks a server) before any worker starts: workers racing
+        # to create one SQLite database would fail, and a bad server should stop us before the workers
+        preflight(uri, cfg.tracking.experiment)
         tree["tracking"]["uri"] = uri
     return config_from_dict(tree)
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.errors import require
 from sharp_unlearn.tuning.spec import resolve_trial_trees
 
 #: result keys Ray adds itself, or that are bookkeeping rather than metrics
@@ -32,8 +31,9 @@ _NOT_METRICS = {"epoch", "epochs_planned", "done", "trial_id", "experiment_id", 
 
 
 def mlflow_client(uri: str):
-    tracking = require("mlflow.tracking", "mlflow")
-    return tracking.MlflowClient(tracking_uri=uri)
+    from sharp_unlearn.tracking import client_for  # creates a fresh SQLite store once, under its lock
+
+    return client_for(uri)
 
 
 def trial_tags(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
@@ -234,8 +234,11 @@ def reopened_run(uri: str, run_id: str) -> Iterator[Any]:
     try:
         yield tracker
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        from sharp_unlearn.errors import termination_requested
+
+        if isinstance(exc, KeyboardInterrupt) or termination_requested():  # Ray's SIGTERM handler: SystemExit
+            status = "KILLED"
         raise
     finally:
         with contextlib.suppress(Exception):
