@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -40,17 +41,26 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> None:
-    bad = value != value  # NaN compares false with every bound, so it would pass them all
+    # NaN compares false with every bound, so it would pass them all; no setting here means
+    # anything at +-inf (an infinite lr or rho only turns into NaN weights later), so refuse both
+    bad = isinstance(value, float) and not math.isfinite(value)  # (huge ints overflow isfinite)
     if lo is not None:
         bad |= value <= lo if lo_open else value < lo
     if hi is not None:
         bad |= value >= hi if hi_open else value > hi
     if bad:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else lo
-        hi_s = "inf" if hi is None else hi
-        raise ConfigError(f"{key}={value!r} is out of range; expected a value in {left}{lo_s}, {hi_s}{right}")
+        kind = "an integer" if isinstance(value, int) else "a finite value"
+        if lo is not None and hi is not None:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            expected = f"{kind} in {left}{lo}, {hi}{right}"
+        elif lo is not None:
+            expected = f"{kind} {'>' if lo_open else '>='} {lo}"
+        elif hi is not None:
+            expected = f"{kind} {'<' if hi_open else '<='} {hi}"
+        else:
+            expected = kind
+        raise ConfigError(f"{key}={value!r} is out of range; expected {expected}")
 
 
 @dataclass
@@ -120,6 +130,10 @@ class OptimizerConfig:
         _check_range("optimizer.rho", self.rho, 0.0)
         _check_range("optimizer.lamb", self.lamb, 0.0)
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives lists
+        if len(self.betas) != 2:
+            raise ConfigError(f"optimizer.betas={list(self.betas)!r} must hold two values (beta1, beta2)")
+        for i, beta in enumerate(self.betas):
+            _check_range(f"optimizer.betas[{i}]", beta, 0.0, 1.0, hi_open=True)
 
     @property
     def is_sam(self) -> bool:
@@ -293,6 +307,9 @@ class TrackingConfig:
     #: checkpoints above this size are logged as a path reference, not copied
     max_artifact_mb: float = 200.0
 
+    def __post_init__(self) -> None:
+        _check_range("tracking.max_artifact_mb", self.max_artifact_mb, 0.0)
+
 
 @dataclass
 class ExperimentConfig:
@@ -310,7 +327,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
-        _check_range("seed", self.seed, 0)
+        # numpy's legacy seeding (and DataLoader workers) take 32-bit seeds; larger ones fail mid-run
+        _check_range("seed", self.seed, 0, 2**32 - 1)
 
     # -- serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -486,8 +504,17 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             path = candidate
         else:
             raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; expected a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); "
+                          "expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from sharp_unlearn.config import ExperimentConfig, load_config
+from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.registry import Registry
 
 
@@ -36,4 +38,17 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Expe
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
-    return load_config(args.config, overrides, base=base)
+    cfg = load_config(args.config, overrides, base=base)
+    check_output_dir(cfg.output_dir)
+    return cfg
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an ``output_dir`` that is (or lies below) a file now, not after hours of training."""
+    path = Path(output_dir).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if candidate.is_dir():
+                return
+            where = "is a file" if candidate == path else f"lies below the file {str(candidate)!r}"
+            raise ConfigError(f"output_dir={output_dir!r} {where}; expected a directory (or a path to create)")

@@ -8,6 +8,7 @@ hash so a cached retrain reference is reused only when both match.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt, truncated or not a torch file
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+            # torch's own message advises reloading with weights_only=False, i.e. running whatever
+            # code the file carries: never pass that on for a file we cannot vouch for
+            reason = "not a torch file, or it holds objects other than tensors and plain data"
+        else:
+            first = text.splitlines()[0].split(". ")[0] if text else ""  # torch appends paragraphs of advice
+            reason = f"{type(exc).__name__}: {first}"
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({reason}); "
+                          "expected a checkpoint written by sharp-unlearn") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ConfigError(f"checkpoint {str(path)!r} is not a sharp-unlearn checkpoint (no 'model' entry)")
     return payload
