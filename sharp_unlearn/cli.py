@@ -6,13 +6,22 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import traceback
 
 from sharp_unlearn import __version__
 from sharp_unlearn.commands import COMMANDS
-from sharp_unlearn.errors import ConfigError, MissingExtra, TrainingDiverged, termination_requested
+from sharp_unlearn.errors import (
+    ConfigError,
+    MissingExtra,
+    TrainingDiverged,
+    note_only,
+    termination_requested,
+    watch_termination,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args) -> int:
+    """Exit 130 after SIGTERM / Ctrl-C, whatever the unwinding raised (a cancelled Ray task, Ray's
+    own ``sys.exit``); the traceback only with ``--debug``. A Ray session still open is shut down
+    first, so what Ray prints while its workers die comes before the final "interrupted" line."""
+    if args.debug:
+        traceback.print_exc()
+    # one interruption is enough: a repeated signal while stopping must not abort the line below
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, note_only)
+        signal.signal(signal.SIGINT, note_only)
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        except BaseException:  # noqa: BLE001 - a second signal while stopping: still an interruption
+            pass
+    sys.stdout.flush()
+    print(f"sharp-unlearn {args.command}: interrupted", file=sys.stderr, flush=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -40,30 +71,27 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        result = args._command.run(args)
-    except (ConfigError, MissingExtra) as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"sharp-unlearn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"sharp-unlearn {args.command}: diverged: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"sharp-unlearn {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a failure, not bad input
-        if args.debug:
-            traceback.print_exc()
-        if termination_requested():  # raised while unwinding from SIGTERM / Ctrl-C: still an interruption
-            print(f"sharp-unlearn {args.command}: interrupted ({type(exc).__name__} while stopping)",
-                  file=sys.stderr)
-            return 130
-        print(f"sharp-unlearn {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    # SIGTERM unwinds like Ctrl-C from here on, and either signal is noted whatever handler a
+    # library (Ray) installs meanwhile: any error after it is part of the interruption
+    with watch_termination():
+        try:
+            result = args._command.run(args)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: Ray's SIGTERM handler calls sys.exit
+            if isinstance(exc, KeyboardInterrupt) or termination_requested():
+                return _interrupted(args)
+            if isinstance(exc, SystemExit):
+                raise
+            if args.debug:
+                traceback.print_exc()
+            if isinstance(exc, (ConfigError, MissingExtra)):
+                print(f"sharp-unlearn {args.command}: error: {exc}", file=sys.stderr)
+                return 2
+            if isinstance(exc, TrainingDiverged):
+                print(f"sharp-unlearn {args.command}: diverged: {exc}", file=sys.stderr)
+                return 1
+            # a failure, not bad input
+            print(f"sharp-unlearn {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     if args.json and result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -24,7 +24,12 @@ class MissingExtra(ImportError):
         )
 
 
-_termination = {"requested": False}
+_termination = {"requested": False, "pipe": None}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (raised in the main thread by the CLI's handler). A KeyboardInterrupt
+    subclass, so ``except Exception`` does not swallow it and it unwinds like Ctrl-C."""
 
 
 def note_termination() -> None:
@@ -34,8 +39,82 @@ def note_termination() -> None:
 
 def termination_requested() -> bool:
     """True once a termination was requested: an error raised while unwinding from it (e.g. by
-    a Ray task cancelled under our feet) is part of the interruption, not a failure."""
+    a Ray task cancelled under our feet) is part of the interruption, not a failure.
+
+    Also true when the signal reached a handler someone else installed: ``ray.init`` replaces
+    the SIGTERM handler with one calling ``sys.exit(15)``, Ray Tune and Ray Train take SIGINT
+    while they run. CPython writes every caught signal's number to the wakeup pipe that
+    :func:`watch_termination` sets up, whichever Python handler then runs, so it is read here.
+    """
+    pipe = _termination["pipe"]
+    if not _termination["requested"] and pipe is not None:
+        import os
+        import signal
+
+        try:
+            while data := os.read(pipe[0], 4096):
+                if signal.SIGTERM in data or signal.SIGINT in data:
+                    _termination["requested"] = True
+        except (BlockingIOError, OSError):  # empty (non-blocking) or already closed
+            pass
     return _termination["requested"]
+
+
+def _sigterm_handler(signum, frame):
+    note_termination()
+    raise Terminated("SIGTERM")
+
+
+def note_only(signum, frame):
+    """A handler that records the signal and returns (for code that must finish what it does)."""
+    note_termination()
+
+
+def _sigint_handler(signum, frame):
+    note_termination()
+    raise KeyboardInterrupt
+
+
+class watch_termination:  # noqa: N801 - used like a function: ``with watch_termination():``
+    """For the length of a command (the CLI wraps every command in it, in the main thread):
+    SIGTERM unwinds like Ctrl-C (``Terminated``), so ``finally`` blocks shut Ray down and end
+    MLflow runs KILLED; both signals are noted for :func:`termination_requested`. Restores the
+    previous handlers and wakeup fd on exit. Outside the main thread it does nothing."""
+
+    def __enter__(self):
+        import os
+        import signal
+        import threading
+
+        self._saved = None
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        _termination["requested"] = False
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._saved = (signal.signal(signal.SIGTERM, _sigterm_handler),
+                       signal.signal(signal.SIGINT, _sigint_handler), previous_fd, (read_fd, write_fd))
+        _termination["pipe"] = (read_fd, write_fd)
+        return self
+
+    def __exit__(self, *exc_info):
+        import os
+        import signal
+
+        if self._saved is None:
+            return False
+        term, intr, previous_fd, pipe = self._saved
+        termination_requested()  # drain the pipe while it is still ours
+        # a handler installed from C reads back as None: the default is the closest match
+        signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, intr if intr is not None else signal.default_int_handler)
+        signal.set_wakeup_fd(previous_fd)
+        _termination["pipe"] = None
+        for fd in pipe:
+            os.close(fd)
+        return False
 
 
 def require(module: str, extra: str):

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from sharp_unlearn.config import config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.errors import ConfigError, note_termination, require
 from sharp_unlearn.tuning.spec import SweepSpec
 from sharp_unlearn.tuning.trainables import TrialInputs
 
@@ -234,6 +234,7 @@ def _check_fit(spec: SweepSpec) -> None:
 def _sigterm_stops_gracefully() -> Iterator[None]:
     """SIGTERM during the sweep = Ctrl-C: Ray Tune saves the experiment and stops (it listens to SIGUSR1)."""
     def handler(signum, frame):
+        note_termination()  # whatever Tune raises while it stops is part of the interruption
         signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the process the usual way
         os.kill(os.getpid(), signal.SIGUSR1)
 
