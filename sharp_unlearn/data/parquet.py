@@ -26,6 +26,8 @@ import io
 import json
 import math
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +114,78 @@ def _write_table(path: Path, rows: dict[str, list], meta: dict[str, Any]) -> Non
     os.replace(tmp, path)  # a reader never sees a half-written shard
 
 
+def _is_shard(path: Path) -> bool:
+    """A shard this module writes (or its half-written ``.tmp``)."""
+    return any(path.name.startswith(f"{split}-") for split in SPLITS) and path.name.endswith(
+        (".parquet", ".parquet.tmp"))
+
+
+def _source_root(source) -> Path | None:
+    """The folder the source data set is read from, when it has one."""
+    if isinstance(source, DatasetBundle):
+        root = source.meta.get("root") or source.meta.get("folder")
+    else:
+        root = getattr(source, "root", None)
+    return None if root is None else Path(root).expanduser()
+
+
+def _check_out(out: Path, source, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, an output that would destroy data."""
+    root = _source_root(source)
+    if root is not None:
+        a, b = out.resolve(), root.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            relation = "is" if a == b else ("is inside" if b in a.parents else "contains")
+            raise ConfigError(f"--out {str(out)!r} {relation} the source data.root={str(root)!r}; converting in "
+                              "place would destroy the source: choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; expected a folder for the shards")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    shards = [p for p in entries if _is_shard(p)]
+    if shards and not overwrite:
+        raise ConfigError(f"{str(out)!r} already holds shards (e.g. {shards[0].name}); "
+                          "pass overwrite=True (--overwrite) or choose another folder")
+    others = [p for p in entries if not _is_shard(p)]
+    if shards and others:
+        # overwriting swaps the whole folder for the new one: anything else in it would go too
+        raise ConfigError(f"{str(out)!r} holds {others[0].name!r} besides the shards; overwrite replaces the "
+                          "whole folder, so move it away or choose another folder")
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Put the fully written ``tmp`` where ``out`` is; the old shards go only once the new ones are in place."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    entries = list(out.iterdir())
+    if not entries:
+        out.rmdir()
+        os.rename(tmp, out)
+        return
+    if not any(_is_shard(p) for p in entries):  # a folder of other files: the shards join them
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out / path.name)
+        tmp.rmdir()
+        return
+    _check_out(out, None, overwrite)  # still only shards (nothing was added while converting)
+    old = tmp.with_name(tmp.name.replace(".converting-", ".replaced-"))
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def convert_to_parquet(source, out_dir: str | os.PathLike, shard_size: int = 10_000, *,
                        image_format: str = "array", seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Write ``source`` (a DatasetBundle or a DataConfig) as Parquet shards in ``out_dir``.
 
-    Returns a summary: ``out_dir``, ``format``, rows and shards per split.
+    Everything is written to a new sibling folder first and swapped in only once complete, so a
+    failure (bad input included) leaves ``out_dir`` as it was; an output that is, contains or lies
+    inside the source's folder is refused. Returns a summary: ``out_dir``, ``format``, rows and
+    shards per split.
     """
     from sharp_unlearn.data import build_dataset
 
@@ -124,28 +193,29 @@ def convert_to_parquet(source, out_dir: str | os.PathLike, shard_size: int = 10_
         raise ConfigError(f"image_format={image_format!r} is not valid; expected one of: {', '.join(FORMATS)}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ConfigError(f"shard_size={shard_size!r} is not valid; expected a positive integer")
+    out = Path(out_dir).expanduser().absolute()
+    _check_out(out, source, overwrite)
     bundle: DatasetBundle = source if isinstance(source, DatasetBundle) else build_dataset(source, seed)
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for split in SPLITS for p in out.glob(f"{split}-*.parquet"))
-    if existing and not overwrite:
-        raise ConfigError(f"{str(out)!r} already holds shards (e.g. {existing[0].name}); "
-                          "pass overwrite=True (--overwrite) or choose another folder")
-    for path in existing:
-        path.unlink()
 
     summary: dict[str, Any] = {"out_dir": str(out), "format": image_format, "source": bundle.name,
                                "rows": {}, "shards": {}}
-    written: list[Path] = []
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         for split, dataset in (("train", bundle.train_eval), ("val", bundle.val), ("test", bundle.test)):
-            shards = _write_split(bundle, split, dataset, out, shard_size, image_format)
-            written += shards
+            shards = _write_split(bundle, split, dataset, tmp, shard_size, image_format)
             summary["rows"][split] = len(dataset)
             summary["shards"][split] = len(shards)
+        _commit(tmp, out, overwrite)
     except BaseException:
-        for path in written:  # no half-converted folder: a later read would mix splits
-            path.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the old output, if any, is untouched
+        for folder in created:  # parents made for this output only
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return summary
 

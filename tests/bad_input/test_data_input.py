@@ -44,3 +44,37 @@ def test_a_booby_trapped_cifar_pickle_runs_no_code(tmp_path):
     assert_exit_2_one_line(proc, "pretrain", "data_batch_1", "system")
     assert not marker.exists()
     assert snapshot(tmp_path) == before
+
+
+def _digits_shards(out):
+    from sharp_unlearn.config import DataConfig
+    from sharp_unlearn.data.parquet import convert_to_parquet
+
+    convert_to_parquet(DataConfig(name="digits"), out, shard_size=1000)
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.slow
+def test_a_failing_convert_with_overwrite_keeps_the_previous_shards(tmp_path):
+    out = tmp_path / "shards"
+    previous = _digits_shards(out)
+    before = snapshot(tmp_path)
+    # digits' values are k/16, not k/255: png is refused after the data set was read and shards begun
+    proc = run_cli(["convert", "--overwrite", "--out", str(out), "--format", "png", "data.name=digits"], tmp_path)
+    assert_exit_2_one_line(proc, "convert", "image_format=array")
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == previous
+    assert snapshot(tmp_path) == before  # no temporary folder left beside it either
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relation", ["is", "is inside", "contains"])
+def test_converting_onto_the_source_is_refused_and_the_source_kept(tmp_path, relation):
+    source = tmp_path / "outer" / "inner"
+    original = _digits_shards(source)
+    out = {"is": source, "is inside": source / "sub", "contains": tmp_path / "outer"}[relation]
+    before = snapshot(tmp_path)
+    proc = run_cli(["convert", "--overwrite", "--out", str(out), "data.name=parquet", f"data.root={source}"],
+                   tmp_path)
+    assert_exit_2_one_line(proc, "convert", f"{relation} the source", str(source))
+    assert {p.name: p.read_bytes() for p in sorted(source.iterdir())} == original
+    assert snapshot(tmp_path) == before

@@ -136,3 +136,44 @@ def test_convert_command(tmp_path, capsys):
     assert len(list(out.glob("train-*.parquet"))) == 1
     assert main(["convert", "--out", str(out), "--format", "png", "data.name=cifar10",
                  f"data.root={tmp_path / 'missing'}"]) == 2
+
+
+def test_overwrite_swaps_in_a_complete_folder_and_an_interrupted_one_changes_nothing(tmp_path, monkeypatch):
+    import sharp_unlearn.data.parquet as parquet
+
+    source = build_dataset(DataConfig(name="digits"), seed=0)
+    out = tmp_path / "a" / "shards"
+    convert_to_parquet(source, out, shard_size=500)
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real = parquet._write_split
+
+    def interrupted(bundle, split, *args):
+        if split == "val":  # the training shards are already written by then
+            raise KeyboardInterrupt
+        return real(bundle, split, *args)
+
+    monkeypatch.setattr(parquet, "_write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_parquet(source, out, shard_size=2000, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert sorted(p.name for p in out.parent.iterdir()) == ["shards"]  # no temporary folder left
+    with pytest.raises(KeyboardInterrupt):  # parents created for a new output go again too
+        convert_to_parquet(source, tmp_path / "new" / "deep" / "shards")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(parquet, "_write_split", real)
+
+    convert_to_parquet(source, out, shard_size=2000, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet", "val-00000-of-00001.parquet"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["shards"]
+
+    # a folder of other files gains the shards and keeps its files; overwriting such a folder is refused
+    (out.parent / "mixed").mkdir()
+    (out.parent / "mixed" / "README").write_text("keep me")
+    convert_to_parquet(source, out.parent / "mixed", shard_size=2000)
+    assert (out.parent / "mixed" / "README").read_text() == "keep me"
+    assert len(list((out.parent / "mixed").glob("*.parquet"))) == 3
+    with pytest.raises(ConfigError, match="'README' besides the shards"):
+        convert_to_parquet(source, out.parent / "mixed", overwrite=True)
+    assert (out.parent / "mixed" / "README").read_text() == "keep me"
