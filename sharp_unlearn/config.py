@@ -316,6 +316,11 @@ class ExperimentConfig:
     seed: int = 0
     output_dir: str = "runs"
     device: str = "auto"
+    #: deterministic kernels and a fixed CPU thread count (1 unless ``threads`` is set): with the same
+    #: seed, threads, device and versions a run is bit-identical; off, torch picks threads and kernels
+    deterministic: bool = False
+    #: CPU threads for torch (None: torch's default, from OMP_NUM_THREADS or the cores)
+    threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -329,6 +334,8 @@ class ExperimentConfig:
         _check_choice("device", self.device, DEVICES)
         # numpy's legacy seeding (and DataLoader workers) take 32-bit seeds; larger ones fail mid-run
         _check_range("seed", self.seed, 0, 2**32 - 1)
+        if self.threads is not None:
+            _check_range("threads", self.threads, 1)
 
     # -- serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

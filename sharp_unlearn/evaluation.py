@@ -184,6 +184,7 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
     from sharp_unlearn.data import build_dataset
     from sharp_unlearn.data.forget import select_forget_set, train_stable_indices
     from sharp_unlearn.engine.checkpoint import load_checkpoint
+    from sharp_unlearn.engine.determinism import apply_determinism
     from sharp_unlearn.engine.runner import resolve_device
     from sharp_unlearn.recipes.pretrain import load_trained_model
 
@@ -198,6 +199,7 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
                           f"({state.get('forget_label', '?')}); drop the override {forget_overrides[0]!r}")
     cfg = load_config(list(config_files), list(overrides), base=state["config"])
     device = resolve_device(cfg.device)
+    apply_determinism(cfg)
     # the data exactly as the model saw it: label flips are seeded by the *pretraining* seed
     data_source = config_from_dict(state["pretrain_config"]) if "pretrain_config" in state else cfg
     bundle = build_dataset(data_source.data, data_source.seed)

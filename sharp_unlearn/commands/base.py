@@ -28,8 +28,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config file (repeatable; later files win); packaged names work too")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns.db)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_deterministic_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optimizer.name=sam optimizer.rho=0.1")
+
+
+def add_deterministic_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bit-identical reruns: deterministic kernels and a fixed CPU thread count "
+                             "(1 unless threads=N is given); same seed, device and versions needed")
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> ExperimentConfig:
@@ -38,6 +45,8 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Expe
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
+    if getattr(args, "deterministic", False):
+        overrides.append("deterministic=true")
     cfg = load_config(args.config, overrides, base=base)
     check_output_dir(cfg.output_dir)
     return cfg

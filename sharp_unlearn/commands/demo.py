@@ -1,7 +1,7 @@
 """``sharp-unlearn demo``: the main job on the embedded default (digits, offline, CPU)."""
 from __future__ import annotations
 
-from sharp_unlearn.commands.base import COMMANDS, Command
+from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
 
 
 @COMMANDS.register("demo")
@@ -15,6 +15,7 @@ class Demo(Command):
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns.db)")
         parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         parser.add_argument("--no-evaluate", action="store_true", help="skip MIA / entanglement / sharpness")
+        add_deterministic_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="spec overrides, e.g. base.train.epochs=20 forget.size=40")
 
@@ -26,7 +27,8 @@ class Demo(Command):
         if args.tracking_uri:
             tracking["uri"] = args.tracking_uri
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-        result = run_demo(args.spec, args.overrides, output_dir=args.output_dir, tracking=tracking,
+        overrides = [*args.overrides, *(["base.deterministic=true"] if args.deterministic else [])]
+        result = run_demo(args.spec, overrides, output_dir=args.output_dir, tracking=tracking,
                           methods=methods, quiet=args.quiet, evaluate=not args.no_evaluate)
         if not args.json:
             print_rows("sharp-unlearn demo: ToW against the retrained reference (digits, memorization-high)",

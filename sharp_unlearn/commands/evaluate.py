@@ -36,6 +36,8 @@ class Evaluate(Command):
             overrides += [f"tracking.uri={args.tracking_uri}", "tracking.enabled=true"]
         if args.no_tracking:
             overrides.append("tracking.enabled=false")
+        if args.deterministic:
+            overrides.append("deterministic=true")
 
         with progress_bar("evaluate", len(names), quiet=args.quiet or args.json) as advance:
             done: list[str] = []

@@ -1,7 +1,7 @@
 """``sharp-unlearn reproduce theory|table``: the paper's claims, one command each."""
 from __future__ import annotations
 
-from sharp_unlearn.commands.base import COMMANDS, Command
+from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
 from sharp_unlearn.errors import ConfigError
 
 TARGETS = ("theory", "table")
@@ -21,6 +21,7 @@ class Reproduce(Command):
         parser.add_argument("--methods", default=None, help="table: comma-separated subset of methods")
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
         parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        add_deterministic_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides")
 
     def run(self, args):
@@ -33,6 +34,8 @@ class Reproduce(Command):
             except ValueError:
                 raise ConfigError(f"--seeds={args.seeds!r} is not a comma-separated list of integers") from None
         tracking = {"enabled": not args.no_tracking, **({"uri": args.tracking_uri} if args.tracking_uri else {})}
+        if args.deterministic:  # the spec's base config reaches every pretraining and unlearning run
+            args.overrides = [*args.overrides, "base.deterministic=true"]
         out = args.output_dir or f"runs/reproduce-{args.target}"
         if args.target == "theory":
             return _theory(args, seeds, tracking, out)

@@ -1,7 +1,7 @@
 """``sharp-unlearn sweep tuning/<file>.yaml``: a Ray Tune sweep, locally or on a cluster."""
 from __future__ import annotations
 
-from sharp_unlearn.commands.base import COMMANDS, Command
+from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
 
 
 @COMMANDS.register("sweep")
@@ -27,6 +27,7 @@ class Sweep(Command):
                             help="CPUs of the local Ray instance (default: all of this machine's)")
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns.db)")
         parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        add_deterministic_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="overrides of the sweep file, e.g. num_samples=4 base.train.epochs=10")
 
@@ -46,7 +47,8 @@ class Sweep(Command):
         if args.tracking_uri:
             tracking["uri"] = args.tracking_uri
         # everything is validated here, before Ray starts
-        spec = load_sweep(args.sweep, args.overrides, num_samples=args.num_samples,
+        overrides = [*args.overrides, *(["base.deterministic=true"] if args.deterministic else [])]
+        spec = load_sweep(args.sweep, overrides, num_samples=args.num_samples,
                           max_concurrent=args.max_concurrent, storage=args.storage, name=args.name,
                           tracking=tracking)
         if not args.quiet and not args.json:

@@ -41,6 +41,7 @@ from sharp_unlearn.engine.deepspeed_engine import (
     barrier,
     split_rows,
 )
+from sharp_unlearn.engine.determinism import apply_determinism
 from sharp_unlearn.engine.loop import Timer, as_batch, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Phase
 from sharp_unlearn.engine.runner import StageResult
@@ -167,6 +168,7 @@ def run_deepspeed_stage(
     """
     deepspeed = require("deepspeed", "deepspeed")
     tracker = tracker or NullTracker()
+    apply_determinism(cfg)  # each worker is its own process: threads and kernels are fixed here too
     meta = dict(checkpoint_meta or {})
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sharded_dir = Path(sharded_dir)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from sharp_unlearn.config import ExperimentConfig, OptimizerConfig, TrainConfig
 from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from sharp_unlearn.engine.determinism import apply_determinism
 from sharp_unlearn.engine.loop import Timer, Trainer, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Phase
 from sharp_unlearn.optim.factory import build_base_optimizer, build_scheduler
@@ -74,6 +75,7 @@ def run_stage(
     file elsewhere (a Ray Tune trial reports it as its checkpoint).
     """
     tracker = tracker or NullTracker()
+    apply_determinism(cfg)  # every stage passes here: threads and kernels are fixed before the first step
     meta = dict(checkpoint_meta or {})
     model.to(device)
     optimizer = build_base_optimizer(model.parameters(), optimizer_cfg)

@@ -29,6 +29,7 @@ from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
 from sharp_unlearn.data import DatasetBundle, build_dataset
 from sharp_unlearn.data.forget import ForgetSplit, memorization_groups, select_forget_set
 from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from sharp_unlearn.engine.determinism import apply_determinism
 from sharp_unlearn.engine.runner import resolve_device, run_stage
 from sharp_unlearn.errors import ConfigError, TrainingDiverged
 from sharp_unlearn.methods import METHODS, UnlearnContext
@@ -164,6 +165,7 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
     pretrained = pretrained or load_pretrained(checkpoint)
     bundle = pretrained.bundle
     device = resolve_device(cfg.device)
+    apply_determinism(cfg)  # the forget set and the "do nothing" row are measured before the stage starts
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
     load_model_state(model, pretrained.state["model"],
                      f"checkpoint {str(pretrained.path)!r} (model.name={cfg.model.name!r})")
