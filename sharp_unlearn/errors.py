@@ -117,6 +117,33 @@ class watch_termination:  # noqa: N801 - used like a function: ``with watch_term
         return False
 
 
+def init_ray(ray, **kwargs) -> None:
+    """``ray.init(**kwargs)`` without losing an interruption.
+
+    ``ray.init`` replaces the SIGTERM handler with one calling ``sys.exit``, and a signal that
+    arrives while it forks Ray's processes can run its handler inside an at-fork callback, where
+    the exception is printed and dropped ("Exception ignored in ...") and the command would go on
+    as if nothing happened. So the handler in place before is put back afterwards, and a
+    termination noted meanwhile is raised here.
+    """
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    except SystemExit:
+        if termination_requested():
+            raise Terminated("SIGTERM while Ray was starting") from None
+        raise
+    finally:
+        if callable(previous):  # ours (or a tracked run's); a default/absent one keeps Ray's
+            signal.signal(signal.SIGTERM, previous)
+    if termination_requested():
+        raise Terminated("SIGTERM while Ray was starting")
+
+
 def require(module: str, extra: str):
     """Import ``module`` lazily, or raise MissingExtra naming the extra to install."""
     import importlib

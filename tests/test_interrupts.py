@@ -121,3 +121,29 @@ def test_watch_termination_notes_signals_whichever_python_handler_runs():
         assert termination_requested()
     with watch_termination():
         assert not termination_requested()
+
+
+def test_sigterm_dropped_inside_ray_init_still_interrupts(command, capsys):
+    """A SIGTERM during ``ray.init`` can run Ray's handler in an at-fork callback, where its
+    SystemExit is printed and dropped; the command must not carry on as if nothing happened."""
+    from sharp_unlearn.errors import init_ray
+
+    class FakeRay:
+        @staticmethod
+        def init(**kwargs):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
+            try:
+                _signal_self(signal.SIGTERM)
+            except SystemExit:  # "Exception ignored in: <function _releaseLock ...>"
+                pass
+
+    carried_on = []
+
+    def run():
+        init_ray(FakeRay, num_cpus=1)
+        carried_on.append(True)
+
+    command(run)
+    assert cli.main(["memorization"]) == 130
+    assert carried_on == []
+    assert _last_line(capsys) == "sharp-unlearn memorization: interrupted"

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError, note_termination
+from sharp_unlearn.errors import ConfigError, init_ray, note_termination
 
 EXECUTORS = ("ray", "serial")
 #: bump when the per-model file layout or the subset rule changes (old files are then retrained)
@@ -316,11 +316,11 @@ def ray_session(settings: HeldoutSettings) -> Iterator[Any]:
     address = settings.address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            init_ray(ray, address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         else:
             cpus = (math.ceil(settings.workers * settings.cpus_per_model) if settings.workers
                     else (os.cpu_count() or 1))
-            ray.init(address="local", num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
+            init_ray(ray, address="local", num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
                      include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                      object_store_memory=256 * 2**20)
         with _sigterm_as_interrupt():

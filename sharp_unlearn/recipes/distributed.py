@@ -47,7 +47,7 @@ import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, load_config, stable_hash
 from sharp_unlearn.engine.ds_config import check_worker_resources, local_resources, validate_distributed
-from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.errors import ConfigError, init_ray, require
 from sharp_unlearn.recipes.pretrain import TrainOutcome, stage_dir
 
 OUTCOME_FILE = "outcome.json"
@@ -350,9 +350,9 @@ def launch_ray(spec: dict[str, Any], address: str | None = None) -> dict[str, An
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=True)
+            init_ray(ray, address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=local_resources()["CPU"], num_gpus=local_resources()["GPU"],
+            init_ray(ray, num_cpus=local_resources()["CPU"], num_gpus=local_resources()["GPU"],
                      include_dashboard=False, log_to_driver=True)
         started = True
     try:

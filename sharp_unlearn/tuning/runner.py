@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from sharp_unlearn.config import config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError, note_termination, require
+from sharp_unlearn.errors import ConfigError, init_ray, note_termination, require
 from sharp_unlearn.tuning.spec import SweepSpec
 from sharp_unlearn.tuning.trainables import TrialInputs
 
@@ -190,10 +190,10 @@ def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
     # trial output stays in each trial's log (Ray prints the path of a failed trial's error file)
     common = {"log_to_driver": False, "logging_level": logging.WARNING if quiet else logging.INFO}
     if address:
-        ray.init(address=address, **common)
+        init_ray(ray, address=address, **common)
     else:
         # a private instance sized to this machine; only loopback, no dashboard
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+        init_ray(ray, num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
     return True
 
 
