@@ -295,6 +295,7 @@ def _read_split(paths: list[Path]):
         if missing:
             raise ConfigError(f"{str(path)!r} lacks column(s) {', '.join(sorted(missing))}; "
                               "expected image, label, index")
+        _check_shard(path, table)
         raw = (table.schema.metadata or {}).get(META_KEY)
         shard_meta = json.loads(raw) if raw else None
         if meta is None:
@@ -305,7 +306,57 @@ def _read_split(paths: list[Path]):
                               f"{shard_meta.get('shape')}; other shards hold {meta.get('format')} {meta.get('shape')}")
         tables.append(table.replace_schema_metadata(None))
     table = pa.concat_tables(tables)
-    return table, meta or {}
+    return table, meta or {}, [(path, t.num_rows) for path, t in zip(paths, tables, strict=True)]
+
+
+def _check_shard(path: Path, table) -> None:
+    """Refuse, before any training, what would otherwise fail (or silently mislead) only later."""
+    import pyarrow as pa
+
+    if table.num_rows == 0:
+        raise ConfigError(f"{str(path)!r} holds zero rows; expected at least one example per shard")
+    for name in ("label", "index", "image"):
+        column = table.column(name)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ConfigError(f"{str(path)!r}: column {name!r} is empty (null) in row {row}; "
+                              "expected a value in every row")
+        if name != "image" and not pa.types.is_integer(column.type):
+            raise ConfigError(f"{str(path)!r}: column {name!r} holds {column.type} values "
+                              f"(e.g. {column[0].as_py()!r}); expected integers")
+    image = table.column("image").combine_chunks()
+    if pa.types.is_fixed_size_list(image.type):
+        value_type = image.type.value_type
+        if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)):
+            raise ConfigError(f"{str(path)!r}: column 'image' holds lists of {value_type}; expected numbers")
+        if pa.types.is_floating(value_type):
+            values = image.flatten().to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                row = int(bad[0]) // image.type.list_size
+                raise ConfigError(f"{str(path)!r}: column 'image' holds {values[bad[0]]} in row {row}; "
+                                  "expected finite pixel values")
+
+
+def _check_labels(split: str, labels: np.ndarray, index: np.ndarray, sources: list, num_classes: int) -> None:
+    """Labels in ``0..num_classes-1`` and each stable index once, naming the shard of the first offender."""
+    def shard_of(row: int) -> str:
+        for path, rows in sources:
+            if row < rows:
+                return f"{str(path)!r} row {row}"
+            row -= rows
+        return f"{split} row {row}"
+
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ConfigError(f"{shard_of(int(bad[0]))}: column 'label' holds {int(labels[bad[0]])}; "
+                          f"expected 0..{num_classes - 1} (num_classes={num_classes})")
+    order = np.argsort(index, kind="stable")
+    repeated = np.flatnonzero(index[order][1:] == index[order][:-1])
+    if repeated.size:
+        row = int(order[repeated[0] + 1])
+        raise ConfigError(f"{shard_of(row)}: column 'index' repeats {int(index[row])}; "
+                          f"expected each example's stable index once per split")
 
 
 def _dataset_from_table(table, meta: dict[str, Any], where: str, labels: np.ndarray | None = None):
@@ -353,20 +404,25 @@ def build_parquet(cfg, seed: int) -> DatasetBundle:
         raise ConfigError(f"data.root={str(cfg.root)!r} has no val-*.parquet or test-*.parquet shards; "
                           "expected at least one of them besides train")
     tables = {split: _read_split(paths) for split, paths in shards.items() if paths}
-    train_table, train_meta = tables["train"]
+    train_table, train_meta, _ = tables["train"]
     augmentation = cfg.options.get("augmentation", train_meta.get("augmentation", "none"))
     if augmentation not in AUGMENTATIONS:
         raise ConfigError(f"data.options.augmentation={augmentation!r} is not valid; "
                           f"expected one of: {', '.join(AUGMENTATIONS)}")
 
     clean_y = train_table.column("label").to_numpy().astype(np.int64)
-    labels = [t.column("label").to_numpy() for t, _ in tables.values()]
-    num_classes = int(train_meta.get("num_classes") or max(int(v.max(initial=-1)) for v in labels) + 1)
+    labels = {split: t.column("label").to_numpy().astype(np.int64) for split, (t, _, _) in tables.items()}
+    num_classes = train_meta.get("num_classes") or max(int(v.max(initial=-1)) for v in labels.values()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"{shards['train'][0]}: metadata num_classes={num_classes!r} is not valid; "
+                          "expected a positive integer")
+    for split, (table, _, sources) in tables.items():
+        _check_labels(split, labels[split], table.column("index").to_numpy().astype(np.int64), sources, num_classes)
     train_y, flipped = flip_labels(clean_y, cfg.label_noise, num_classes, seed)
     train_eval = _dataset_from_table(train_table, train_meta, f"{root}/train", labels=train_y)
     train = train_eval.with_augment(bool(cfg.augment) and augmentation == "crop_flip")
-    val = _dataset_from_table(*tables["val" if "val" in tables else "test"], f"{root}/val")
-    test = _dataset_from_table(*tables["test" if "test" in tables else "val"], f"{root}/test")
+    val = _dataset_from_table(*tables["val" if "val" in tables else "test"][:2], f"{root}/val")
+    test = _dataset_from_table(*tables["test" if "test" in tables else "val"][:2], f"{root}/test")
     stable = train_eval.index.numpy()
     shape = train_meta.get("shape") or (list(train_eval[0][0].shape) if len(train_eval) else [])
     return DatasetBundle(

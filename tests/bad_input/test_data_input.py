@@ -78,3 +78,50 @@ def test_converting_onto_the_source_is_refused_and_the_source_kept(tmp_path, rel
     assert_exit_2_one_line(proc, "convert", f"{relation} the source", str(source))
     assert {p.name: p.read_bytes() for p in sorted(source.iterdir())} == original
     assert snapshot(tmp_path) == before
+
+
+def write_shard(path, images, labels, num_classes=10, start=0):
+    """One shard in the on-disk format ``convert`` writes: 1x8x8 float32 arrays, label, index."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = pa.array(np.asarray(images, dtype=np.float32).reshape(-1))
+    meta = {"version": 1, "format": "array", "source": "test", "dtype": "float32", "shape": [1, 8, 8],
+            "num_classes": num_classes, "mean": None, "std": None, "augmentation": "none"}
+    table = pa.table({"image": pa.FixedSizeListArray.from_arrays(flat, 64), "label": labels,
+                      "index": pa.array(range(start, start + len(images)), pa.int64())})
+    pq.write_table(table.replace_schema_metadata({b"sharp_unlearn": json.dumps(meta).encode()}), path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["string labels", "label out of range", "zero rows", "NaN pixels"])
+def test_bad_parquet_is_refused_before_training_naming_the_file(tmp_path, case):
+    import pyarrow as pa
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.random((20, 64)).astype(np.float32)
+    labels = pa.array(rng.integers(0, 10, size=20), pa.int64())
+    write_shard(data / "val-00000-of-00001.parquet", images, labels)
+    bad = data / "train-00001-of-00002.parquet"
+    write_shard(data / "train-00000-of-00002.parquet", images, labels)
+    needles = {"string labels": ["'label'", "string", "'3'"], "label out of range": ["'label'", "holds 10", "0..9"],
+               "zero rows": ["zero rows"], "NaN pixels": ["'image'", "nan", "row 2"]}[case]
+    if case == "string labels":
+        write_shard(bad, images, pa.array([str(v) for v in [3] * 20]), start=20)
+    elif case == "label out of range":
+        write_shard(bad, images, pa.array([1] * 5 + [10] * 15, pa.int64()), start=20)
+    elif case == "zero rows":
+        write_shard(bad, images[:0], pa.array([], pa.int64()))
+    else:
+        images = images.copy()
+        images[2, 7] = np.nan
+        write_shard(bad, images, labels, start=20)
+    before = snapshot(tmp_path)
+    proc = run_cli(["pretrain", "--no-tracking", f"output_dir={tmp_path / 'runs'}", "data.name=parquet",
+                    f"data.root={data}", "train.epochs=1", *SMALL], tmp_path)
+    assert_exit_2_one_line(proc, "pretrain", bad.name, *needles)
+    assert snapshot(tmp_path) == before

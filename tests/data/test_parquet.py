@@ -177,3 +177,21 @@ def test_overwrite_swaps_in_a_complete_folder_and_an_interrupted_one_changes_not
     with pytest.raises(ConfigError, match="'README' besides the shards"):
         convert_to_parquet(source, out.parent / "mixed", overwrite=True)
     assert (out.parent / "mixed" / "README").read_text() == "keep me"
+
+
+def test_repeated_indices_and_null_labels_are_refused_naming_the_shard(tmp_path):
+    import pyarrow as pa
+
+    source = build_dataset(DataConfig(name="digits"), seed=0)
+    convert_to_parquet(source, tmp_path, shard_size=700)
+    second = tmp_path / "train-00001-of-00002.parquet"
+    table = pq.read_table(second)
+    index = table.column("index").to_numpy().copy()
+    index[3] = int(pq.read_table(tmp_path / "train-00000-of-00002.parquet").column("index")[0].as_py())
+    pq.write_table(table.set_column(2, "index", pa.array(index)), second)
+    with pytest.raises(ConfigError, match=r"train-00001-of-00002.parquet' row 3: column 'index' repeats"):
+        build_dataset(DataConfig(name="parquet", root=str(tmp_path)), seed=0)
+    labels = pa.array([None] + table.column("label").to_pylist()[1:], pa.int64())
+    pq.write_table(table.set_column(1, "label", labels), second)
+    with pytest.raises(ConfigError, match=r"train-00001-of-00002.parquet': column 'label' is empty \(null\) in row 0"):
+        build_dataset(DataConfig(name="parquet", root=str(tmp_path)), seed=0)
