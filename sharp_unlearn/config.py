@@ -308,7 +308,12 @@ class TrackingConfig:
     max_artifact_mb: float = 200.0
 
     def __post_init__(self) -> None:
+        from sharp_unlearn.tracking import check_experiment_name, check_uri  # stdlib-only module: cheap
+
         _check_range("tracking.max_artifact_mb", self.max_artifact_mb, 0.0)
+        if self.uri:
+            check_uri(self.uri)
+        check_experiment_name(self.experiment)
 
 
 @dataclass
