@@ -47,8 +47,13 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        with Image.open(self.paths[i]) as image:
-            image = image.convert("RGB")
+        try:
+            with Image.open(self.paths[i]) as image:
+                image = image.convert("RGB")
+        # not an image, truncated, or a decompression bomb: bad input, named (PIL's truncation message names none)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"{str(self.paths[i])!r} is not a readable image: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}") from None
         return self.transform(image), self.y[i], self.index[i]
 
     def with_transform(self, transform: Callable) -> ImageFileDataset:

@@ -125,3 +125,26 @@ def test_bad_parquet_is_refused_before_training_naming_the_file(tmp_path, case):
                     f"data.root={data}", "train.epochs=1", *SMALL], tmp_path)
     assert_exit_2_one_line(proc, "pretrain", bad.name, *needles)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_a_corrupt_image_in_an_imagefolder_is_named(tmp_path, damage):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (data / split / name).mkdir(parents=True)
+            for k in range(3):
+                pixels = rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)  # noise: a long JPEG body
+                Image.fromarray(pixels).save(data / split / name / f"{k}.jpg", quality=95)
+    bad = data / "train" / "dog" / "1.jpg"
+    body = bad.read_bytes()
+    bad.write_bytes(b"this is not an image" if damage == "not an image" else body[:int(len(body) * 0.6)])
+    before = snapshot(tmp_path)
+    proc = run_cli(["pretrain", "--no-tracking", f"output_dir={tmp_path / 'runs'}", "data.name=imagefolder",
+                    f"data.root={data}", "data.options={image_size: 8}", "train.epochs=1", *SMALL], tmp_path)
+    assert_exit_2_one_line(proc, "pretrain", str(bad), "not a readable image")
+    assert snapshot(tmp_path) == before
