@@ -193,7 +193,8 @@ def convert_to_parquet(source, out_dir: str | os.PathLike, shard_size: int = 10_
         raise ConfigError(f"image_format={image_format!r} is not valid; expected one of: {', '.join(FORMATS)}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ConfigError(f"shard_size={shard_size!r} is not valid; expected a positive integer")
-    out = Path(out_dir).expanduser().absolute()
+    # resolved: a symlinked output swaps the folder it points to, and "." or ".." have a real name and parent
+    out = Path(out_dir).expanduser().resolve()
     _check_out(out, source, overwrite)
     bundle: DatasetBundle = source if isinstance(source, DatasetBundle) else build_dataset(source, seed)
 
