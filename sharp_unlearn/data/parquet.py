@@ -273,13 +273,21 @@ def _write_split(bundle: DatasetBundle, split: str, dataset: Dataset, out: Path,
 class PngImageDataset(ImageTensorDataset):
     """PNG bytes decoded on access; otherwise like ImageTensorDataset."""
 
-    def __init__(self, blobs, shape: list[int], labels, index, **kwargs):
+    def __init__(self, blobs, shape: list[int], labels, index, where: str = "parquet", **kwargs):
         super().__init__(torch.zeros(len(labels), 0), labels, index, **kwargs)
         self.blobs = blobs
         self.shape = list(shape)
+        self.where = where
 
     def pixels(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(_decode_png(self.blobs[i].as_py(), self.shape))
+        from PIL import Image
+
+        try:
+            return torch.from_numpy(_decode_png(self.blobs[i].as_py(), self.shape))
+        # decoded on access (during training): still bad input, so name where it is
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"{self.where} row {i} (index {int(self.index[i])}): column 'image' is not a PNG "
+                              f"of shape {self.shape}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
 
 def _read_split(paths: list[Path]):
@@ -374,7 +382,7 @@ def _dataset_from_table(table, meta: dict[str, Any], where: str, labels: np.ndar
         if not shape:
             raise ConfigError(f"{where}: PNG images need their 'shape' in the schema metadata "
                               f"key {META_KEY.decode()!r}")
-        return PngImageDataset(image, shape, y, index, scale=scale, **norm)
+        return PngImageDataset(image, shape, y, index, where=where, scale=scale, **norm)
     if not pa.types.is_fixed_size_list(image.type):
         raise ConfigError(f"{where}: column 'image' is {image.type}; expected binary (PNG) or a fixed-size list")
     shape = meta.get("shape") or [image.type.list_size]

@@ -195,3 +195,22 @@ def test_repeated_indices_and_null_labels_are_refused_naming_the_shard(tmp_path)
     pq.write_table(table.set_column(1, "label", labels), second)
     with pytest.raises(ConfigError, match=r"train-00001-of-00002.parquet': column 'label' is empty \(null\) in row 0"):
         build_dataset(DataConfig(name="parquet", root=str(tmp_path)), seed=0)
+
+
+def test_an_unreadable_png_is_a_config_error_naming_split_and_row(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, size=(6, 3, 4, 4)).astype(np.float32) / 255.0)
+    split = IndexedTensorDataset(pixels, torch.zeros(6, dtype=torch.long), torch.arange(6))
+    bundle = DatasetBundle("toy", split, split, split, split, 2, (3, 4, 4), np.zeros(6, dtype=np.int64))
+    convert_to_parquet(bundle, tmp_path, image_format="png")
+    shard = tmp_path / "test-00000-of-00001.parquet"
+    table = pq.read_table(shard)
+    blobs = table.column("image").to_pylist()
+    blobs[4] = blobs[4][:20]  # truncated
+    pq.write_table(table.set_column(0, "image", pa.array(blobs, pa.binary())), shard)
+    loaded = build_dataset(DataConfig(name="parquet", root=str(tmp_path)), seed=0)
+    assert loaded.test[3][0].shape == (3, 4, 4)
+    with pytest.raises(ConfigError, match=r"/test row 4 \(index 4\): column 'image' is not a PNG"):
+        loaded.test[4]
