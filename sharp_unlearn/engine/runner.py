@@ -104,6 +104,9 @@ def run_stage(
 
     start_epoch = 0
     history: list[dict[str, float]] = []
+    # wall time of the earlier parts of a resumed stage (kept in the checkpoint), so the reported
+    # wall_seconds is the whole stage's, not only the part after the last interruption
+    prior_seconds = 0.0
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
         if state.get("config_hash") == meta.get("config_hash") and not state.get("completed", False):
@@ -112,6 +115,7 @@ def run_stage(
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = int(state["epoch"])
             history = list(state.get("history", []))
+            prior_seconds = float(state.get("wall_seconds", 0.0))
 
     timer = Timer()
     stream_salts = {name: i + 1 for i, name in enumerate(sorted(datasets))}
@@ -128,6 +132,7 @@ def run_stage(
             "completed": completed,
             "history": history,
             "config": cfg.to_dict(),
+            "wall_seconds": prior_seconds + timer.seconds,
         })
 
     with progress_bar(description, max(epochs - start_epoch, 0), quiet) as advance:
@@ -154,4 +159,4 @@ def run_stage(
     save(epochs, completed=True)
     if on_epoch_end is not None and start_epoch < epochs:
         on_epoch_end(epochs, history[-1])
-    return StageResult(checkpoint_path, history, timer.seconds, start_epoch)
+    return StageResult(checkpoint_path, history, prior_seconds + timer.seconds, start_epoch)

@@ -60,7 +60,25 @@ def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = Non
 
         return launch_deepspeed(cfg, train_indices=train_indices, split_hash=split_hash, kind=kind, tags=tags,
                                 quiet=quiet, resume=resume, use_cache=use_cache, epoch_callback=epoch_callback)
-    bundle = bundle or build_dataset(cfg.data, cfg.seed)
+    bundle = bundle or build_dataset(cfg.data, cfg.seed)  # bad data fails before anything is written
+    kwargs = dict(train_indices=train_indices, split_hash=split_hash, kind=kind, tags=tags, quiet=quiet,
+                  resume=resume, use_cache=use_cache, epoch_callback=epoch_callback)
+    if not use_cache:
+        return _train_local(cfg, bundle, **kwargs)
+    # Two runs needing the same cached model (two methods unlearning one split, in parallel) must
+    # not both train it: the second waits here, then finds the first's completed checkpoint. The
+    # lock sits next to the cache folder so it also holds across machines sharing output_dir.
+    from filelock import FileLock
+
+    out_dir = stage_dir(cfg, kind, split_hash)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir.parent / f".{out_dir.name}.lock"):
+        return _train_local(cfg, bundle, **kwargs)
+
+
+def _train_local(cfg: ExperimentConfig, bundle: DatasetBundle, *, train_indices: np.ndarray | None,
+                 split_hash: str | None, kind: str, tags: Mapping[str, Any] | None, quiet: bool, resume: bool,
+                 use_cache: bool, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> TrainOutcome:
     device = resolve_device(cfg.device)
     out_dir = stage_dir(cfg, kind, split_hash)
     ckpt_path = out_dir / "checkpoint.pt"
@@ -88,8 +106,15 @@ def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = Non
         return {"val_acc": accuracy(model, bundle.val, eval_bs, device)}
 
     run_tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash, **(tags or {})}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def on_epoch_end(epoch: int, record: dict[str, float]) -> None:
+        # the run folder appears with the first checkpoint (something to resume), not before:
+        # a run that fails before its first epoch leaves no config.yaml-only folder behind
+        if ckpt_path.exists() and not (out_dir / "config.yaml").exists():
+            (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        if epoch_callback is not None:
+            epoch_callback(epoch, record)
+
     with open_run(cfg, kind=kind, tags=run_tags, run_name=f"{kind}-{cfg.optimizer.tag}") as tracker:
         meta["run_id"] = tracker.run_id
         result = run_stage(model, lambda epoch: [phase], {"train": train}, cfg=cfg,
@@ -97,7 +122,8 @@ def train_from_scratch(cfg: ExperimentConfig, bundle: DatasetBundle | None = Non
                            device=device, checkpoint_path=ckpt_path, checkpoint_meta=meta,
                            evaluate=evaluate, tracker=tracker, quiet=quiet,
                            description=f"{kind} {cfg.model.name}/{cfg.optimizer.tag}", resume=resume,
-                           on_epoch_end=epoch_callback)
+                           on_epoch_end=on_epoch_end)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
         metrics = {
             "train_acc": accuracy(model, train_eval, eval_bs, device),
             "val_acc": accuracy(model, bundle.val, eval_bs, device),

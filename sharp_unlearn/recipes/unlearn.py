@@ -184,10 +184,14 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             "split_hash": split.split_hash, "pretrain_run_id": pretrained.run_id,
             "reference_run_id": reference.run_id, "pretrain_optimizer": pretrained.cfg.optimizer.tag}
     out_dir = _output_dir(cfg, split, pretrained)
+    # An interrupted stage leaves resumable state or nothing: the run folder appears with the
+    # stage's first checkpoint (rerunning the same command resumes from it) and the outputs come
+    # at the end; the stage's own checkpoint is dropped once the final model is saved.
+    own_stage = stage_checkpoint is None
+    if own_stage:
+        stage_checkpoint = out_dir / "stage.pt"
     with open_run(cfg, kind="unlearn", tags=tags,
                   run_name=f"{cfg.method.name}-{method.optimizer_tag}-{split.label}") as tracker:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        split_path = split.to_parquet(out_dir / "forget_set.parquet")
         history: list[dict[str, float]] = []
         if getattr(method_cls, "from_scratch", False):
             # "retrain" as a method: the reference itself is the unlearned model
@@ -199,6 +203,7 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             # split from its positions, and measuring stays here on the consolidated fp32 weights
             from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn
 
+            out_dir.mkdir(parents=True, exist_ok=True)
             sharded = launch_deepspeed_unlearn(cfg, pretrained.path, split, out_dir, config_hash=out_dir.name,
                                                quiet=quiet)
             load_model_state(model, load_checkpoint(sharded.checkpoint)["model"], "sharded unlearning export")
@@ -235,7 +240,7 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
                                    checkpoint_path=stage_checkpoint, checkpoint_meta=stage_meta,
                                    evaluate=evaluate, tracker=tracker, quiet=quiet,
                                    description=f"unlearn {cfg.method.name}/{method.optimizer_tag}",
-                                   resume=stage_checkpoint is not None, on_epoch_end=epoch_callback)
+                                   resume=True, on_epoch_end=epoch_callback)
             except TrainingDiverged:
                 shutil.rmtree(out_dir, ignore_errors=True)  # no half result; the input checkpoint is untouched
                 raise
@@ -251,6 +256,8 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
         # the baselines next to the run's own numbers, so a comparison needs no artifact download
         tracker.log_metrics({**{f"original_{k}": v for k, v in original.items()},
                              **{f"reference_{k}": v for k, v in reference.metrics.items()}})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        split_path = split.to_parquet(out_dir / "forget_set.parquet")
         ckpt_path = None
         if save_model:
             ckpt_path = save_checkpoint(out_dir / "checkpoint.pt", {
@@ -281,5 +288,7 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
         tracker.log_artifact(out_dir / "config.yaml")
         if ckpt_path is not None:
             tracker.log_artifact(ckpt_path, "checkpoint")
+    if own_stage:
+        stage_checkpoint.unlink(missing_ok=True)  # the final checkpoint and results supersede it
     return UnlearnOutcome(ckpt_path, metrics, reference, original, split, tracker.run_id, cfg.method.name,
                           method.optimizer_tag, results_path, history)
