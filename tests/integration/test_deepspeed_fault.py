@@ -4,13 +4,19 @@ Real processes: ``sharp-unlearn pretrain ... distributed.launcher=torchrun`` wit
 2 gloo workers and SAM.
 
 * Killed (SIGKILL) rank 1 (ZeRO-3): torchrun notices the death and stops rank 0
-  within seconds; the command exits 1 naming the last committed sharded
+  (within seconds; rank 0 never waits out the collective timeout); the command exits 1 naming the last committed sharded
   checkpoint. Rerunning the same command resumes from it, finishes the
   remaining epochs, and ends with the weights of an uninterrupted run.
 * Frozen (SIGSTOP) rank 1 (ZeRO-2), as a hung node would be: rank 0's next collective
   fails after ``distributed.timeout_s`` (on every process group, DeepSpeed's
   own included), then torchrun stops the frozen rank (SIGTERM, then SIGKILL
   after its 30 s grace). Stated bound: ``timeout_s + 30 s`` plus slack.
+
+The assertions are on events (which error ended the run, whose signal torchrun
+reports), not on wall time: under load (6 runnable processes on 2 cores) the
+teardown alone can take longer than the nominal bound. Wall time only guards
+against hangs, with a limit far above the nominal time and far below what the
+failure being tested would cost (torch's default collective timeout: 30 min).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import pytest
 pytest.importorskip("deepspeed")  # the `deepspeed` extra
 
 TORCHRUN_GRACE_S = 30  # torchrun's SIGTERM -> SIGKILL wait for workers that do not exit
+HANG_GUARD_S = 420  # ~10x the nominal time to fail; torch's default collective timeout would be 1800 s
 
 
 def _alive(pid: int) -> bool:
@@ -95,15 +102,18 @@ def test_killed_worker_fails_the_run_and_a_restart_resumes(tmp_path):
     try:
         os.kill(rank1, signal.SIGKILL)
         killed_at = time.monotonic()
-        proc.wait(timeout=timeout_s + 60)
+        proc.wait(timeout=HANG_GUARD_S)
         elapsed = time.monotonic() - killed_at
         err = proc.err_path.read_text()
     finally:
         _stop_group(proc)
 
-    print(f"run failed {elapsed:.1f}s after rank 1 was killed")
+    print(f"run failed {elapsed:.1f}s after rank 1 was killed")  # informative only: load decides it
     assert proc.returncode == 1, err[-3000:]
-    assert elapsed < timeout_s, f"the run took {elapsed:.1f}s to fail"
+    # torchrun saw the death itself (its failure table names rank 1's pid and signal) ...
+    assert f"Signal 9 (SIGKILL) received by PID {rank1}" in err, err[-3000:]
+    # ... and rank 0 did not sit in a collective until distributed.timeout_s ran out
+    assert "Timed out" not in err, err[-3000:]
     assert "sharded run failed" in err and "rerun the same command to resume" in err
     assert "torchrun exited with code" in err
     assert not _alive(rank0), "rank 0 outlived the failed run"
@@ -142,7 +152,7 @@ def test_frozen_worker_fails_the_run_after_the_collective_timeout(tmp_path):
     try:
         os.kill(rank1, signal.SIGSTOP)  # alive but silent, like a hung node
         frozen_at = time.monotonic()
-        proc.wait(timeout=timeout_s + TORCHRUN_GRACE_S + 90)
+        proc.wait(timeout=HANG_GUARD_S)
         elapsed = time.monotonic() - frozen_at
         err = proc.err_path.read_text()
     finally:
@@ -150,9 +160,10 @@ def test_frozen_worker_fails_the_run_after_the_collective_timeout(tmp_path):
             os.kill(rank1, signal.SIGKILL)
         _stop_group(proc)
 
-    print(f"run failed {elapsed:.1f}s after rank 1 froze (timeout_s={timeout_s})")
+    print(f"run failed {elapsed:.1f}s after rank 1 froze (timeout_s={timeout_s})")  # informative only
     assert proc.returncode == 1, err[-3000:]
-    assert "Timed out" in err  # rank 0's collective gave up after timeout_s, not torch's 30-minute default
-    assert timeout_s <= elapsed < timeout_s + TORCHRUN_GRACE_S + 30
+    # rank 0's collective gave up (finishing under HANG_GUARD_S rules out torch's 30-minute default) ...
+    assert "Timed out" in err, err[-3000:]
+    assert elapsed >= timeout_s  # ... and not before timeout_s (a lower bound: load can only add to it)
     assert "sharded run failed" in err
     assert not _alive(rank0)
