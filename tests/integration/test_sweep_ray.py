@@ -189,8 +189,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and first.poll() is None:
+        # a hang guard, not a bound: 2 trials take ~1 min idle, several at load 6 on 2 cores
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and first.poll() is None:
             # complete in Ray Tune's eyes = the driver ended the trial's child run FINISHED
             try:
                 if mlflow_ready() and sum(t.info.status == "FINISHED" for t in mlflow_runs("trial")[1]) >= 2:
@@ -200,7 +201,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
             time.sleep(0.2)
         assert first.poll() is None, f"the sweep ended before it could be interrupted:\n{first.stdout.read()}"
         first.send_signal(signal.SIGINT)  # Ctrl-C: Ray Tune saves the experiment state and stops
-        output, _ = first.communicate(timeout=180)
+        output, _ = first.communicate(timeout=300)  # Ray Tune saves its state first: slow under load
     finally:
         if first.poll() is None:
             first.kill()
@@ -255,6 +256,16 @@ def test_stage_both_pretrains_per_trial_and_logs_both_configs(tmp_path):
     assert sorted(t.data.params["optimizer.name"] for t in trials) == ["sam", "sgd"]
 
 
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def test_sweep_joins_an_existing_ray_head_with_address(tmp_path, free_port):
     """`--address`: the driver joins a Ray head started separately (as cluster/start-local.sh does)."""
     import shutil
@@ -266,13 +277,16 @@ def test_sweep_joins_an_existing_ray_head_with_address(tmp_path, free_port):
                              str(free_port), "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir",
                              str(ray_tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and head.poll() is None:
+        deadline = time.monotonic() + 300  # a hang guard: the head starts in ~5 s idle, far slower under load
+        while time.monotonic() < deadline and head.poll() is None:
             if "blocking" in _head_log(ray_tmp) or list(ray_tmp.glob("session_*/logs/raylet.out")):
                 break
             time.sleep(0.5)
         assert head.poll() is None, "the Ray head did not start"
-        time.sleep(3)
+        # the event the driver needs, not a fixed pause: the head's GCS accepts connections
+        while not _accepts(free_port) and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _accepts(free_port), "the Ray head's port never accepted a connection"
         path = write_sweep(tmp_path, "joined")
         # the CLI in its own process, as a user runs it (this test process has Ray imported already)
         driver = subprocess.run([sys.executable, "-m", "sharp_unlearn", "sweep", str(path), "--address",
