@@ -150,7 +150,7 @@ class OptimizerConfig:
 
     @property
     def tag(self) -> str:
-        """The MLflow ``optimizer`` tag value (DESIGN.md section 6)."""
+        """The MLflow ``optimizer`` tag value (the README's "Names users query")."""
         if not self.is_sam:
             return self.name
         return self.name if self.sign == "min" else f"{self.name}-max"

@@ -30,13 +30,13 @@ from typing import Any
 
 from sharp_unlearn.errors import ConfigError, require
 
-#: identity columns, from run info and the contract tags (DESIGN.md section 6)
+#: identity columns, from run info and the contract tags (the README's "Names users query")
 ID_COLUMNS = ("run_id", "run_name", "status", "kind", "method", "optimizer", "pretrain_optimizer", "dataset", "model",
               "forget_set", "seed")
 TAG_COLUMNS = ("kind", "method", "optimizer", "pretrain_optimizer", "dataset", "model", "forget_set", "seed")
 #: identity columns shown only when some run has them (unlearning runs name the pretraining optimizer)
 OPTIONAL_ID_COLUMNS = ("pretrain_optimizer",)
-#: the rows every unlearning table needs as anchors (DESIGN.md section 7), read from the runs' result tables
+#: the rows every unlearning table needs as anchors, read from the runs' result tables
 BASELINE_METHODS = ("original", "retrain")
 #: final metrics in the order a reader scans them (contract names first)
 METRIC_ORDER = ("tow", "forget_acc", "retain_acc", "test_acc", "val_acc", "train_acc", "train_loss",

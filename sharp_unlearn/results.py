@@ -1,4 +1,4 @@
-"""Result tables in the long format users query (DESIGN.md section 6).
+"""Result tables in the long format users query (the README's "Names users query").
 
 One row per (run_id, method, optimizer, dataset, forget_set, seed, split,
 metric, value), written as Parquet with pyarrow.

@@ -18,7 +18,7 @@ store that cannot be opened) raises :class:`ConfigError` when the run is
 opened, which recipes do before their first epoch; commands that chain
 several stages can call :func:`preflight` before the first one.
 
-Metric names, tag names and params are a contract (DESIGN.md section 6).
+Metric names, tag names and params are a contract (the README's "Names users query").
 mlflow is imported lazily (extra ``mlflow``).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sharp_unlearn.errors import ConfigError, MissingExtra, Terminated, note_ter
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
-#: values of the ``kind`` tag (DESIGN.md section 6; ``compare`` marks report runs)
+#: values of the ``kind`` tag (the README's "Names users query"; ``compare`` marks report runs)
 KINDS = ("pretrain", "retrain", "mask", "unlearn", "evaluate", "sweep", "trial", "memorization", "compare")
 
 #: MLflow's limits (mlflow.utils.validation): params per batch, metrics per batch, value lengths

@@ -14,7 +14,7 @@ stage  forward weights (this rank)  reduced gradient            publishing an ed
 3      ``p.ds_tensor`` (partition)  the grad partition buffer   release gathered params (+ persistent)
 =====  ===========================  ==========================  =======================================
 
-Facts the SAM step relies on (measured on deepspeed 0.19, see STACK-NOTES):
+Facts the SAM step relies on (measured on deepspeed 0.19.8 with torch 2.14, gloo, 2 CPU ranks):
 the second backward overwrites the gradient at stages 1/2 but accumulates at
 stage 3 unless the ZeRO optimizer's ``zero_grad`` resets its micro-step
 counter; ``engine.step()`` rewrites every forward weight from the fp32 master

@@ -110,7 +110,7 @@ class MetricResult:
     """What one metric produced.
 
     ``values`` become rows of the long result table; ``headline`` holds the
-    MLflow contract names (DESIGN.md section 6) with their headline values;
+    MLflow contract names (the README's "Names users query") with their headline values;
     ``details`` is JSON-serialisable extra (per feature, per class) written
     next to the table; ``artifacts`` are files (figures, grids) to log.
     """

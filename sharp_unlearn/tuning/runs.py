@@ -37,7 +37,7 @@ def mlflow_client(uri: str):
 
 
 def trial_tags(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
-    """Contract tags of one trial from its resolved configs (DESIGN.md section 6)."""
+    """Contract tags of one trial from its resolved configs (the README's "Names users query")."""
     cfg = un_cfg if un_cfg is not None else pre_cfg
     tags: dict[str, Any] = {"dataset": cfg.data.name, "model": cfg.model.name, "seed": cfg.seed,
                             "optimizer": cfg.optimizer.tag}
