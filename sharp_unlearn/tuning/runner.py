@@ -317,7 +317,8 @@ def table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, context: dict[str, Any]):
-    """``sweep_results.parquet`` (long format, the README's "Names users query"), ``sweep_results.md``, ``best_config.yaml``."""
+    """``sweep_results.parquet`` (long format, the README's "Names users query"), ``sweep_results.md``,
+    ``best_config.yaml``."""
     from sharp_unlearn.recipes.demo import markdown_table
     from sharp_unlearn.results import rows_from_metrics, write_results
 
