@@ -1,7 +1,7 @@
 """``sharp-unlearn reproduce theory|table``: the paper's claims, one command each."""
 from __future__ import annotations
 
-from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
+from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument, check_output_dir
 from sharp_unlearn.errors import ConfigError
 
 TARGETS = ("theory", "table")
@@ -37,6 +37,7 @@ class Reproduce(Command):
         if args.deterministic:  # the spec's base config reaches every pretraining and unlearning run
             args.overrides = [*args.overrides, "base.deterministic=true"]
         out = args.output_dir or f"runs/reproduce-{args.target}"
+        check_output_dir(out)
         if args.target == "theory":
             return _theory(args, seeds, tracking, out)
         from sharp_unlearn.reproduce.table import run_table

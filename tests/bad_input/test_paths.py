@@ -73,6 +73,14 @@ def test_output_dir_that_is_a_file(tmp_path, make, where):
     assert snapshot(tmp_path) == before
 
 
+def test_reproduce_output_dir_below_a_file(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    before = snapshot(tmp_path)
+    proc = run_cli(["reproduce", "--no-tracking", "--output-dir", str(tmp_path / "taken" / "out"), "table"], tmp_path)
+    assert_exit_2_one_line(proc, "reproduce", str(tmp_path / "taken" / "out"), "lies below the file")
+    assert snapshot(tmp_path) == before
+
+
 class _Opaque:  # a pickled object that a weights-only load refuses
     pass
 
