@@ -1,35 +1,126 @@
-"""Short terminal tables (rich) for command results."""
+"""Short terminal tables (rich) for command results.
+
+Tables take the terminal's width as rich detects it (``$COLUMNS`` when the
+output is not a terminal) and wrap cell text rather than running past it.
+Each numeric column has one format for all its rows, chosen by the column's
+name (accuracies in percent: 2 decimals, ToW and scores: 4) or, for other
+columns, by the largest value in it.
+"""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+#: formats by column name; the first matching rule wins
+_NAMED_FORMATS: tuple[tuple[str, str], ...] = (
+    ("wall_seconds", "{:.1f}"),
+    ("seconds", "{:.1f}"),
+    ("_acc", "{:.2f}"),  # accuracies are percentages (0-100)
+    ("acc_", "{:.2f}"),
+    ("tow", "{:.4f}"),
+)
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def column_format(name: str, values: Sequence[Any]) -> str | None:
+    """The one format of a column's floats, or None when it holds no floats."""
+    floats = [v for v in values if isinstance(v, float)]
+    if not floats:
+        return None
+    for needle, fmt in _NAMED_FORMATS:
+        if name == needle or needle in name:
+            return fmt
+    finite = [abs(v) for v in floats if math.isfinite(v)]
+    # a column of small numbers (ToW-like scores, MIA, sharpness) keeps 4 decimals; larger ones 2
+    return "{:.4f}" if not finite or max(finite) < 10 else "{:.2f}"
+
+
+def _cell(value: Any, fmt: str | None) -> str:
+    if value is None:
+        return ""
+    if fmt is not None and _is_number(value):
+        return fmt.format(float(value)) if isinstance(value, float) else str(value)
     return str(value)
 
 
-def print_metrics(title: str, metrics: Mapping[str, Any]) -> None:
+def format_value(name: str, value: Any) -> str:
+    """``value`` formatted as a column named ``name`` would show it."""
+    return _cell(value, column_format(name, [value]))
+
+
+def _console():
     from rich.console import Console
+
+    # no fixed width: rich detects the terminal (or reads $COLUMNS when piped)
+    return Console()
+
+
+def print_metrics(title: str, metrics: Mapping[str, Any]) -> None:
+    """A key/value table; keys without a value (``run_id`` with tracking off) are left out, and an
+    empty mapping prints nothing."""
     from rich.table import Table
 
+    shown = {k: v for k, v in metrics.items() if v is not None}
+    if not shown:
+        return
     table = Table(title=title, show_header=True)
-    table.add_column("key")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, _fmt(value))
-    Console().print(table)
+    table.add_column("key", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    for key, value in shown.items():
+        table.add_row(key, _cell(value, column_format(key, [value])))
+    _console().print(table)
 
 
 def print_rows(title: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    from rich.console import Console
+    """A table of ``rows`` (one format per column); nothing is printed when there are no rows."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
+    if not rows or not columns:
+        return
+    console = _console()
+    cells, numeric = [], []
     for col in columns:
-        table.add_column(col, justify="right" if rows and isinstance(rows[0].get(col), float) else "left")
-    for row in rows:
-        table.add_row(*[_fmt(row.get(col, "")) for col in columns])
-    Console(width=200).print(table)
+        values = [row.get(col) for row in rows]
+        fmt = column_format(col, values)
+        cells.append([_cell(v if v is not None else "", fmt) for v in values])
+        numeric.append(any(_is_number(v) for v in values)
+                       and all(v is None or v == "" or _is_number(v) for v in values))
+    widths = [max(len(c) for c in column) for column in cells]
+    headers = list(columns)
+    # too wide with one-line headers: long names (entanglement_wasserstein) break at their underscores
+    if sum(max(w, len(h)) + 2 for w, h in zip(widths, headers, strict=True)) > console.width:
+        # (numbers' headers also break inside long parts: a column of 0.1234 is 6 wide, not 12)
+        headers = [_wrap_header(h, max(w, 7) if n else w, hard=n)
+                   for h, w, n in zip(headers, widths, numeric, strict=True)]
+    # light borders: at 100 columns a 10-column table needs the space for its numbers
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for header, width, is_number in zip(headers, widths, numeric, strict=True):
+        # numbers and short labels (method names) stay whole; long texts (paths) fold
+        whole = is_number or width <= 16
+        min_width = max(width, *(len(line) for line in header.splitlines())) if whole else None
+        table.add_column(header, justify="right" if is_number else "left", overflow="fold", no_wrap=whole,
+                         min_width=min_width)
+    for row in zip(*cells, strict=True):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _wrap_header(name: str, width: int, hard: bool = False) -> str:
+    """``name`` on lines of at most ``width`` characters, broken after ``_``; a longer part is split
+    too when ``hard``, else it sets the width."""
+    parts = [p + "_" for p in name.split("_")]
+    parts[-1] = parts[-1][:-1]
+    if hard:
+        parts = [p[i:i + width] for p in parts for i in range(0, len(p), width)]
+    width = max(width, max(len(p) for p in parts))
+    lines = [""]
+    for part in parts:
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)

@@ -20,8 +20,7 @@ class Demo(Command):
                             help="spec overrides, e.g. base.train.epochs=20 forget.size=40")
 
     def run(self, args):
-        from sharp_unlearn.recipes.demo import TABLE_COLUMNS, run_demo
-        from sharp_unlearn.report_console import print_rows
+        from sharp_unlearn.recipes.demo import run_demo
 
         tracking = {"enabled": not args.no_tracking}
         if args.tracking_uri:
@@ -31,12 +30,20 @@ class Demo(Command):
         result = run_demo(args.spec, overrides, output_dir=args.output_dir, tracking=tracking,
                           methods=methods, quiet=args.quiet, evaluate=not args.no_evaluate)
         if not args.json:
-            print_rows("sharp-unlearn demo: ToW against the retrained reference (digits, memorization-high)",
-                       TABLE_COLUMNS, result.rows)
-            if result.evaluation:
-                cols = list(dict.fromkeys(k for row in result.evaluation for k in row
-                                          if k not in ("seed", "level")))
-                print_rows("membership inference (forget set), retain/forget entanglement, sharpness", cols,
-                           result.evaluation)
-            print(f"results: {result.results_path} and {result.markdown_path}")
+            print_demo(result)
         return {"rows": result.rows, "results": str(result.results_path), "evaluation": result.evaluation}
+
+
+def print_demo(result) -> None:
+    """The demo's terminal output: the ToW table, the evaluation table, where the files went."""
+    from sharp_unlearn.recipes.demo import TABLE_COLUMNS
+    from sharp_unlearn.report_console import print_rows
+
+    print_rows("sharp-unlearn demo: ToW against the retrained reference (digits, memorization-high)",
+               TABLE_COLUMNS, result.rows)
+    if result.evaluation:
+        cols = list(dict.fromkeys(k for row in result.evaluation for k in row if k not in ("seed", "level")))
+        print_rows("membership inference (forget set), retain/forget entanglement, sharpness", cols,
+                   result.evaluation)
+    print(f"results: {result.results_path}")
+    print(f"table:   {result.markdown_path}")

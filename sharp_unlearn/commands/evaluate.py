@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments
 from sharp_unlearn.progress import progress_bar
-from sharp_unlearn.report_console import print_metrics, print_rows
+from sharp_unlearn.report_console import format_value, print_metrics, print_rows
 
 
 @COMMANDS.register("evaluate")
@@ -12,7 +12,10 @@ class Evaluate(Command):
             "(default auto: the cheap ones the checkpoint supports)")
 
     def add_arguments(self, parser):
-        parser.add_argument("checkpoint", help="checkpoint to evaluate (unlearn, pretrain or retrain)")
+        parser.add_argument("checkpoint", nargs="?", default=None,
+                            help="checkpoint to evaluate (unlearn, pretrain or retrain); same as --checkpoint")
+        parser.add_argument("--checkpoint", dest="checkpoint_option", default=None, metavar="PATH",
+                            help="checkpoint to evaluate, as in unlearn/retrain/mask")
         parser.add_argument("--metrics", "-m", default="auto",
                             help="comma-separated metric names, 'all', or 'auto' (default)")
         parser.add_argument("--out", default=None, metavar="DIR",
@@ -29,6 +32,7 @@ class Evaluate(Command):
         from sharp_unlearn.evaluation import evaluate_checkpoint, parse_metrics
         from sharp_unlearn.metrics import EvalOptions
 
+        checkpoint = _checkpoint(args)
         names = parse_metrics(args.metrics)  # unknown names: exit 2 before any loading
         options = EvalOptions.from_pairs(args.eval_option)
         overrides = list(args.overrides)
@@ -46,18 +50,40 @@ class Evaluate(Command):
                 advance(completed=len(done), status=name)
                 done.append(name)
 
-            outcome = evaluate_checkpoint(args.checkpoint, names, out_dir=args.out, options=options,
+            outcome = evaluate_checkpoint(checkpoint, names, out_dir=args.out, options=options,
                                           config_files=args.config, overrides=overrides, reference=args.reference,
                                           progress=progress)
+            advance(completed=len(names), status="done")  # the finished bar stays on screen: show it full
         result = outcome.result
         target = outcome.target
         if not args.json:
             title = f"evaluate {target.method}/{target.optimizer} on {target.forget_label}"
             print_rows(title, ["metric", "split", "value"],
-                       [{"metric": v.metric, "split": v.split, "value": v.value} for v in result.values])
-            print_metrics("headline (MLflow names)", result.headline)
+                       # one table mixes percentages and scores: each value formatted by its metric's name
+                       [{"metric": v.metric, "split": v.split, "value": format_value(v.metric, v.value)}
+                        for v in result.values])
+            print_metrics("headline (MLflow names)", result.headline)  # prints nothing when empty
             print(f"results: {outcome.results_path}")
+            for artifact in result.artifacts:
+                print(f"figure: {artifact}" if str(artifact).endswith(".png") else f"file: {artifact}")
         return {"run_id": outcome.run_id, "evaluated_run_id": target.run_id, "results": str(outcome.results_path),
                 "out_dir": str(outcome.out_dir), "headline": result.headline,
                 "artifacts": [str(a) for a in result.artifacts], "seconds": result.seconds,
                 "values": [v._asdict() for v in result.values]}
+
+
+def _checkpoint(args) -> str:
+    """The checkpoint from ``--checkpoint PATH`` or the positional form; with ``--checkpoint`` a
+    positional ``key=value`` is an override (argparse fills the optional positional first)."""
+    from sharp_unlearn.errors import ConfigError
+
+    if args.checkpoint_option is not None:
+        if args.checkpoint is not None:
+            if "=" not in args.checkpoint:
+                raise ConfigError(f"two checkpoints given ({args.checkpoint!r} and --checkpoint "
+                                  f"{args.checkpoint_option!r}); expected one")
+            args.overrides = [args.checkpoint, *args.overrides]
+        return args.checkpoint_option
+    if args.checkpoint is None:
+        raise ConfigError("no checkpoint given; expected --checkpoint PATH (or the path as the first argument)")
+    return args.checkpoint

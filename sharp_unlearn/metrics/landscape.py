@@ -32,6 +32,7 @@ from torch import nn
 
 from sharp_unlearn.errors import require
 from sharp_unlearn.metrics.base import EvalContext, MetricResult, eval_mode, register_metric
+from sharp_unlearn.progress import sub_progress
 
 #: surface_fn(model, batches) -> (loss, accuracy in percent or NaN)
 SurfaceFn = Callable[[nn.Module, Sequence], tuple[float, float]]
@@ -88,6 +89,7 @@ def loss_surface(model: nn.Module, batches: Sequence, directions: tuple[Sequence
                     for p, w, x, y in zip(params, original, d1, d2, strict=True):
                         p.copy_(w + float(a) * x + float(b) * y)
                     loss[i, j], acc[i, j] = surface_fn(model, batches)
+                    sub_progress(i * len(betas) + j + 1, len(alphas) * len(betas), "landscape")
     finally:
         with torch.no_grad():
             for p, w in zip(params, original, strict=True):

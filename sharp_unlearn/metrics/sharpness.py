@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sharp_unlearn.metrics.base import EvalContext, MetricResult, cross_entropy_mean, eval_mode, register_metric
+from sharp_unlearn.progress import sub_progress
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -142,7 +143,9 @@ def sharpness_metric(ctx: EvalContext) -> MetricResult:
     opts = ctx.options
     result = MetricResult()
     details = {}
-    for split in sharpness_splits(ctx):
+    splits = sharpness_splits(ctx)
+    for done, split in enumerate(splits):
+        sub_progress(done, len(splits), f"sharpness {split}")
         batches = ctx.batches(split, opts.sharpness_samples, "sharpness")
         eig, used = top_hessian_eigenvalue(ctx.model, batches, iters=opts.hessian_iters, tol=opts.hessian_tol,
                                            seed=ctx.seed)

@@ -14,6 +14,7 @@ import numpy as np
 from sharp_unlearn.errors import require
 from sharp_unlearn.metrics.base import EvalContext, MetricResult, register_metric, sample_positions
 from sharp_unlearn.metrics.entanglement import l2_normalize
+from sharp_unlearn.progress import sub_progress
 
 
 def umap_embedding(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
@@ -67,7 +68,10 @@ def umap_metric(ctx: EvalContext) -> MetricResult:
     path = ctx.artifact_path("figures/umap_all.png")
     if path is None:  # nothing to draw into
         return result
+    # two embeddings of a few seconds to minutes each: say which one is running
+    sub_progress(0, 2, "umap")
     embedding = umap_embedding(feats, ctx.seed)
+    sub_progress(1, 2, "umap")
     result.artifacts.append(plot_embedding(embedding, labels, is_forget,
                                            "UMAP of penultimate features: retain (o) vs forget (x)", path))
     in_class = labels == largest
@@ -77,4 +81,5 @@ def umap_metric(ctx: EvalContext) -> MetricResult:
             class_embedding, labels[in_class], is_forget[in_class],
             f"class {largest} (largest forget class): retain (o) vs forget (x)",
             ctx.artifact_path(f"figures/umap_class{largest}.png")))
+    sub_progress(2, 2, "umap")
     return result

@@ -30,6 +30,7 @@ from typing import Any
 from sharp_unlearn.config import apply_overrides, config_from_dict, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods import METHODS
+from sharp_unlearn.progress import stage
 
 REQUIRED = ("base", "forget", "pretrain_optimizers", "unlearn_optimizers")
 
@@ -86,9 +87,15 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
     seeds = list(seeds if seeds is not None else spec.get("seeds") or [base_tree.get("seed", 0)])
     levels = list(spec.get("levels") or [spec["forget"].get("level", "high")])
     result = GridResult()
+    # the overall position ("stage 7 of 38") over every pretraining and unlearning run
+    per_model = len(levels) * sum(len(over.get("optimizers") or spec["unlearn_optimizers"]) for over in wanted.values())
+    total = len(seeds) * len(spec["pretrain_optimizers"]) * (1 + per_model)
+    done = 0
     for seed in seeds:
         for pre_opt in spec["pretrain_optimizers"]:
             pre_cfg = config_from_dict(merge(base_tree, {"seed": seed, "optimizer": {"name": pre_opt}}))
+            done += 1
+            stage(done, total, f"pretrain {pre_opt} (seed {seed})", quiet)
             outcome = train_from_scratch(pre_cfg, quiet=quiet)
             pretrained = load_pretrained(outcome.checkpoint)
             for level in levels:
@@ -105,6 +112,9 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
                                             "method": {"name": method_name, **method_over},
                                             "output_dir": output_dir, "tracking": tracking})
                         cfg = config_from_dict(tree)
+                        done += 1
+                        stage(done, total, f"unlearn {method_name}/{un_opt} from {pre_opt} ({level}, seed {seed})",
+                              quiet)
                         run = run_unlearning(cfg, outcome.checkpoint, quiet=quiet, pretrained=pretrained, split=split)
                         split = run.split  # one selection per (pretrained model, level), shared by all methods
                         key = {"seed": seed, "pretrain": pre_opt, "level": level}

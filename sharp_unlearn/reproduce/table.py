@@ -23,6 +23,7 @@ from typing import Any
 from sharp_unlearn.config import config_from_dict, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.metrics.tow import mean_ci95
+from sharp_unlearn.progress import stage
 from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
 
 DEFAULT_SPEC = "reproduce_digits"
@@ -227,7 +228,9 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
     all_long: list[dict[str, Any]] = []
     all_eval: list[dict[str, Any]] = []
     evaluator = model_evaluator(spec.get("evaluate") or ["mia", "entanglement"], out / "evaluation")
-    for seed in seeds:
+    for number, seed in enumerate(seeds, 1):
+        # the grid counts its own stages within a seed; this line says which seed that is
+        stage(number, len(seeds), f"seed {seed} (scores, then the grid)", quiet)
         seed_spec = copy.deepcopy(spec)
         if seed_spec["forget"].get("kind") == "memorization" and seed_spec["forget"].get("scores") == "heldout":
             seed_spec["forget"]["scores"] = memorization_scores(spec, seed, output_dir, tracking, quiet)

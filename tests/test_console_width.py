@@ -1,0 +1,59 @@
+"""The demo's terminal output fits a 100-column terminal: no line is longer than the width."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# demo-shaped rows: the ToW table and the evaluation table, numbers of every size the demo prints
+SCRIPT = textwrap.dedent("""
+    from pathlib import Path
+    from sharp_unlearn.commands.demo import print_demo
+    from sharp_unlearn.recipes.demo import DemoResult
+
+    rows, evaluation = [], []
+    for pre in ("sgd", "sam"):
+        for method, opt in [("original", "-"), ("retrain", "-"), ("finetune", "sgd"), ("finetune", "sam"),
+                            ("random_label", "sgd"), ("sharp_minmax", "sam"), ("rum", "sgd")]:
+            rows.append({"seed": 0, "pretrain": pre, "level": "high", "method": method, "unlearn_opt": opt,
+                         "retain_acc": 99.87654, "forget_acc": 5.0, "test_acc": 100.0, "tow": 0.912345678,
+                         "wall_seconds": 1234.5678})
+            evaluation.append({"seed": 0, "level": "high", "pretrain": pre, "method": method, "unlearn_opt": opt,
+                               "mia_efficacy": 0.5123, "mia_auc": 0.61, "mia_tpr_at_1fpr": 0.0123,
+                               "entanglement_variance": 12.3456789, "entanglement_wasserstein": 0.00012345,
+                               "sharpness_hessian": 153.2, "sharpness_sam": 0.0456})
+    long_path = Path("runs/demo-output") / "demo_results.parquet"
+    print_demo(DemoResult(rows, long_path, long_path.with_suffix(".md"), [], evaluation))
+""")
+
+
+def _render(columns: int) -> str:
+    env = dict(os.environ, COLUMNS=str(columns), PYTHONPATH=str(REPO))
+    env.pop("LINES", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_demo_tables_fit_100_columns():
+    out = _render(100)
+    lines = out.splitlines()
+    assert "ToW against the retrained reference" in out and "sharp_minmax" in out
+    too_long = [line for line in lines if len(line) > 100]
+    assert not too_long, "\n".join(too_long)
+    # the table takes the width it is given: at 200 columns the same output has lines over 100
+    assert max(len(line) for line in _render(200).splitlines()) > 100
+
+
+def test_one_format_per_column():
+    from sharp_unlearn.report_console import column_format, format_value
+
+    assert column_format("forget_acc", [5.0, 100.0]) == "{:.2f}"
+    assert column_format("tow", [0.5, 1.0]) == "{:.4f}"
+    assert column_format("other", [5.0, 100.0]) == "{:.2f}"  # one format, set by the largest value
+    assert column_format("method", ["a", "b"]) is None
+    assert format_value("test_acc", 97.123) == "97.12" and format_value("tow", 0.9) == "0.9000"
