@@ -14,6 +14,7 @@ import traceback
 
 from sharp_unlearn import __version__
 from sharp_unlearn.commands import COMMANDS
+from sharp_unlearn.commands.examples import epilog
 from sharp_unlearn.errors import (
     ConfigError,
     MissingExtra,
@@ -23,15 +24,21 @@ from sharp_unlearn.errors import (
     watch_termination,
 )
 
+DESCRIPTION = ("sharpness-aware machine unlearning: pretrain with SGD/SAM, unlearn a forget set, "
+               "evaluate, sweep and compare the runs")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sharp-unlearn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sharp-unlearn", description=DESCRIPTION,
+                                     epilog="run 'sharp-unlearn COMMAND --help' for a command's options and examples")
     parser.add_argument("--version", action="version", version=f"sharp-unlearn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
         command = COMMANDS.get(name)()
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        # RawDescription keeps the examples' line breaks
+        p = sub.add_parser(name, help=command.help, description=command.help, epilog=epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--quiet", action="store_true", help="no progress bars; only the final table")
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -1,6 +1,7 @@
 """Sub-commands, one module each; the list below is the whole CLI."""
 from sharp_unlearn.commands import (
     compare,  # noqa: F401,E402
+    config_show,  # noqa: F401,E402
     convert,  # noqa: F401,E402
     demo,  # noqa: F401,E402
     evaluate,  # noqa: F401,E402
