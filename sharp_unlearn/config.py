@@ -539,8 +539,27 @@ def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     """Merge ``base``, then each YAML file, then ``key=value`` overrides; validate."""
     tree: dict[str, Any] = dict(base or {})
     for path in paths:
-        tree = merge(tree, load_yaml(path))
+        data = load_yaml(path)
+        check_not_grid_spec(path, data)
+        tree = merge(tree, data)
     return build_section(ExperimentConfig, apply_overrides(tree, overrides))
+
+
+#: packaged grid specs and the command line that runs each
+GRID_SPEC_COMMANDS = {"demo_digits": "sharp-unlearn demo --spec demo_digits",
+                      "reproduce_digits": "sharp-unlearn reproduce table"}
+
+
+def check_not_grid_spec(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Refuse a grid spec (``base`` + ``pretrain_optimizers``: the demo's and ``reproduce``'s format)
+    given as a run config, naming the command it belongs to (it would fail as "unknown key base")."""
+    if "base" not in data or "pretrain_optimizers" not in data:
+        return
+    name = Path(path).stem
+    command = GRID_SPEC_COMMANDS.get(name, f"sharp-unlearn demo --spec {path}")
+    raise ConfigError(f"--config {str(path)!r} is a grid spec of the demo/reproduce commands (run it with: "
+                      f"{command}), not a run config; expected a YAML file with sections such as "
+                      "data, model, optimizer, train (or key=value overrides)")
 
 
 def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
