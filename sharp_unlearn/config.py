@@ -306,6 +306,9 @@ class TrackingConfig:
     experiment: str = "sharp-unlearn"
     #: checkpoints above this size are logged as a path reference, not copied
     max_artifact_mb: float = 200.0
+    #: also log trained models as MLflow PyTorch models ("Logged models" in the UI, registrable,
+    #: loadable as runs:/<id>/model); a few seconds per run
+    log_models: bool = True
 
     def __post_init__(self) -> None:
         from sharp_unlearn.tracking import check_experiment_name, check_uri  # stdlib-only module: cheap

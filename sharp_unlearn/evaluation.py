@@ -186,8 +186,12 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
     from sharp_unlearn.engine.checkpoint import load_checkpoint
     from sharp_unlearn.engine.determinism import apply_determinism
     from sharp_unlearn.engine.runner import resolve_device
+    from sharp_unlearn.model_store import is_model_uri, resolve_checkpoint
     from sharp_unlearn.recipes.pretrain import load_trained_model
 
+    if is_model_uri(checkpoint):  # runs:/<id>/model or models:/<name>/<version>, from the store the overrides name
+        uris = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "tracking.uri"]
+        checkpoint = resolve_checkpoint(checkpoint, uris[-1] if uris else None)
     path = Path(checkpoint)
     state = load_checkpoint(path)
     if "config" not in state:

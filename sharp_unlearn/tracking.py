@@ -24,6 +24,7 @@ mlflow is imported lazily (extra ``mlflow``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import getpass
 import json
@@ -44,7 +45,8 @@ from sharp_unlearn.errors import ConfigError, MissingExtra, Terminated, note_ter
 DEFAULT_URI = "sqlite:///mlruns.db"
 
 #: values of the ``kind`` tag (the README's "Names users query"; ``compare`` marks report runs)
-KINDS = ("pretrain", "retrain", "mask", "unlearn", "evaluate", "sweep", "trial", "memorization", "compare")
+KINDS = ("pretrain", "retrain", "mask", "unlearn", "evaluate", "sweep", "trial", "memorization", "compare",
+         "demo", "reproduce")
 
 #: MLflow's limits (mlflow.utils.validation): params per batch, metrics per batch, value lengths
 _PARAMS_PER_BATCH = 100
@@ -348,6 +350,8 @@ class NullTracker:
     def log_indices(self, indices: Sequence[int] | Any, name: str = "forget_indices.parquet",
                     artifact_path: str | None = "forget_set", **columns: Any) -> None: ...
     def log_figure(self, figure: Any, name: str, artifact_path: str | None = "figures") -> None: ...
+    def log_preview_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str,
+                          csv: bool = True) -> None: ...
     def log_checkpoint(self, path: str | os.PathLike, artifact_path: str | None = "checkpoint") -> bool:
         return False
 
@@ -496,6 +500,23 @@ class MlflowTracker(NullTracker):
             figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
             self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_preview_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str, csv: bool = True) -> None:
+        """Log rows as a table the MLflow UI previews: MLflow's table JSON (as ``mlflow.log_table``
+        writes it, listed in the run's ``mlflow.loggedArtifacts`` tag) plus the same rows as CSV.
+
+        ``artifact_file`` ends with ``.json``; the CSV goes next to it. Parquet stays the format
+        for programs; this is for people looking at a run.
+        """
+        import pandas as pd
+
+        frame = pd.DataFrame([{str(k): _plain(v) for k, v in row.items()} for row in rows])
+        if not artifact_file.endswith(".json"):
+            artifact_file += ".json"
+        self._call(self.client.log_table, self.run_id, frame, artifact_file)
+        if csv:
+            folder, _, stem = artifact_file.rpartition("/")
+            self.log_text(frame.to_csv(index=False), (f"{folder}/" if folder else "") + stem[:-5] + ".csv")
+
 
 def _param_value(value: Any) -> str:
     text = str(value)
@@ -522,6 +543,26 @@ def _plain(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- runs
+#: the run new runs nest under when they name no parent themselves (see :func:`children_of`)
+_DEFAULT_PARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("sharp_unlearn_parent_run",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def children_of(run_id: str | None) -> Iterator[None]:
+    """Every run opened inside the block (in this process) becomes a child of ``run_id``.
+
+    The demo and ``reproduce`` open one parent run and call recipes that open their
+    own runs several calls deep; this nests them without threading an argument
+    through every recipe. ``None`` (tracking off) changes nothing.
+    """
+    token = _DEFAULT_PARENT.set(run_id or _DEFAULT_PARENT.get())
+    try:
+        yield
+    finally:
+        _DEFAULT_PARENT.reset(token)
+
+
 class RunTerminated(KeyboardInterrupt):
     """Raised in the main thread when SIGTERM arrives inside a tracked run (the run ends KILLED).
 
@@ -573,6 +614,7 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
     client = client_for(uri)
     experiment_id = get_or_create_experiment(client, experiment, uri)
     all_tags = standard_tags(kind)
+    parent_run_id = parent_run_id or _DEFAULT_PARENT.get()
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})

@@ -20,10 +20,11 @@ class Mask(Command):
         add_config_arguments(parser)
 
     def run(self, args):
+        from sharp_unlearn.model_store import resolve_checkpoint
         from sharp_unlearn.recipes.mask import make_masks, parse_fractions
         from sharp_unlearn.recipes.unlearn import load_pretrained, unlearn_config
 
-        pretrained = load_pretrained(args.checkpoint)
+        pretrained = load_pretrained(resolve_checkpoint(args.checkpoint, args.tracking_uri))
         cfg = config_from_args(args, base=unlearn_config(pretrained))
         fractions = parse_fractions(args.fractions, cfg.method.mask_fraction if cfg.method else 0.5)
         outcome = make_masks(cfg, pretrained, fractions, out_dir=args.out, quiet=args.quiet)

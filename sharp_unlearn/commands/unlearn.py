@@ -6,9 +6,10 @@ from sharp_unlearn.report_console import print_rows
 
 
 def _load(args):
+    from sharp_unlearn.model_store import resolve_checkpoint
     from sharp_unlearn.recipes.unlearn import load_pretrained, unlearn_config
 
-    pretrained = load_pretrained(args.checkpoint)
+    pretrained = load_pretrained(resolve_checkpoint(args.checkpoint, args.tracking_uri))
     cfg = config_from_args(args, base=unlearn_config(pretrained))
     return pretrained, cfg
 
@@ -18,14 +19,32 @@ class Unlearn(Command):
     help = "unlearn a forget set from a pretrained checkpoint (method.name=..., optimizer.name=...)"
 
     def add_arguments(self, parser):
-        parser.add_argument("--checkpoint", required=True, help="pretrained checkpoint (from `pretrain`)")
+        parser.add_argument("--checkpoint", required=True,
+                            help="pretrained checkpoint (from `pretrain`): a file, runs:/<run id>/model or "
+                                 "models:/<name>/<version>")
+        parser.add_argument("--register", default=None, metavar="NAME",
+                            help="register the unlearned model in MLflow's model registry as a new version of "
+                                 "NAME, with lineage tags (needs tracking)")
         add_config_arguments(parser)
 
     def run(self, args):
+        from sharp_unlearn.errors import ConfigError
+        from sharp_unlearn.model_store import check_model_name, register_model
         from sharp_unlearn.recipes.unlearn import run_unlearning
 
         pretrained, cfg = _load(args)
-        outcome = run_unlearning(cfg, args.checkpoint, quiet=args.quiet, pretrained=pretrained)
+        if args.register is not None:  # refused before any training
+            check_model_name(args.register)
+            if not cfg.tracking.enabled or not cfg.tracking.log_models:
+                raise ConfigError(f"--register {args.register!r} needs tracking with logged models; drop "
+                                  "--no-tracking / tracking.enabled=false / tracking.log_models=false")
+        outcome = run_unlearning(cfg, pretrained.path, quiet=args.quiet, pretrained=pretrained)
+        registered = None
+        if args.register is not None and outcome.run_id is not None:
+            version = register_model(outcome.run_id, args.register, cfg.tracking.uri)
+            registered = {"name": args.register, "version": version, "uri": f"models:/{args.register}/{version}"}
+            if not args.json:
+                print(f"registered: {registered['uri']}")
         rows = [
             {"model": "original", **outcome.original_metrics},
             {"model": "retrain (reference)", **outcome.reference.metrics, "tow": 1.0},
@@ -38,7 +57,7 @@ class Unlearn(Command):
                 "reference_checkpoint": str(outcome.reference.checkpoint),
                 "results": str(outcome.results_path), "split_hash": outcome.split.split_hash,
                 "metrics": outcome.metrics, "reference_metrics": outcome.reference.metrics,
-                "original_metrics": outcome.original_metrics}
+                "original_metrics": outcome.original_metrics, "registered": registered}
 
 
 @COMMANDS.register("retrain")
@@ -46,7 +65,9 @@ class Retrain(Command):
     help = "train (or reuse from cache) the retrained reference for a forget set"
 
     def add_arguments(self, parser):
-        parser.add_argument("--checkpoint", required=True, help="pretrained checkpoint whose recipe to reuse")
+        parser.add_argument("--checkpoint", required=True,
+                            help="pretrained checkpoint whose recipe to reuse (a file, runs:/<run id>/model or "
+                                 "models:/<name>/<version>)")
         add_config_arguments(parser)
 
     def run(self, args):

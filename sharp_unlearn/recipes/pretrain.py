@@ -115,7 +115,13 @@ def _train_local(cfg: ExperimentConfig, bundle: DatasetBundle, *, train_indices:
         if epoch_callback is not None:
             epoch_callback(epoch, record)
 
-    with open_run(cfg, kind=kind, tags=run_tags, run_name=f"{kind}-{cfg.optimizer.tag}") as tracker:
+    # unique within a grid: a retrain reference names the pretraining optimizer and the forget set
+    run_name = f"{kind}-{cfg.optimizer.tag}"
+    if (tags or {}).get("forget_set"):
+        run_name = f"pre-{cfg.optimizer.tag}/{kind}/{tags['forget_set']}"
+    if cfg.seed:
+        run_name += f"/s{cfg.seed}"
+    with open_run(cfg, kind=kind, tags=run_tags, run_name=run_name) as tracker:
         meta["run_id"] = tracker.run_id
         result = run_stage(model, lambda epoch: [phase], {"train": train}, cfg=cfg,
                            optimizer_cfg=cfg.optimizer, train_cfg=cfg.train, epochs=cfg.train.epochs,
@@ -140,6 +146,10 @@ def _train_local(cfg: ExperimentConfig, bundle: DatasetBundle, *, train_indices:
         save_checkpoint(ckpt_path, {k: v for k, v in state.items() if k != "format_version"})
         tracker.log_artifact(out_dir / "config.yaml")
         tracker.log_artifact(ckpt_path, "checkpoint")
+        if tracker.run_id is not None:
+            from sharp_unlearn.model_store import log_model
+
+            log_model(tracker, model, ckpt_path, cfg, bundle.test)
     return TrainOutcome(ckpt_path, metrics, tracker.run_id, cached=False, wall_seconds=result.wall_seconds,
                         history=result.history)
 

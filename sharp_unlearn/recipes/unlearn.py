@@ -130,6 +130,43 @@ def get_reference(pretrained: Pretrained, split: ForgetSplit, *, quiet: bool = F
     return Reference(outcome.checkpoint, metrics, outcome.run_id, outcome.wall_seconds, outcome.cached)
 
 
+def unlearn_run_name(pretrain_optimizer: str, method: str, optimizer_tag: str, forget_label: str,
+                     seed: int = 0) -> str:
+    """``pre-sam/neggrad-sgd/memorization-high-60``: unique within a grid (``/s<seed>`` for seeds but 0)."""
+    name = f"pre-{pretrain_optimizer}/{method}-{optimizer_tag}/{forget_label}"
+    return name if not seed else f"{name}/s{seed}"
+
+
+def _log_previews(tracker, results_path: Path, split_path: Path, history: list[dict[str, float]],
+                  title: str) -> None:
+    """What the MLflow UI can show: result and forget-set tables as JSON/CSV, the forgetting curve figure."""
+    import pyarrow.parquet as pq
+
+    tracker.log_preview_table(pq.read_table(results_path).to_pylist(), "results/results.json")
+    tracker.log_preview_table(pq.read_table(split_path).to_pylist(), "forget_set/forget_set.json")
+    curve = [r for r in history if "forget_acc" in r]
+    if not curve:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, tow_ax) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    epochs = [r["epoch"] for r in curve]
+    for key in ("retain_acc", "forget_acc", "test_acc"):
+        acc_ax.plot(epochs, [r.get(key, float("nan")) for r in curve], marker="o", label=key)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    acc_ax.legend(loc="best", fontsize="small")
+    tow_ax.plot(epochs, [r.get("tow", float("nan")) for r in curve], marker="o", color="black")
+    tow_ax.set(xlabel="epoch", ylabel="ToW", title="tug of war (1 = retrained)")
+    fig.suptitle(title)
+    try:
+        tracker.log_figure(fig, "forgetting_curve.png")
+    finally:
+        plt.close(fig)
+
+
 def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretrained) -> Path:
     key = stable_hash({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "output_dir")},
                        "pretrain": pretrained.state.get("config_hash"), "split": split.split_hash})
@@ -190,9 +227,12 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
     own_stage = stage_checkpoint is None
     if own_stage:
         stage_checkpoint = out_dir / "stage.pt"
-    with open_run(cfg, kind="unlearn", tags=tags,
-                  run_name=f"{cfg.method.name}-{method.optimizer_tag}-{split.label}") as tracker:
+    with open_run(cfg, kind="unlearn", tags=tags, run_name=unlearn_run_name(
+            pretrained.cfg.optimizer.tag, cfg.method.name, method.optimizer_tag, split.label, cfg.seed)) as tracker:
         history: list[dict[str, float]] = []
+        # step 0 of the forgetting curve: the model before unlearning (final values land at the last step)
+        tracker.log_metrics({k: original[k] for k in ("retain_acc", "forget_acc", "val_acc", "test_acc", "tow")
+                             if k in original}, step=0)
         if getattr(method_cls, "from_scratch", False):
             # "retrain" as a method: the reference itself is the unlearned model
             wall = reference.wall_seconds
@@ -226,8 +266,10 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
                 datasets.update(prepare_streams)
             evaluate = None
-            if epoch_callback is not None:
-                def evaluate(model, epoch):  # per-epoch ToW, so a sweep scheduler can stop bad trials
+            # per-epoch ToW: a sweep scheduler stops bad trials on it, and a tracked run's forgetting
+            # curve (retain/forget/test accuracy and ToW by step) is what people look at in the MLflow UI
+            if epoch_callback is not None or tracker.run_id is not None:
+                def evaluate(model, epoch):
                     record = split_accuracies(model, bundle, split.forget_positions, split.retain_positions,
                                               device, eval_bs, groups)
                     record["tow"] = tow(record, reference.metrics)
@@ -288,6 +330,13 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
         tracker.log_artifact(out_dir / "config.yaml")
         if ckpt_path is not None:
             tracker.log_artifact(ckpt_path, "checkpoint")
+        if tracker.run_id is not None:
+            _log_previews(tracker, results_path, split_path, history,
+                          f"{cfg.method.name}/{method.optimizer_tag} on {split.label}")
+            if ckpt_path is not None:
+                from sharp_unlearn.model_store import log_model
+
+                log_model(tracker, model, ckpt_path, cfg, bundle.test)
     if own_stage:
         stage_checkpoint.unlink(missing_ok=True)  # the final checkpoint and results supersede it
     return UnlearnOutcome(ckpt_path, metrics, reference, original, split, tracker.run_id, cfg.method.name,

@@ -112,8 +112,10 @@ def prepare_inputs(spec: SweepSpec, *, quiet: bool = False) -> tuple[TrialInputs
     from sharp_unlearn.recipes.pretrain import train_from_scratch
     from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
 
-    if spec.checkpoint:
-        checkpoint = Path(spec.checkpoint)
+    if spec.checkpoint:  # a file, runs:/<id>/model or models:/<name>/<version>
+        from sharp_unlearn.model_store import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(spec.checkpoint, config_from_dict(spec.unlearn_tree).tracking.uri)
     else:
         checkpoint = train_from_scratch(config_from_dict(spec.pretrain_tree), quiet=quiet).checkpoint
     pretrained = load_pretrained(checkpoint)

@@ -581,8 +581,9 @@ def _absolute_paths(tree: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _checkpoint_config(path: str) -> dict[str, Any]:
     from sharp_unlearn.engine.checkpoint import load_checkpoint
+    from sharp_unlearn.model_store import resolve_checkpoint
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(resolve_checkpoint(path))
     if "config" not in state:
         raise ConfigError(f"checkpoint {path!r} carries no config; expected a sharp-unlearn pretrained checkpoint")
     return state["config"]
