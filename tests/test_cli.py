@@ -1,6 +1,7 @@
 """The command line as users run it: a real process, exit codes, stderr, --json."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -116,3 +117,75 @@ def test_sam_pretrain_matches_sgd_on_digits(tmp_path):
         assert losses[-1] < 0.5 * losses[0]
         # steadily down early on
         assert all(later < earlier for earlier, later in zip(losses[:3], losses[1:4], strict=True))
+
+
+# ------------------------------------------------------------------ consistency: help, config show, --checkpoint
+def test_every_command_help_ends_with_examples(tmp_path):
+    from sharp_unlearn.cli import build_parser
+    from sharp_unlearn.commands import COMMANDS
+
+    parser = build_parser()
+    assert "docstring" not in (parser.description or "") and "``" not in (parser.description or "")
+    assert parser.description.startswith("sharpness-aware machine unlearning")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in COMMANDS.names():
+        text = sub.choices[name].format_help()
+        tail = text.rstrip().split("examples:\n", 1)
+        assert len(tail) == 2, f"{name} --help has no examples"
+        examples = [line.strip() for line in tail[1].splitlines()]
+        assert 1 <= len(examples) <= 3 and all(e.startswith(f"sharp-unlearn {name}") for e in examples), examples
+    # one real process: the epilog keeps its line breaks
+    proc = run_cli(["evaluate", "--help"], tmp_path)
+    assert proc.returncode == 0
+    assert "\nexamples:\n  sharp-unlearn evaluate --checkpoint " in proc.stdout
+
+
+def test_config_show_prints_the_resolved_config(tmp_path):
+    import yaml
+
+    proc = run_cli(["config", "show", "optimizer.name=sam", "train.epochs=5", "--no-tracking"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tree = yaml.safe_load(proc.stdout)
+    assert tree["optimizer"]["name"] == "sam" and tree["train"]["epochs"] == 5
+    assert tree["tracking"]["enabled"] is False and tree["data"]["name"] == "digits"  # defaults filled in
+    proc = run_cli(["config", "show", "--command", "demo", "base.train.epochs=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    spec = yaml.safe_load(proc.stdout)
+    assert spec["base"]["train"]["epochs"] == 3 and spec["pretrain_optimizers"] == ["sgd", "sam"]
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was written (no runs/, no mlruns.db)
+
+
+def test_config_show_from_a_checkpoint(tmp_path):
+    import yaml
+
+    checkpoint = pretrain_json(tmp_path, "train.epochs=1", "seed=3", *SMALL)["checkpoint"]
+    proc = run_cli(["config", "show", "--command", "unlearn", "--checkpoint", checkpoint, "method.name=neggrad",
+                    "forget.kind=random", "forget.size=20"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tree = yaml.safe_load(proc.stdout)
+    assert tree["seed"] == 3 and tree["model"]["options"] == {"width": 8, "feature_dim": 32}  # the checkpoint's
+    assert tree["method"]["name"] == "neggrad" and tree["forget"]["size"] == 20
+    assert tree["tracking"]["enabled"] is True  # not inherited from the checkpoint (pretrained with it off)
+
+
+def test_evaluate_takes_checkpoint_as_an_option(tmp_path):
+    checkpoint = pretrain_json(tmp_path, "train.epochs=1", *SMALL)["checkpoint"]
+    out = tmp_path / "eval"
+    # the override right after --checkpoint is an override, not a second checkpoint
+    proc = run_cli(["evaluate", "--checkpoint", checkpoint, "forget.kind=random", "--metrics", "accuracy,landscape",
+                    "--out", str(out), "--no-tracking", "--eval-option", "landscape_points=3",
+                    "--eval-option", "landscape_samples=32", "forget.size=20"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    figures = [line.split("figure: ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("figure: ")]
+    assert figures and all(Path(f).is_file() and f.endswith(".png") for f in figures)
+    assert (out / "results.parquet").is_file()
+    # the positional form still works; both at once is refused
+    proc = run_cli(["evaluate", checkpoint, "--checkpoint", checkpoint, "--no-tracking"], tmp_path)
+    assert proc.returncode == 2 and "two checkpoints" in proc.stderr
+
+
+def test_pretrain_without_tracking_prints_no_run_id(tmp_path):
+    proc = run_cli(["pretrain", "--no-tracking", f"output_dir={tmp_path / 'runs'}", "train.epochs=1", *SMALL],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint" in proc.stdout and "run_id" not in proc.stdout and "None" not in proc.stdout
