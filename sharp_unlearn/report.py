@@ -367,9 +367,12 @@ def summary_display(comparison: Comparison, summary: Sequence[Mapping[str, Any]]
     return columns, rows
 
 
-def render_markdown(comparison: Comparison, summary: Sequence[Mapping[str, Any]], title: str) -> str:
+def render_markdown(comparison: Comparison, summary: Sequence[Mapping[str, Any]], title: str,
+                    pivots: Sequence[Pivot] = ()) -> str:
     columns, rows = summary_display(comparison, summary)
-    return (f"# {title}\n\n## Summary (mean ± 95 % CI over seeds)\n\n{markdown_table(columns, rows)}\n"
+    tables = "".join(f"## {p.heading}\n\nmean ± 95 % CI over seeds (n runs), best method per column in bold\n\n"
+                     f"{markdown_table([*p.row_columns, *p.column_names], p.table_rows())}\n" for p in pivots)
+    return (f"# {title}\n\n{tables}## Summary (mean ± 95 % CI over seeds)\n\n{markdown_table(columns, rows)}\n"
             f"## Runs\n\n{markdown_table(comparison.columns, comparison.rows)}")
 
 
@@ -407,7 +410,139 @@ def long_rows(comparison: Comparison) -> list[dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- pivots (the tables people read)
+#: (metric, heading, how the best cell of a column is chosen): "max" = highest, "retrain" = closest to the
+#: retrained reference in the same column (what unlearning aims to match), None = no direction, nothing marked
+PIVOT_METRICS = (
+    ("tow", "ToW: tug of war against the retrained reference (higher is better)", "max"),
+    ("mia_efficacy", "MIA efficacy on the forget set (closest to retrain is best)", "retrain"),
+    ("entanglement_variance", "Retain / forget entanglement, variance (no better direction)", None),
+    ("entanglement_wasserstein", "Retain / forget entanglement, Wasserstein (no better direction)", None),
+    ("test_acc", "Test accuracy, % (higher is better)", "max"),
+)
+#: metrics in percent get two decimals, scores four
+PERCENT_METRICS = ("forget_acc", "retain_acc", "test_acc", "val_acc", "train_acc")
+
+
+@dataclass
+class Pivot:
+    """One metric laid out as method x unlearning optimizer rows, pretraining optimizer x forget set columns.
+
+    ``cells[(row_key, column_key)]`` holds ``(mean, ci95 or None, n)``; ``best`` the cells marked best.
+    """
+
+    metric: str
+    heading: str
+    row_columns: list[str]
+    rows: list[tuple]
+    columns: list[tuple]
+    column_names: list[str]
+    cells: dict[tuple, tuple[float, float | None, int]]
+    best: set[tuple]
+
+    def cell_text(self, row: tuple, column: tuple, digits: int | None = None) -> str:
+        found = self.cells.get((row, column))
+        if found is None:
+            return ""
+        mean, ci, n = found
+        digits = digits if digits is not None else (2 if self.metric in PERCENT_METRICS else 4)
+        text = fmt(mean, digits) if ci is None else f"{fmt(mean, digits)} ± {fmt(ci, digits)}"
+        return f"{text} (n={n})"
+
+    def table_rows(self) -> list[dict[str, str]]:
+        """Plain rows (row labels, then one text cell per column) for Markdown / CSV."""
+        out = []
+        for row in self.rows:
+            record = dict(zip(self.row_columns, (str(v) for v in row), strict=True))
+            for column, name in zip(self.columns, self.column_names, strict=True):
+                text = self.cell_text(row, column)
+                record[name] = f"**{text}**" if (row, column) in self.best and text else text
+            out.append(record)
+        return out
+
+
+def _pivot_row_key(row: Mapping[str, Any], params: Sequence[str]) -> tuple | None:
+    kind = row.get("kind")
+    if kind in BASELINE_METHODS:  # the do-nothing model and the reference: one row each, any optimizer
+        return (kind, "", *("" for _ in params))
+    if kind != "unlearn":
+        return None
+    return (row.get("method") or "?", row.get("optimizer") or "?", *(fmt(row.get(p)) for p in params))
+
+
+def pivot(comparison: Comparison, metric: str, heading: str | None = None, best: str | None = "max") -> Pivot | None:
+    """The pivot of ``metric`` (mean ± 95 % CI over seeds, CI only when n > 1); None when no run has it.
+
+    Rows: unlearning method x unlearning optimizer (plus the swept params that vary, so a cell only
+    averages seeds), with the ``original`` and ``retrain`` baselines on top. Columns: the pretraining
+    optimizer, and the forget set when there is more than one. ``best``: see PIVOT_METRICS; only
+    method rows compete (the baselines are the yardsticks).
+    """
+    # a swept param splits a row only when it varies within one method x optimizer cell (methods that
+    # merely carry different settings, as in the demo, keep one row each)
+    cell_values: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for row in comparison.rows:
+        if row.get("kind") == "unlearn":
+            cell = (row.get("method"), row.get("optimizer"), row.get("pretrain_optimizer"), row.get("forget_set"))
+            for param in comparison.param_columns:
+                cell_values[cell][param].add(fmt(row.get(param)))
+    params = [p for p in comparison.param_columns if any(len(v[p]) > 1 for v in cell_values.values())]
+    use_pre = any(r.get("pretrain_optimizer") for r in comparison.rows)
+    forget_sets = {r.get("forget_set") for r in comparison.rows if _pivot_row_key(r, params) is not None}
+    use_forget = len(forget_sets - {None}) > 1
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for row in comparison.rows:
+        key = _pivot_row_key(row, params)
+        value = row.get(metric)
+        if key is None or value is None or _isnan(value):
+            continue
+        column = ((row.get("pretrain_optimizer") or "?") if use_pre else "",
+                  (row.get("forget_set") or "?") if use_forget else "")
+        values[(key, column)].append(float(value))
+    if not values:
+        return None
+    baseline_order = {name: i for i, name in enumerate(BASELINE_METHODS)}
+    rows = sorted({k[0] for k in values}, key=lambda r: (r[0] not in baseline_order, baseline_order.get(r[0], 0),
+                                                         tuple(str(v) for v in r)))
+    columns = sorted({k[1] for k in values}, key=lambda c: tuple(str(v) for v in c))
+    names = []
+    for pre, forget in columns:
+        parts = ([f"pretrained with {pre}"] if use_pre else []) + ([str(forget)] if use_forget else [])
+        names.append(" · ".join(parts) or metric)
+    cells = {}
+    for key, members in values.items():
+        mean, ci = mean_ci95(members)
+        cells[key] = (mean, ci, len(members))
+    marked: set[tuple] = set()
+    for column in columns:
+        contenders = [(r, cells[(r, column)][0]) for r in rows if (r, column) in cells and r[0] not in baseline_order]
+        if not contenders or best is None:
+            continue
+        if best == "max":
+            top = max(v for _, v in contenders)
+            marked.update((r, column) for r, v in contenders if v == top)
+        elif best == "retrain":
+            target = next((cells[(r, column)][0] for r in rows if r[0] == "retrain" and (r, column) in cells), None)
+            if target is not None:
+                gap = min(abs(v - target) for _, v in contenders)
+                marked.update((r, column) for r, v in contenders if abs(v - target) == gap)
+    row_columns = ["method", "unlearning optimizer", *params]
+    return Pivot(metric, heading or metric, row_columns, rows, columns, names, cells, marked)
+
+
+def build_pivots(comparison: Comparison) -> list[Pivot]:
+    """The pivots the data supports, ToW first."""
+    found = [pivot(comparison, metric, heading, best) for metric, heading, best in PIVOT_METRICS]
+    return [p for p in found if p is not None]
+
+
 # --------------------------------------------------------------------------- plots
+#: figures are at most this wide (inches at 100 dpi), so they fit a 1400 px window without shrinking text
+FIGURE_WIDTH = 12.0
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
 def _optimizer_label(row: Mapping[str, Any]) -> str:
     """The unlearning optimizer, with the pretraining one when runs name it (SGD- vs SAM-pretrained models)."""
     label = str(row.get("optimizer") or "?")
@@ -422,12 +557,47 @@ def _group_label(row: Mapping[str, Any]) -> str:
     return f"{kind} / {row.get('optimizer') or '?'}"
 
 
+def _method_of(row: Mapping[str, Any]) -> str:
+    kind = row.get("kind") or "?"
+    return (row.get("method") or "?") if kind == "unlearn" else kind
+
+
+class _Styles:
+    """One colour per method (baselines in greys), one marker and line style per optimizer label."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]):
+        import matplotlib
+
+        methods = sorted({_method_of(r) for r in rows if r.get("kind") == "unlearn"})
+        cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+        self.colours = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+        self.colours.update({"original": "0.15", "retrain": "0.55", "pretrain": "0.35"})
+        optimizers = sorted({_optimizer_label(r) for r in rows})
+        self.optimizers = optimizers
+        self.markers = {o: _MARKERS[i % len(_MARKERS)] for i, o in enumerate(optimizers)}
+        self.lines = {o: _LINESTYLES[i % len(_LINESTYLES)] for i, o in enumerate(optimizers)}
+
+    def colour(self, method: str):
+        return self.colours.get(method, "0.4")
+
+    def legend(self, fig, methods: Sequence[str], optimizers: Sequence[str], lines: bool = False) -> None:
+        """Two compact legends outside the axes: colours (methods), then markers (optimizers)."""
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=self.colour(m), marker="s", linestyle="", markersize=8, label=m)
+                   for m in methods]
+        handles += [Line2D([], [], color="black", marker=self.markers[o], linestyle=self.lines[o] if lines else "",
+                           label=o) for o in optimizers]
+        if handles:
+            fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+
+
 def _figure(width: float = 7.0, height: float = 4.0):
     # Figure without pyplot: no global state, no GUI backend, safe in threads
     require("matplotlib", "analysis")
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(min(width, FIGURE_WIDTH), height), layout="constrained")
 
 
 def _grouped(rows: Sequence[Mapping[str, Any]], metric: str, key) -> dict[Any, list[float]]:
@@ -439,63 +609,109 @@ def _grouped(rows: Sequence[Mapping[str, Any]], metric: str, key) -> dict[Any, l
     return groups
 
 
+def _error_bars(ax, xs, ys, cis, *, horizontal: bool = False, **style) -> None:
+    """Error bars only where there is a CI (n > 1): one seed draws no (zero-width) caps."""
+    keep = [(x, y, c) for x, y, c in zip(xs, ys, cis, strict=True) if c is not None]
+    if not keep:
+        return
+    a, b, c = zip(*keep, strict=True)
+    if horizontal:
+        ax.errorbar(b, a, xerr=c, fmt="none", ecolor="black", capsize=3, linewidth=1, **style)
+    else:
+        ax.errorbar(a, b, yerr=c, fmt="none", capsize=3, linewidth=1, **style)
+
+
 def plot_tow_by_method(comparison: Comparison):
-    """Grouped bars: ToW per method, one bar per optimizer, mean ± 95 % CI over seeds."""
-    rows = [r for r in comparison.rows if r.get("tow") is not None and r.get("kind") == "unlearn"]
+    """ToW per method, one panel per pretraining optimizer: a colour per method, a marker per unlearning optimizer.
+
+    Mean ± 95 % CI over seeds (no bar for one seed); the do-nothing model is the dashed line.
+    """
+    rows = [r for r in comparison.rows if r.get("tow") is not None and r.get("kind") in ("unlearn", "original")]
+    unlearned = [r for r in rows if r.get("kind") == "unlearn"]
+    if not unlearned:
+        return None
+    styles = _Styles(unlearned)
+    pretrainings = sorted({r.get("pretrain_optimizer") or "" for r in unlearned})
+    methods = sorted({r.get("method") or "?" for r in unlearned})
+    optimizers = sorted({r.get("optimizer") or "?" for r in unlearned})
+    markers = {o: _MARKERS[i % len(_MARKERS)] for i, o in enumerate(optimizers)}
+    groups = _grouped(unlearned, "tow", lambda r: (r.get("pretrain_optimizer") or "", r.get("method") or "?",
+                                                  r.get("optimizer") or "?"))
+    originals = _grouped([r for r in rows if r.get("kind") == "original"], "tow",
+                         lambda r: r.get("pretrain_optimizer") or r.get("optimizer") or "")
+    width = min(FIGURE_WIDTH, max(6.0, (0.55 * len(methods) + 1.0) * len(pretrainings) + 2.0))
+    fig = _figure(width, 4.5)
+    axes = fig.subplots(1, len(pretrainings), sharey=True, squeeze=False)[0]
+    step = 0.6 / max(1, len(optimizers))
+    extent = [v for vs in originals.values() for v in vs]  # what the y axis must show, CI whiskers included
+    for ax, pre in zip(axes, pretrainings, strict=True):
+        for j, opt in enumerate(optimizers):
+            for i, method in enumerate(methods):
+                values = groups.get((pre, method, opt))
+                if not values:
+                    continue
+                mean, ci = mean_ci95(values)
+                x = i - 0.3 + step * (j + 0.5)
+                ax.plot([x], [mean], marker=markers[opt], color=styles.colour(method), linestyle="", markersize=7)
+                extent += [mean - (ci or 0.0), mean + (ci or 0.0)]
+                _error_bars(ax, [x], [mean], [ci], ecolor=styles.colour(method))
+        if originals.get(pre):
+            ax.axhline(mean_ci95(originals[pre])[0], color="0.3", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right")
+        ax.set_title(f"pretrained with {pre}" if pre else "all runs", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("ToW (higher is better)")
+    axes[0].set_ylim(max(0.0, min(extent) - 0.03), max(extent) + 0.03)
+    fig.suptitle("ToW by method (mean ± 95 % CI where n > 1" + ("; dashed: the original model" if originals else "")
+                 + ")")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="black", marker=markers[o], linestyle="", label=f"unlearn with {o}")
+               for o in optimizers]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    return fig
+
+
+def _hbars(comparison: Comparison, metrics: Sequence[str], title: str, xlabel: str, xlim=None,
+           short=lambda m: m):
+    """One panel per metric, one horizontal bar per method-optimizer group: long labels stay readable."""
+    metrics = [m for m in metrics if any(r.get(m) is not None for r in comparison.rows)]
+    if not metrics:
+        return None
+    rows = [r for r in comparison.rows if any(r.get(m) is not None for m in metrics) and r.get("kind") != "pretrain"]
     if not rows:
         return None
-    methods = sorted({r.get("method") or "?" for r in rows})
-    optimizers = sorted({_optimizer_label(r) for r in rows})
-    groups = _grouped(rows, "tow", lambda r: (r.get("method") or "?", _optimizer_label(r)))
-    fig = _figure(max(5.0, 1.3 * len(methods) * max(1, len(optimizers)) ** 0.5 + 3))
-    ax = fig.add_subplot()
-    width = 0.8 / len(optimizers)
-    for j, opt in enumerate(optimizers):
-        xs, means, errs = [], [], []
-        for i, method in enumerate(methods):
-            values = groups.get((method, opt))
-            if not values:
-                continue
-            mean, ci = mean_ci95(values)
-            xs.append(i - 0.4 + width * (j + 0.5))
-            means.append(mean)
-            errs.append(ci or 0.0)
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=opt)
-    ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylabel("ToW (higher is better)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Tug of war by method and optimizer (mean ± 95 % CI)")
-    ax.legend(title="optimizer", fontsize=8)
+    styles = _Styles(rows)
+    order = {name: i for i, name in enumerate(BASELINE_METHODS)}
+    labels = sorted({_group_label(r) for r in rows},
+                    key=lambda s: (s.split(" / ")[0] not in order, order.get(s.split(" / ")[0], 0), s))
+    method_of = {_group_label(r): _method_of(r) for r in rows}
+    fig = _figure(FIGURE_WIDTH if len(metrics) > 1 else 8.0, max(2.5, 0.26 * len(labels) + 1.4))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    ys = range(len(labels))
+    for ax, metric in zip(axes, metrics, strict=True):
+        groups = _grouped(rows, metric, _group_label)
+        stats = [mean_ci95(groups[label]) if groups.get(label) else (float("nan"), None) for label in labels]
+        ax.barh(list(ys), [s[0] for s in stats], color=[styles.colour(method_of[label]) for label in labels],
+                height=0.7)
+        _error_bars(ax, list(ys), [s[0] for s in stats], [s[1] for s in stats], horizontal=True)
+        ax.set_title(short(metric), fontsize=10)
+        ax.set_xlabel(xlabel)
+        if xlim:
+            ax.set_xlim(*xlim)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(list(ys), labels, fontsize=8)
+    axes[0].invert_yaxis()  # baselines on top, as in the tables
+    fig.suptitle(title)
     return fig
 
 
 def plot_accuracies(comparison: Comparison):
-    """Forget / retain / test accuracy bars per method-optimizer group (retrain reference included)."""
-    metrics = [m for m in ("forget_acc", "retain_acc", "test_acc")
-               if any(r.get(m) is not None for r in comparison.rows)]
-    rows = [r for r in comparison.rows if r.get("forget_acc") is not None or r.get("retain_acc") is not None]
-    if not rows or not metrics:
+    """Forget / retain / test accuracy per method-optimizer group (baselines on top)."""
+    if not any(r.get("forget_acc") is not None or r.get("retain_acc") is not None for r in comparison.rows):
         return None
-    labels = sorted({_group_label(r) for r in rows}, key=lambda s: (not s.startswith("retrain"), s))
-    fig = _figure(max(6.0, 1.1 * len(labels) + 3))
-    ax = fig.add_subplot()
-    width = 0.8 / len(metrics)
-    for j, metric in enumerate(metrics):
-        groups = _grouped(rows, metric, _group_label)
-        xs, means, errs = [], [], []
-        for i, label in enumerate(labels):
-            if groups.get(label):
-                mean, ci = mean_ci95(groups[label])
-                xs.append(i - 0.4 + width * (j + 0.5))
-                means.append(mean)
-                errs.append(ci or 0.0)
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=metric.replace("_acc", ""))
-    ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Accuracy on the forget, retain and test sets")
-    ax.legend(fontsize=8)
-    return fig
+    return _hbars(comparison, ("forget_acc", "retain_acc", "test_acc"), "Accuracy on the forget, retain and test sets",
+                  "accuracy (%)", (0, 105), short=lambda m: m.replace("_acc", ""))
 
 
 #: params that only mean something under a sharpness-aware optimizer (plain SGD logs them too, unused)
@@ -512,56 +728,40 @@ def plot_tow_vs_param(comparison: Comparison, param: str):
             continue
         x = comparison.params.get(row["run_id"], {}).get(param)
         if isinstance(x, (int, float)) and row.get("tow") is not None:
-            points.append((_group_label(row), float(x), float(row["tow"])))
+            points.append((row, float(x), float(row["tow"])))
     if len({p[1] for p in points}) < 2:
         return None
-    fig = _figure()
+    styles = _Styles([p[0] for p in points])
+    series = sorted({(_method_of(p[0]), _optimizer_label(p[0])) for p in points})
+    fig = _figure(9.0, 4.5)
     ax = fig.add_subplot()
-    for label in sorted({p[0] for p in points}):
+    for method, opt in series:
         by_x: dict[float, list[float]] = defaultdict(list)
-        for lab, x, y in points:
-            if lab == label:
+        for row, x, y in points:
+            if (_method_of(row), _optimizer_label(row)) == (method, opt):
                 by_x[x].append(y)
         xs = sorted(by_x)
         stats = [mean_ci95(by_x[x]) for x in xs]
-        ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], marker="o", capsize=3,
-                    label=label)
+        ax.plot(xs, [s[0] for s in stats], marker=styles.markers[opt], linestyle=styles.lines[opt],
+                color=styles.colour(method))
+        _error_bars(ax, xs, [s[0] for s in stats], [s[1] for s in stats], ecolor=styles.colour(method))
     ax.set_xlabel(param)
     ax.set_ylabel("ToW")
     ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
     ax.set_title(f"ToW against {param}")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _bars(comparison: Comparison, metrics: Sequence[str], title: str, ylabel: str):
-    metrics = [m for m in metrics if any(r.get(m) is not None for r in comparison.rows)]
-    if not metrics:
-        return None
-    rows = [r for r in comparison.rows if any(r.get(m) is not None for m in metrics)]
-    labels = sorted({_group_label(r) for r in rows})
-    fig = _figure(6.0 + 1.5 * (len(metrics) - 1), 4.0)
-    axes = [fig.add_subplot(1, len(metrics), i + 1) for i in range(len(metrics))]
-    for ax, metric in zip(axes, metrics, strict=True):
-        groups = _grouped(rows, metric, _group_label)
-        present = [label for label in labels if groups.get(label)]
-        stats = [mean_ci95(groups[label]) for label in present]
-        ax.bar(range(len(present)), [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], capsize=3)
-        ax.set_xticks(range(len(present)), present, rotation=30, ha="right", fontsize=8)
-        ax.set_title(metric, fontsize=9)
-    axes[0].set_ylabel(ylabel)
-    fig.suptitle(title)
+    styles.legend(fig, sorted({m for m, _ in series}), sorted({o for _, o in series}), lines=True)
     return fig
 
 
 def plot_mia(comparison: Comparison):
-    return _bars(comparison, ("mia_efficacy", "mia_auc", "mia_tpr_at_1fpr"), "Membership inference (SVC-MIA)",
-                 "score")
+    return _hbars(comparison, ("mia_efficacy", "mia_auc", "mia_tpr_at_1fpr"), "Membership inference (SVC-MIA)",
+                  "score")
 
 
 def plot_entanglement(comparison: Comparison):
-    return _bars(comparison, ("entanglement_variance", "entanglement_wasserstein"),
-                 "Retain / forget entanglement", "score")
+    return _hbars(comparison, ("entanglement_variance", "entanglement_wasserstein"),
+                  "Retain / forget entanglement", "score")
 
 
 def plot_tow_vs_wall(comparison: Comparison):
@@ -569,20 +769,22 @@ def plot_tow_vs_wall(comparison: Comparison):
     rows = [r for r in comparison.rows if r.get("tow") is not None and r.get("wall_seconds") is not None]
     if not rows:
         return None
-    fig = _figure(6.0, 4.0)
+    styles = _Styles(rows)
+    fig = _figure(9.0, 4.5)
     ax = fig.add_subplot()
-    for label in sorted({_group_label(r) for r in rows}):
-        members = [r for r in rows if _group_label(r) == label]
-        ax.scatter([r["wall_seconds"] for r in members], [r["tow"] for r in members], label=label)
+    for row in rows:
+        ax.plot([row["wall_seconds"]], [row["tow"]], marker=styles.markers[_optimizer_label(row)], linestyle="",
+                color=styles.colour(_method_of(row)), alpha=0.85)
     retrain_seconds = sorted({r["wall_seconds"] for r in comparison.rows
                               if r.get("kind") == "retrain" and r.get("wall_seconds") is not None})
-    for i, seconds in enumerate(retrain_seconds):  # the cost unlearning is meant to undercut
-        ax.axvline(seconds, color="grey", linestyle="--", linewidth=1, label="retrain" if i == 0 else None)
-    ax.set_xlabel("wall seconds")
+    for seconds in retrain_seconds:  # the cost unlearning is meant to undercut
+        ax.axvline(seconds, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("wall seconds" + (" (dashed: retraining)" if retrain_seconds else ""))
     ax.set_ylabel("ToW")
     ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
     ax.set_title("ToW against wall time")
-    ax.legend(fontsize=8)
+    styles.legend(fig, sorted({_method_of(r) for r in rows}), sorted({_optimizer_label(r) for r in rows}))
     return fig
 
 
@@ -609,16 +811,48 @@ def figure_png(figure) -> bytes:
 
 # --------------------------------------------------------------------------- HTML
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin-bottom: 1.5em; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
-th { background: #f2f2f2; } td.text { text-align: left; }
-figure { display: inline-block; margin: 0.5em; } img { max-width: 100%; }
-.meta { color: #555; font-size: 0.9em; }
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; max-width: 1400px; }
+.scroll { overflow-x: auto; max-width: 100%; margin-bottom: 1.5em; }
+.scroll.tall { max-height: 70vh; overflow-y: auto; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f2f2f2; position: sticky; top: 0; } td.text, th.text { text-align: left; }
+td.best { font-weight: bold; background: #e3f4e3; }
+table.sortable th { cursor: pointer; } table.sortable th:hover { background: #e4e4e4; }
+figure { margin: 0.5em 0 1.5em 0; } img { max-width: 100%; height: auto; }
+figcaption, .meta, .note { color: #555; font-size: 0.9em; }
+details { margin-bottom: 1em; } summary { cursor: pointer; font-weight: bold; }
+"""
+
+#: click a header to sort by it (again to reverse); numbers sort as numbers, blanks last; no libraries
+_SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("th").forEach(function (th, index) {
+    th.title = "click to sort";
+    th.addEventListener("click", function () {
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      var up = th.getAttribute("data-sort") !== "up";
+      table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("data-sort"); });
+      th.setAttribute("data-sort", up ? "up" : "down");
+      function key(row) {  // "0.9123", "1e-05" and "0.91 ± 0.02" are numbers; run ids stay text
+        var text = row.cells[index].textContent.trim();
+        if (text === "") { return null; }
+        return /^-?[0-9.]+(e[-+]?[0-9]+)?( ±.*)?$/.test(text) ? parseFloat(text) : text;
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (x === null || y === null) { return (x === null) - (y === null); }
+        if (typeof x !== typeof y) { x = String(x); y = String(y); }
+        return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1);
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
 """
 
 
-def html_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+def html_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], css_class: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -628,25 +862,59 @@ def html_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
             css = "" if isinstance(value, (int, float)) and not isinstance(value, bool) else ' class="text"'
             cells.append(f"<td{css}>{html.escape(fmt(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    attr = f' class="{css_class}"' if css_class else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def pivot_html(table: Pivot) -> str:
+    head = "".join([*(f'<th class="text">{html.escape(c)}</th>' for c in table.row_columns),
+                    *(f"<th>{html.escape(c)}</th>" for c in table.column_names)])
+    body = []
+    for row in table.rows:
+        cells = [f'<td class="text">{html.escape(str(v))}</td>' for v in row]
+        for column in table.columns:
+            css = ' class="best"' if (row, column) in table.best else ""
+            cells.append(f"<td{css}>{html.escape(table.cell_text(row, column))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<h3>{html.escape(table.heading)}</h3>\n<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>\n')
+
+
+def run_counts(comparison: Comparison) -> tuple[int, int]:
+    """(selected runs, baseline rows added from their result tables): the title and header say the same."""
+    baselines = sum(1 for r in comparison.rows if r.get("status") == "baseline")
+    return len(comparison.rows) - baselines, baselines
 
 
 def render_html(comparison: Comparison, summary: Sequence[Mapping[str, Any]], figures_png: Mapping[str, bytes],
                 title: str, meta: Mapping[str, Any] | None = None) -> str:
-    """One self-contained HTML page: summary, plots (base64 PNG), the full run table."""
+    """One self-contained HTML page: pivots, plots (base64 PNG), then the summary and run tables folded away."""
     meta_lines = "".join(f"<div><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</div>"
                          for k, v in (meta or {}).items())
+    selected, baselines = run_counts(comparison)
+    counted = f"{selected} runs" + (f" + {baselines} baseline rows (original, retrain) from their result tables"
+                                    if baselines else "")
     columns, rows = summary_display(comparison, summary)
+    pivots = "".join(pivot_html(p) for p in build_pivots(comparison))
+    if pivots:
+        pivots = ('<h2>Results by method and optimizer</h2>\n<p class="note">mean ± 95 % CI over seeds '
+                  "(Student t; no CI for one seed), n = runs per cell; best method per column in bold.</p>\n"
+                  + pivots)
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode("ascii")}"><figcaption>{html.escape(name)}</figcaption></figure>'
         for name, png in figures_png.items())
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n<div class=\"meta\">{meta_lines}"
-            f"<div><b>runs</b>: {len(comparison.rows)}</div></div>\n"
-            f"<h2>Summary (mean ± 95 % CI over seeds)</h2>\n{html_table(columns, rows)}\n"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<div class=\"meta\">{meta_lines}"
+            f"<div><b>runs</b>: {html.escape(counted)}</div></div>\n{pivots}"
             f"<h2>Plots</h2>\n{images or '<p>No plottable metrics in these runs.</p>'}\n"
-            f"<h2>Runs</h2>\n{html_table(comparison.columns, comparison.rows)}\n</body></html>\n")
+            f"<details><summary>Summary per group, every metric (mean ± 95 % CI over seeds, {len(rows)} groups)"
+            f"</summary>\n<div class=\"scroll tall\">{html_table(columns, rows, 'sortable')}</div></details>\n"
+            f"<details><summary>All rows ({len(comparison.rows)}: {html.escape(counted)}); click a header to sort"
+            f"</summary>\n<div class=\"scroll tall\">{html_table(comparison.columns, comparison.rows, 'sortable')}"
+            f"</div></details>\n<script>{_SORT_JS}</script>\n</body></html>\n")
 
 
 # --------------------------------------------------------------------------- writing everything
@@ -661,10 +929,12 @@ class ReportFiles:
     results: Path
     html: Path
     figures: dict[str, Path]
+    #: ``pivot_<metric>.csv``: the tables the report opens with, by metric
+    pivots: dict[str, Path] = field(default_factory=dict)
 
     def all(self) -> list[Path]:
         return [self.markdown, self.csv, self.parquet, self.summary_csv, self.summary_parquet, self.results,
-                self.html, *self.figures.values()]
+                self.html, *self.pivots.values(), *self.figures.values()]
 
 
 def write_report(comparison: Comparison, out_dir: str | os.PathLike, *, title: str = "sharp-unlearn comparison",
@@ -689,7 +959,12 @@ def write_report(comparison: Comparison, out_dir: str | os.PathLike, *, title: s
     pq.write_table(summary_table, files.summary_parquet)
     pacsv.write_csv(summary_table, files.summary_csv)
     write_results(long_rows(comparison), files.results)
-    files.markdown.write_text(render_markdown(comparison, summary, title))
+    pivots = build_pivots(comparison)
+    for table in pivots:
+        files.pivots[table.metric] = out / f"pivot_{table.metric}.csv"
+        rows = [{k: v.replace("**", "") for k, v in row.items()} for row in table.table_rows()]
+        pacsv.write_csv(_arrow_table(rows, [*table.row_columns, *table.column_names]), files.pivots[table.metric])
+    files.markdown.write_text(render_markdown(comparison, summary, title, pivots))
     pngs: dict[str, bytes] = {}
     if figures:
         for name, fig in build_figures(comparison).items():

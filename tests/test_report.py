@@ -118,7 +118,8 @@ def test_summary_groups_seeds_per_method_optimizer_and_rho(sweep_uri, sweep):
     assert group["tow_ci95"] == pytest.approx(mean_ci95(tows)[1])
 
 
-def test_compare_cli_writes_tables_equal_to_logged_metrics(sweep_uri, sweep, tmp_path, capsys):
+def test_compare_cli_writes_tables_equal_to_logged_metrics(sweep_uri, sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a terminal wide enough for the whole table and its title
     out = tmp_path / "report"
     assert main(["compare", "--tracking-uri", sweep_uri, "-e", "exp", "--out", str(out), "--no-log"]) == 0
     client = MlflowClient(sweep_uri)
@@ -155,7 +156,7 @@ def test_html_report_is_self_contained_with_the_expected_plots(sweep_uri, sweep,
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
-    assert "href=" not in page and "<script" not in page  # nothing fetched from elsewhere
+    assert "href=" not in page and "<script src" not in page and "http" not in page  # nothing fetched
     figures = {p.stem for p in (out / "figures").glob("*.png")}
     assert {"tow_by_method_optimizer", "accuracy_bars", "tow_vs_rho", "mia", "tow_vs_wall_seconds"} <= figures
     assert "tow_vs_alpha" not in figures  # alpha did not vary
