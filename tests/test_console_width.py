@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -57,3 +58,63 @@ def test_one_format_per_column():
     assert column_format("other", [5.0, 100.0]) == "{:.2f}"  # one format, set by the largest value
     assert column_format("method", ["a", "b"]) is None
     assert format_value("test_acc", 97.123) == "97.12" and format_value("tow", 0.9) == "0.9000"
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, recording what rich writes to it."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def fileno(self) -> int:
+        raise OSError("not a real terminal")
+
+
+def test_progress_shows_eta_inner_steps_and_stays(monkeypatch):
+    from sharp_unlearn.progress import progress_bar, stage, sub_progress
+
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setenv("COLUMNS", "120")
+    stage(3, 38, "unlearn finetune/sam")
+    with progress_bar("evaluate", 2) as advance:
+        advance(completed=0, status="landscape")
+        sub_progress(7, 9, "landscape")  # a step inside one metric moves the bar's status
+    text = term.buffer.getvalue()
+    assert "stage 3/38: unlearn finetune/sam" in text
+    assert "landscape 7/9" in text and "eta" in text and "0/2" in text
+    # not transient: the finished bar stays; a transient one ends by moving up and erasing its line
+    assert not text.endswith("\x1b[2K") and "\x1b[1A\x1b[2K" not in text[-40:]
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert plain.rstrip().splitlines()[-1].lstrip().startswith("evaluate")
+    sub_progress(1, 2)  # outside a bar: a no-op
+    assert "1/2" not in term.buffer.getvalue().replace("0/2", "")
+
+
+def test_progress_is_silent_when_quiet_or_piped(monkeypatch, capsys):
+    from sharp_unlearn.progress import progress_bar, stage
+
+    with progress_bar("train", 3) as advance:  # pytest's stderr is not a terminal
+        advance()
+    stage(1, 2, "pretrain", quiet=False)
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    with progress_bar("train", 3, quiet=True) as advance:
+        advance()
+    stage(1, 2, "pretrain", quiet=True)
+    assert term.buffer.getvalue() == "" and capsys.readouterr().err == ""
