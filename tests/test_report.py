@@ -189,7 +189,7 @@ def test_compare_logs_the_report_to_a_compare_run_and_skips_old_reports(sweep_ur
     assert all(r.data.tags["compared_runs"] == str(len(sweep)) for r in reports)
     artifacts = {a.path for a in client.list_artifacts(reports[0].info.run_id, "compare")}
     assert {"compare/report.html", "compare/comparison.parquet", "compare/comparison.md",
-            "compare/comparison.csv", "compare/figures"} <= artifacts
+            "compare/comparison.csv", "compare/pivot_tow.csv", "compare/figures"} <= artifacts
     assert all(r.info.status == "FINISHED" for r in reports)
 
 
@@ -303,3 +303,100 @@ def test_readme_compare_line_works_when_baseline_runs_are_not_selected(uri, tmp_
     rows = list(csv.DictReader(open(next(out.glob("*.csv")))))
     kinds = sorted(r["kind"] for r in rows)
     assert kinds == ["original", "retrain", "unlearn", "unlearn"], kinds
+
+
+# --------------------------------------------------------------------------- pivots and figures (no MLflow)
+def _demo_comparison(seeds_of=lambda method, opt, pre: (0, 1)):
+    """A Comparison shaped like the demo's: 3 methods x sgd/sam x pretrain sgd/sam, plus baseline rows."""
+    from sharp_unlearn.report import Comparison
+
+    rows = []
+    for p_i, pre in enumerate(("sgd", "sam")):
+        for seed in (0, 1):
+            rows.append({"run_id": f"pre-{pre}", "kind": "original", "method": "original", "status": "baseline",
+                         "optimizer": pre, "pretrain_optimizer": pre, "forget_set": "memorization-high-60",
+                         "seed": seed, "tow": 0.5 + p_i / 10, "test_acc": 96.0})
+            rows.append({"run_id": f"ref-{pre}", "kind": "retrain", "method": "retrain", "status": "baseline",
+                         "optimizer": pre, "pretrain_optimizer": pre, "forget_set": "memorization-high-60",
+                         "seed": seed, "test_acc": 95.0, "mia_efficacy": 0.5})
+        for m_i, method in enumerate(("finetune", "neggrad", "salun")):
+            for o_i, opt in enumerate(("sgd", "sam")):
+                for seed in seeds_of(method, opt, pre):
+                    rows.append({"run_id": f"{method}-{opt}-{pre}-{seed}", "kind": "unlearn", "method": method,
+                                 "status": "FINISHED", "optimizer": opt, "pretrain_optimizer": pre,
+                                 "forget_set": "memorization-high-60", "seed": seed,
+                                 "tow": 0.6 + m_i / 10 + o_i / 20 + p_i / 50 + seed / 100,
+                                 "test_acc": 93.0 + m_i, "mia_efficacy": 0.2 + m_i / 10 + seed / 100,
+                                 "wall_seconds": 2.0 + m_i + seed})
+    return Comparison(rows, ["run_id", "status", "kind", "method", "optimizer", "pretrain_optimizer", "forget_set",
+                             "seed"], [], ["tow", "test_acc", "mia_efficacy", "wall_seconds"], [], {})
+
+
+def test_tow_pivot_is_method_by_optimizer_with_ci_only_for_several_seeds_and_the_best_marked():
+    from sharp_unlearn.report import pivot
+
+    comparison = _demo_comparison(seeds_of=lambda m, o, p: (0,) if (m, o, p) == ("finetune", "sgd", "sam") else (0, 1))
+    table = pivot(comparison, "tow")
+    assert table.row_columns == ["method", "unlearning optimizer"]
+    assert table.rows[0] == ("original", "") and ("retrain", "") not in table.rows  # retrain has no ToW
+    assert table.rows[1:] == [(m, o) for m in ("finetune", "neggrad", "salun") for o in ("sam", "sgd")]
+    assert table.column_names == ["pretrained with sam", "pretrained with sgd"]
+    sam, sgd = table.columns
+    assert table.cell_text(("finetune", "sgd"), sam) == f"{0.6 + 0.02:.4f} (n=1)"  # one seed: no CI
+    two = [0.6 + 0.1 + 0.05 + seed / 100 for seed in (0, 1)]
+    mean, ci = mean_ci95(two)
+    assert table.cell_text(("neggrad", "sam"), sgd) == f"{mean:.4f} ± {ci:.4f} (n=2)"
+    assert table.best == {(("salun", "sam"), sam), (("salun", "sam"), sgd)}  # the highest ToW per column
+    mia = pivot(comparison, "mia_efficacy", best="retrain")  # closest to the retrained reference (0.5)
+    assert mia.best == {(("salun", "sam"), sam), (("salun", "sgd"), sam), (("salun", "sam"), sgd),
+                        (("salun", "sgd"), sgd)}
+
+
+def test_report_html_opens_with_the_pivots_counts_agree_and_long_tables_fold_and_sort():
+    from sharp_unlearn.report import render_html, summarize
+
+    comparison = _demo_comparison()
+    page = render_html(comparison, summarize(comparison), {}, "sharp-unlearn comparison of 24 runs")
+    assert page.index("ToW: tug of war") < page.index("MIA efficacy") < page.index("Test accuracy") \
+        < page.index("<details>")
+    assert "<b>runs</b>: 24 runs + 8 baseline rows" in page
+    # per pretraining column: ToW one, MIA and test accuracy two each (salun's sgd and sam tie)
+    assert page.count('class="best"') == 2 * (1 + 2 + 2)
+    assert page.count('<table class="sortable">') == 2 and page.count("<details>") == 2
+    assert '<div class="scroll tall"><table class="sortable">' in page  # wide tables scroll in their own box
+    assert "<script>" in page and "<script src" not in page
+
+
+def _legend_outside(fig) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lay out, as when the PNG is written
+    renderer = canvas.get_renderer()
+    boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+    return bool(fig.legends) and all(ax.get_legend() is None for ax in fig.axes) and all(
+        not legend.get_window_extent(renderer).overlaps(box) for legend in fig.legends for box in boxes)
+
+
+def test_figures_fit_a_screen_with_legends_outside_one_colour_per_method_and_no_caps_for_one_seed():
+    from matplotlib.collections import LineCollection
+
+    from sharp_unlearn.report import FIGURE_WIDTH, build_figures
+
+    one_seed = build_figures(_demo_comparison(seeds_of=lambda m, o, p: (0,)))
+    assert {"tow_by_method_optimizer", "tow_vs_wall_seconds", "mia"} <= set(one_seed)
+    for name, fig in one_seed.items():
+        assert fig.get_figwidth() <= FIGURE_WIDTH <= 12, name  # 1200 px at 100 dpi, inside a 1400 px window
+    tow = one_seed["tow_by_method_optimizer"]
+    assert not [c for ax in tow.axes for c in ax.collections if isinstance(c, LineCollection)]  # no error bars
+    assert _legend_outside(tow) and _legend_outside(one_seed["tow_vs_wall_seconds"])
+    colours = defaultdict_colours(one_seed["tow_vs_wall_seconds"])
+    assert len(colours) == 3  # finetune, neggrad, salun: one colour each, whatever the optimizer
+    two_seeds = build_figures(_demo_comparison())["tow_by_method_optimizer"]
+    assert [c for ax in two_seeds.axes for c in ax.collections if isinstance(c, LineCollection)]  # CIs drawn
+
+
+def defaultdict_colours(fig) -> set:
+    from matplotlib.colors import to_hex
+
+    return {to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "None"}
