@@ -637,6 +637,8 @@ def plot_tow_by_method(comparison: Comparison):
     markers = {o: _MARKERS[i % len(_MARKERS)] for i, o in enumerate(optimizers)}
     groups = _grouped(unlearned, "tow", lambda r: (r.get("pretrain_optimizer") or "", r.get("method") or "?",
                                                   r.get("optimizer") or "?"))
+    if not groups:  # every ToW is NaN
+        return None
     originals = _grouped([r for r in rows if r.get("kind") == "original"], "tow",
                          lambda r: r.get("pretrain_optimizer") or r.get("optimizer") or "")
     width = min(FIGURE_WIDTH, max(6.0, (0.55 * len(methods) + 1.0) * len(pretrainings) + 2.0))
