@@ -8,10 +8,15 @@ metrics exactly as MLflow holds them (``run.data.metrics``). The summary
 groups runs by (kind, method, optimizer, dataset, forget_set) and reports the
 mean and the 95 % confidence interval over seeds (Student t).
 
+The report opens with pivots (``pivot``): one metric (ToW, MIA, entanglement,
+test accuracy) as method x unlearning optimizer rows against pretraining
+optimizer (x forget set) columns, mean ± 95 % CI over seeds.
+
 Outputs (``write_report``): ``comparison.{md,csv,parquet}``,
-``summary.{csv,parquet}``, ``results.parquet`` (the long format of
-``sharp_unlearn.results``), ``figures/*.png`` and ``report.html``, which is
-self-contained: the plots are embedded as base64 PNG, no external files.
+``summary.{csv,parquet}``, ``pivot_<metric>.csv``, ``results.parquet`` (the
+long format of ``sharp_unlearn.results``), ``figures/*.png`` and
+``report.html``, which is self-contained: the plots are embedded as base64
+PNG and the table sorting is an inline script, nothing is fetched.
 
 mlflow and matplotlib are imported lazily (extras ``mlflow``, ``analysis``).
 """
