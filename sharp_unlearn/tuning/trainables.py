@@ -213,8 +213,10 @@ class EpochReporter:
         epoch = max(int(epoch or self.planned), self.last_epoch)
         # the stage's final metrics win; the last epoch's record adds what they lack (train_loss, lr, ...)
         metrics = self.metrics(epoch, {**self.last_record, **record})
-        self.ledger.write("done", epoch=epoch, objective=metrics["objective"])
         self.session.report(metrics, self.stage_file)
+        # after report returns, as for epochs: "done" then means Ray holds the final result and its
+        # checkpoint, so a sweep interrupted now resumes this trial from the completed stage (no training)
+        self.ledger.write("done", epoch=epoch, objective=metrics["objective"])
         return metrics
 
     def diverged(self, message: str) -> dict[str, float]:
