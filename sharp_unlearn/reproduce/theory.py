@@ -31,6 +31,11 @@ from sharp_unlearn.data.forget import ForgetSplit
 
 DEFAULT_BASE: dict[str, Any] = {
     "seed": 0,
+    # one CPU thread: the model is tiny (50 samples x 400 features x width 10), so a second thread
+    # only adds synchronisation, and on a busy machine its spin-waiting costs more than twice the CPU
+    # time and wall time (measured on 2 cores at load ~14); it also makes the run's numbers the same
+    # whatever the caller's OMP_NUM_THREADS
+    "threads": 1,
     "data": {"name": "signal_noise", "batch_size": 50, "augment": False, "label_noise": 0.0,
              "options": {"d": 400, "n": 50, "n_val": 100, "n_test": 1000, "patches": 2, "sigma_p": 1.0}},
     "model": {"name": "two_layer_cnn", "options": {"width": 10, "activation": "relu", "init_std": 0.01}},
