@@ -8,7 +8,7 @@ report gives ToW as mean ± 95 % CI over seeds, states for every cell where
 SAM does not beat SGD, and the wall time of the best method against
 retraining. Outputs: ``table.parquet`` (long format), ``summary.parquet``,
 ``report.md``, ``report.html`` (self-contained), all logged to MLflow in one
-``kind=reproduce`` run (every unlearning run is its own tracked run too).
+``kind=reproduce`` parent run whose children are every stage's own tracked run.
 """
 from __future__ import annotations
 
@@ -209,8 +209,9 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
               tracking: dict | None = None, root: str | None = None, dataset: str | None = None,
               sweep: bool = False, methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
               quiet: bool = True, spec_path: str | None = None) -> dict[str, Any]:
+    from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
     from sharp_unlearn.results import write_results
-    from sharp_unlearn.tracking import check_tracking, open_run
+    from sharp_unlearn.tracking import check_tracking
 
     tracking = dict(tracking or {})
     spec_name = spec_path or (CIFAR_SPEC if root else DEFAULT_SPEC)
@@ -228,45 +229,48 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
     all_long: list[dict[str, Any]] = []
     all_eval: list[dict[str, Any]] = []
     evaluator = model_evaluator(spec.get("evaluate") or ["mia", "entanglement"], out / "evaluation")
-    for number, seed in enumerate(seeds, 1):
-        # the grid counts its own stages within a seed; this line says which seed that is
-        stage(number, len(seeds), f"seed {seed} (scores, then the grid)", quiet)
-        seed_spec = copy.deepcopy(spec)
-        if seed_spec["forget"].get("kind") == "memorization" and seed_spec["forget"].get("scores") == "heldout":
-            seed_spec["forget"]["scores"] = memorization_scores(spec, seed, output_dir, tracking, quiet)
-        if sweep:
-            seed_spec = tune_methods(seed_spec, seed, output_dir, tracking, quiet)
-        grid = run_grid(seed_spec, output_dir=output_dir, tracking=tracking, methods=methods, seeds=[seed],
-                        quiet=quiet, evaluator=evaluator)
-        all_rows += grid.rows
-        all_long += grid.long_rows
-        all_eval += grid.evaluation
-    summary = summarize(all_rows, all_eval)
-    statements = sam_vs_sgd(summary)
-    speed = best_speedup(summary)
-    markdown = render_markdown(summary, statements, speed, spec_name, seeds)
-    out.mkdir(parents=True, exist_ok=True)
-    table_path = write_long(all_long, out / "table.parquet")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    # one parent run: every stage (scores, sweeps, pretraining, references, unlearning) is its child
+    with parent_run(spec, output_dir, tracking, "reproduce", "reproduce-table") as tracker:
+        tracker.set_tags({"reproduce": "table"})
+        for number, seed in enumerate(seeds, 1):
+            # the grid counts its own stages within a seed; this line says which seed that is
+            stage(number, len(seeds), f"seed {seed} (scores, then the grid)", quiet)
+            seed_spec = copy.deepcopy(spec)
+            if seed_spec["forget"].get("kind") == "memorization" and seed_spec["forget"].get("scores") == "heldout":
+                seed_spec["forget"]["scores"] = memorization_scores(spec, seed, output_dir, tracking, quiet)
+            if sweep:
+                seed_spec = tune_methods(seed_spec, seed, output_dir, tracking, quiet)
+            grid = run_grid(seed_spec, output_dir=output_dir, tracking=tracking, methods=methods, seeds=[seed],
+                            quiet=quiet, evaluator=evaluator)
+            all_rows += grid.rows
+            all_long += grid.long_rows
+            all_eval += grid.evaluation
+        summary = summarize(all_rows, all_eval)
+        statements = sam_vs_sgd(summary)
+        speed = best_speedup(summary)
+        markdown = render_markdown(summary, statements, speed, spec_name, seeds)
+        out.mkdir(parents=True, exist_ok=True)
+        table_path = write_long(all_long, out / "table.parquet")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    summary_path = out / "summary.parquet"
-    pq.write_table(pa.Table.from_pylist(summary), summary_path)
-    eval_rows = [{"run_id": "", "method": e["method"], "optimizer": e["unlearn_opt"], "dataset": base_cfg.data.name,
-                  "forget_set": e["level"], "seed": e["seed"], "split": "forget", "metric": k, "value": float(v)}
-                 for e in all_eval for k, v in e.items()
-                 if k not in ("seed", "pretrain", "level", "method", "unlearn_opt") and isinstance(v, (int, float))]
-    eval_path = write_results(eval_rows, out / "evaluation.parquet")
-    md_path = out / "report.md"
-    md_path.write_text(markdown)
-    html_path = out / "report.html"
-    html_path.write_text(render_html(markdown, summary, plot_summary(summary),
-                                     f"sharp-unlearn reproduction ({spec_name})"))
-    with open_run(base_cfg, kind="reproduce", tags={"reproduce": "table"}, run_name="reproduce-table") as tracker:
+        summary_path = out / "summary.parquet"
+        pq.write_table(pa.Table.from_pylist(summary), summary_path)
+        eval_rows = [{"run_id": "", "method": e["method"], "optimizer": e["unlearn_opt"], "dataset": base_cfg.data.name,
+                      "forget_set": e["level"], "seed": e["seed"], "split": "forget", "metric": k, "value": float(v)}
+                     for e in all_eval for k, v in e.items()
+                     if k not in ("seed", "pretrain", "level", "method", "unlearn_opt") and isinstance(v, (int, float))]
+        eval_path = write_results(eval_rows, out / "evaluation.parquet")
+        md_path = out / "report.md"
+        md_path.write_text(markdown)
+        html_path = out / "report.html"
+        html_path.write_text(render_html(markdown, summary, plot_summary(summary),
+                                         f"sharp-unlearn reproduction ({spec_name})"))
         if speed is not None:
             tracker.log_metrics({"best_speedup_vs_retrain": speed["speedup"], "best_tow": speed["tow"]})
         for path in (table_path, summary_path, eval_path, md_path, html_path):
             tracker.log_artifact(path, "report")
+        log_grid_summary(tracker, all_rows, all_eval, "reproduce")
     return {"report_md": str(md_path), "report_html": str(html_path), "table": str(table_path),
             "summary": str(summary_path), "speedup": speed, "sam_vs_sgd": statements}
 
