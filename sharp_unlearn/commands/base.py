@@ -25,7 +25,8 @@ COMMANDS: Registry = Registry("command")
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
-                        help="YAML config file (repeatable; later files win); packaged names work too")
+                        help="YAML config file (repeatable; later files win); the packaged names demo_digits and "
+                             "reproduce_digits are grid specs for `demo --spec` and `reproduce table`")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns.db)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     add_deterministic_argument(parser)

@@ -28,6 +28,7 @@ import torch
 from sharp_unlearn.config import config_from_dict, merge
 from sharp_unlearn.data import build_dataset
 from sharp_unlearn.data.forget import ForgetSplit
+from sharp_unlearn.progress import stage
 
 DEFAULT_BASE: dict[str, Any] = {
     "seed": 0,
@@ -95,9 +96,15 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
     settings = sorted({(spec.alpha_signal_norm, a) for a in spec.alphas} |
                       {(s, spec.signal_alpha) for s in spec.signal_norms})
     rows: list[dict[str, Any]] = []
+    norms = sorted({s for s, _ in settings})
+    # the overall position: one pretraining per (seed, norm, optimizer), one unlearning per setting
+    total = len(spec.seeds) * len(spec.optimizers) * (len(norms) + len(settings))
+    done = 0
     for seed in spec.seeds:
-        for signal_norm in sorted({s for s, _ in settings}):
+        for signal_norm in norms:
             for opt in spec.optimizers:
+                done += 1
+                stage(done, total, f"pretrain {opt} (signal norm {signal_norm:g}, seed {seed})", quiet)
                 tree = merge(spec.base, {"seed": seed, "output_dir": str(out), "tracking": tracking,
                                          "optimizer": {"name": opt},
                                          "data": {"options": {"signal_norm": float(signal_norm)}}})
@@ -118,6 +125,9 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
                         "forget": {"kind": "random", "fraction": spec.forget_fraction},
                         "method": {"name": "neggrad", "alpha": float(alpha), "epochs": spec.unlearn_epochs}})
                     ucfg = config_from_dict(utree)
+                    done += 1
+                    stage(done, total, f"unlearn neggrad/{opt} alpha {float(alpha):g} (signal norm "
+                                       f"{signal_norm:g}, seed {seed})", quiet)
                     result = run_unlearning(ucfg, pre.checkpoint, pretrained=pretrained, split=split, quiet=quiet,
                                             save_model=True)
                     from sharp_unlearn.recipes.pretrain import load_trained_model
