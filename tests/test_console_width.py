@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent("""
                                "entanglement_variance": 12.3456789, "entanglement_wasserstein": 0.00012345,
                                "sharpness_hessian": 153.2, "sharpness_sam": 0.0456})
     long_path = Path("runs/demo-output") / "demo_results.parquet"
-    print_demo(DemoResult(rows, long_path, long_path.with_suffix(".md"), [], evaluation))
+    print_demo(DemoResult(rows=rows, results_path=long_path, markdown_path=long_path.with_suffix(".md"),
+                          evaluation=evaluation))
 """)
 
 
