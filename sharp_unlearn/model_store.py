@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -186,15 +187,18 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None) 
     text = str(ref)
     if not is_model_uri(text):
         return Path(ref)
-    from sharp_unlearn.tracking import client_for, resolve_uri
+    from sharp_unlearn.tracking import client_for, resolve_uri, sqlite_path
 
     uri = resolve_uri(tracking_uri)
-    client_for(uri)  # the store exists (and is migrated once) before MLflow opens it
+    hint = ("expected runs:/<run id>/model or models:/<name>/<version> of a model sharp-unlearn logged "
+            f"in the tracking store {uri!r} (set --tracking-uri / MLFLOW_TRACKING_URI to the store that has it)")
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # reading a model must not create an empty store
+        raise ConfigError(f"checkpoint {text!r}: the tracking store {str(db)!r} does not exist; {hint}")
+    client_for(uri)  # the store is migrated once, under its lock, before MLflow opens it
     key = hashlib.sha256(f"{uri}\n{text}".encode()).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / "sharp-unlearn-models" / key
     target.mkdir(parents=True, exist_ok=True)
-    hint = ("expected runs:/<run id>/model or models:/<name>/<version> of a model sharp-unlearn logged "
-            f"in the tracking store {uri!r} (set --tracking-uri / MLFLOW_TRACKING_URI to the store that has it)")
     try:
         from mlflow.artifacts import download_artifacts
     except ImportError as exc:
@@ -203,6 +207,7 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None) 
         with _store(uri), contextlib.redirect_stdout(sys.stderr):
             local = Path(download_artifacts(artifact_uri=text, dst_path=str(target), tracking_uri=uri))
     except Exception as exc:  # noqa: BLE001 - unknown run, model, version or a store without it
+        shutil.rmtree(target, ignore_errors=True)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"checkpoint {text!r} cannot be found ({first}); {hint}") from None
     checkpoint = local.joinpath(*CHECKPOINT_IN_MODEL)

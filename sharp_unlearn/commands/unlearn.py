@@ -32,9 +32,10 @@ class Unlearn(Command):
         from sharp_unlearn.model_store import check_model_name, register_model
         from sharp_unlearn.recipes.unlearn import run_unlearning
 
-        pretrained, cfg = _load(args)
-        if args.register is not None:  # refused before any training
+        if args.register is not None:  # refused before anything is loaded or trained
             check_model_name(args.register)
+        pretrained, cfg = _load(args)
+        if args.register is not None:
             if not cfg.tracking.enabled or not cfg.tracking.log_models:
                 raise ConfigError(f"--register {args.register!r} needs tracking with logged models; drop "
                                   "--no-tracking / tracking.enabled=false / tracking.log_models=false")
