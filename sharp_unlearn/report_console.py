@@ -98,13 +98,19 @@ def print_rows(title: str, columns: Sequence[str], rows: Sequence[Mapping[str, A
         headers = [_wrap_header(h, max(w, 7) if n else w, hard=n)
                    for h, w, n in zip(headers, widths, numeric, strict=True)]
     # light borders: at 100 columns a 10-column table needs the space for its numbers
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    for header, width, is_number in zip(headers, widths, numeric, strict=True):
-        # numbers and short labels (method names) stay whole; long texts (paths) fold
-        whole = is_number or width <= 16
-        min_width = max(width, *(len(line) for line in header.splitlines())) if whole else None
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    mins = [max(w, *(len(line) for line in h.splitlines())) for w, h in zip(widths, headers, strict=True)]
+    # numbers and short labels (method names) stay whole while they fit; rich would otherwise crop
+    # the last column to keep the width, so when they do not fit, texts fold, then numbers too
+    keep = [n or w <= 16 for w, n in zip(widths, numeric, strict=True)]
+    # each column costs its width + 2 (right padding, divider); a folding column at least 4
+    if sum(m + 2 for m, k in zip(mins, keep, strict=True) if k) + 6 * keep.count(False) > console.width:
+        keep = list(numeric)
+        if sum(m + 2 for m, n in zip(mins, numeric, strict=True) if n) + 6 * keep.count(False) > console.width:
+            keep = [False] * len(keep)
+    for header, min_width, is_number, whole in zip(headers, mins, numeric, keep, strict=True):
         table.add_column(header, justify="right" if is_number else "left", overflow="fold", no_wrap=whole,
-                         min_width=min_width)
+                         min_width=min_width if whole else None)
     for row in zip(*cells, strict=True):
         table.add_row(*row)
     console.print(table)

@@ -19,14 +19,14 @@ SCRIPT = textwrap.dedent("""
     rows, evaluation = [], []
     for pre in ("sgd", "sam"):
         for method, opt in [("original", "-"), ("retrain", "-"), ("finetune", "sgd"), ("finetune", "sam"),
-                            ("random_label", "sgd"), ("sharp_minmax", "sam"), ("rum", "sgd")]:
+                            ("random_label", "sgd"), ("sharp_minmax", "sam-min/sam-max"), ("rum", "sgd")]:
             rows.append({"seed": 0, "pretrain": pre, "level": "high", "method": method, "unlearn_opt": opt,
                          "retain_acc": 99.87654, "forget_acc": 5.0, "test_acc": 100.0, "tow": 0.912345678,
                          "wall_seconds": 1234.5678})
             evaluation.append({"seed": 0, "level": "high", "pretrain": pre, "method": method, "unlearn_opt": opt,
                                "mia_efficacy": 0.5123, "mia_auc": 0.61, "mia_tpr_at_1fpr": 0.0123,
-                               "entanglement_variance": 12.3456789, "entanglement_wasserstein": 0.00012345,
-                               "sharpness_hessian": 153.2, "sharpness_sam": 0.0456})
+                               "entanglement_variance": 167.98123, "entanglement_wasserstein": 0.00012345,
+                               "sharpness_hessian": 153.2, "sharpness_sam": 1.40567})
     long_path = Path("runs/demo-output") / "demo_results.parquet"
     print_demo(DemoResult(rows=rows, results_path=long_path, markdown_path=long_path.with_suffix(".md"),
                           evaluation=evaluation))
@@ -47,6 +47,8 @@ def test_demo_tables_fit_100_columns():
     assert "ToW against the retrained reference" in out and "sharp_minmax" in out
     too_long = [line for line in lines if len(line) > 100]
     assert not too_long, "\n".join(too_long)
+    # nothing cropped to fit: every number of the last column is there, whole
+    assert out.count("1.4057") == 14 and out.count("1234.6") == 14, out
     # the table takes the width it is given: at 200 columns the same output has lines over 100
     assert max(len(line) for line in _render(200).splitlines()) > 100
 
