@@ -104,12 +104,7 @@ def log_grid_summary(tracker, rows: Sequence[dict[str, Any]], evaluation: Sequen
     tracker.log_preview_table(table, f"tables/{name}_tow.json")
     figure = tow_figure(table)
     if figure is not None:
-        import matplotlib.pyplot as plt
-
-        try:
-            tracker.log_figure(figure, f"{name}_tow.png")
-        finally:
-            plt.close(figure)
+        tracker.log_figure(figure, f"{name}_tow.png")
 
 
 def tow_figure(table: Sequence[dict[str, Any]]):
@@ -117,16 +112,15 @@ def tow_figure(table: Sequence[dict[str, Any]]):
     cells = [r for r in table if r["method"] not in ("original", "retrain") and r.get("tow") is not None]
     if not cells:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a bare Figure, not pyplot: no global backend switch (a notebook's inline backend stays as it is)
+    from matplotlib.figure import Figure
 
     labels = list(dict.fromkeys(f"{r['method']}/{r['unlearn_opt']}" for r in cells))
     series = list(dict.fromkeys((r["pretrain"], r["level"]) for r in cells))
     several_levels = len({level for _, level in series}) > 1
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.6 * len(labels), 14), 4.2), constrained_layout=True)
+    fig = Figure(figsize=(min(4 + 0.6 * len(labels), 14), 4.2), layout="constrained")
+    ax = fig.subplots()
     for i, (pre, level) in enumerate(series):
         values = {f"{r['method']}/{r['unlearn_opt']}": r["tow"] for r in cells
                   if r["pretrain"] == pre and r["level"] == level}

@@ -138,7 +138,7 @@ def unlearn_run_name(pretrain_optimizer: str, method: str, optimizer_tag: str, f
 
 
 def _log_previews(tracker, results_path: Path, split_path: Path, history: list[dict[str, float]],
-                  title: str) -> None:
+                  title: str, original: dict[str, float]) -> None:
     """What the MLflow UI can show: result and forget-set tables as JSON/CSV, the forgetting curve figure."""
     import pyarrow.parquet as pq
 
@@ -147,12 +147,13 @@ def _log_previews(tracker, results_path: Path, split_path: Path, history: list[d
     curve = [r for r in history if "forget_acc" in r]
     if not curve:
         return
-    import matplotlib
+    curve = [{"epoch": 0, **original}, *curve]  # epoch 0: the model before unlearning
+    # a bare Figure, not pyplot: no global backend switch (a notebook's inline backend stays as it is)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, (acc_ax, tow_ax) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    acc_ax, tow_ax = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in curve]
     for key in ("retain_acc", "forget_acc", "test_acc"):
         acc_ax.plot(epochs, [r.get(key, float("nan")) for r in curve], marker="o", label=key)
@@ -160,11 +161,10 @@ def _log_previews(tracker, results_path: Path, split_path: Path, history: list[d
     acc_ax.legend(loc="best", fontsize="small")
     tow_ax.plot(epochs, [r.get("tow", float("nan")) for r in curve], marker="o", color="black")
     tow_ax.set(xlabel="epoch", ylabel="ToW", title="tug of war (1 = retrained)")
+    for ax in (acc_ax, tow_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    try:
-        tracker.log_figure(fig, "forgetting_curve.png")
-    finally:
-        plt.close(fig)
+    tracker.log_figure(fig, "forgetting_curve.png")
 
 
 def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretrained) -> Path:
@@ -332,7 +332,7 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             tracker.log_artifact(ckpt_path, "checkpoint")
         if tracker.run_id is not None:
             _log_previews(tracker, results_path, split_path, history,
-                          f"{cfg.method.name}/{method.optimizer_tag} on {split.label}")
+                          f"{cfg.method.name}/{method.optimizer_tag} on {split.label}", original)
             if ckpt_path is not None:
                 from sharp_unlearn.model_store import log_model
 
