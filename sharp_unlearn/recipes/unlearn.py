@@ -85,6 +85,10 @@ class UnlearnOutcome:
 
 
 def load_pretrained(path: str | Path, bundle: DatasetBundle | None = None) -> Pretrained:
+    from sharp_unlearn.model_store import is_model_uri, resolve_checkpoint
+
+    if is_model_uri(path):  # runs:/<id>/model or models:/<name>/<version>: from $MLFLOW_TRACKING_URI's store
+        path = resolve_checkpoint(path)
     state = load_checkpoint(path)
     if "config" not in state:
         raise ConfigError(f"checkpoint {str(path)!r} carries no config; expected a sharp-unlearn checkpoint")
