@@ -122,3 +122,27 @@ def test_unknown_model_uri_is_a_config_error(tmp_path):
         resolve_checkpoint("models:/nope/1", uri)
     with pytest.raises(ConfigError, match="runs:/0123456789abcdef0123456789abcdef/model"):
         resolve_checkpoint("runs:/0123456789abcdef0123456789abcdef/model", uri)
+
+
+@pytest.mark.slow
+def test_per_epoch_evaluation_of_a_tracked_run_does_not_change_the_model(tmp_path):
+    """Tracking adds an evaluation every epoch (the forgetting curve); the unlearned model must not change."""
+    from sharp_unlearn.config import config_from_dict, load_config, merge
+    from sharp_unlearn.recipes.pretrain import train_from_scratch
+    from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
+
+    pre = train_from_scratch(load_config([], [f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
+                                              "train.epochs=2", "model.name=small_cnn",
+                                              "model.options={width: 8, feature_dim: 32}"]), quiet=True)
+    outcomes = {}
+    for tracked in (False, True):
+        pretrained = load_pretrained(pre.checkpoint)
+        tree = merge(unlearn_config(pretrained), {
+            "method": {"name": "neggrad", "epochs": 2}, "forget": {"kind": "random", "size": 40},
+            "output_dir": str(tmp_path / f"runs-{tracked}"),
+            "tracking": {"enabled": tracked, "uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "log_models": False}})
+        outcomes[tracked] = run_unlearning(config_from_dict(tree), pre.checkpoint, quiet=True, pretrained=pretrained)
+    assert outcomes[True].run_id and outcomes[False].run_id is None
+    assert [m.get("forget_acc") for m in outcomes[True].history] != [None, None]  # it did evaluate every epoch
+    for key in ("retain_acc", "forget_acc", "test_acc", "tow"):
+        assert outcomes[True].metrics[key] == outcomes[False].metrics[key], key
