@@ -20,6 +20,7 @@ headline values, and every table row as ``<metric>/<split>``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from torch.utils.data import Subset
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.metrics import METRICS, EvalContext, EvalOptions, MetricValue
 from sharp_unlearn.metrics.base import check_requirements
+from sharp_unlearn.model_store import is_model_uri
 
 #: the order metrics run and print in; ``all`` means every registered metric
 METRIC_ORDER = ("accuracy", "tow", "mia", "entanglement", "sharpness", "landscape", "umap")
@@ -186,7 +188,7 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
     from sharp_unlearn.engine.checkpoint import load_checkpoint
     from sharp_unlearn.engine.determinism import apply_determinism
     from sharp_unlearn.engine.runner import resolve_device
-    from sharp_unlearn.model_store import is_model_uri, resolve_checkpoint
+    from sharp_unlearn.model_store import resolve_checkpoint
     from sharp_unlearn.recipes.pretrain import load_trained_model
 
     if is_model_uri(checkpoint):  # runs:/<id>/model or models:/<name>/<version>, from the store the overrides name
@@ -304,8 +306,13 @@ def evaluate_checkpoint(checkpoint: str | Path, metrics: str | Sequence[str] = "
     names = parse_metrics(metrics)  # bad names fail before anything is loaded
     options = options or EvalOptions()
     target = prepare_target(checkpoint, config_files=config_files, overrides=overrides, reference=reference)
-    out = Path(out_dir) if out_dir is not None else target.checkpoint.parent / "eval"
     cfg = target.cfg
+    if out_dir is not None:
+        out = Path(out_dir)
+    elif is_model_uri(checkpoint):  # the download folder is a cache: results go where the user's runs go
+        out = Path(cfg.output_dir) / "evaluate" / re.sub(r"[^A-Za-z0-9_.@-]+", "_", str(checkpoint)).strip("_")
+    else:
+        out = target.checkpoint.parent / "eval"
     ctx = EvalContext(target.model, target.splits, reference=target.reference, device=target.device,
                       options=options, out_dir=out, seed=cfg.seed, num_classes=target.bundle.num_classes)
     names = resolve_auto(names, ctx)

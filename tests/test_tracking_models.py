@@ -105,6 +105,9 @@ def test_registered_model_evaluates_like_its_checkpoint_file(tmp_path):
                         "--metrics", "accuracy"], tmp_path)
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
         evaluated[name] = json.loads(proc.stdout)["headline"]
+        if name == "registered":  # results land with the user's runs, not in the model download cache
+            out_dir = Path(json.loads(proc.stdout)["out_dir"])
+            assert "sharp-unlearn-models" not in out_dir.parts and (out_dir / "results.parquet").is_file()
     assert evaluated["registered"]["test_acc"] == evaluated["file"]["test_acc"]
     assert evaluated["registered"] == evaluated["file"]
     assert evaluated["file"]["forget_acc"] == pytest.approx(reply["metrics"]["forget_acc"])
