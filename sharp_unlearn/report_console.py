@@ -1,7 +1,7 @@
 """Short terminal tables (rich) for command results.
 
-Tables take the terminal's width as rich detects it (``$COLUMNS`` when the
-output is not a terminal) and wrap cell text rather than running past it.
+Tables take the terminal's width as rich detects it (``$COLUMNS`` wins; a file
+or pipe without it gets 160 columns) and wrap cell text rather than running past it.
 Each numeric column has one format for all its rows, chosen by the column's
 name (accuracies in percent: 2 decimals, ToW and scores: 4) or, for other
 columns, by the largest value in it.
@@ -9,10 +9,14 @@ columns, by the largest value in it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: formats by column name; the first matching rule wins
+#: width of tables written to a file or pipe (no terminal to fit; COLUMNS still wins)
+_PIPE_WIDTH = 160
+
 _NAMED_FORMATS: tuple[tuple[str, str], ...] = (
     ("wall_seconds", "{:.1f}"),
     ("seconds", "{:.1f}"),
@@ -55,8 +59,12 @@ def format_value(name: str, value: Any) -> str:
 def _console():
     from rich.console import Console
 
-    # no fixed width: rich detects the terminal (or reads $COLUMNS when piped)
-    return Console()
+    # a terminal's own width (rich detects it, or reads $COLUMNS); output to a file or pipe has no width to
+    # fit, and rich's 80-column fallback would fold every label there, so it gets whole lines
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=_PIPE_WIDTH)
+    return console
 
 
 def print_metrics(title: str, metrics: Mapping[str, Any]) -> None:

@@ -33,9 +33,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _render(columns: int) -> str:
-    env = dict(os.environ, COLUMNS=str(columns), PYTHONPATH=str(REPO))
+def _render(columns: int | None) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("LINES", None)
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -51,6 +54,13 @@ def test_demo_tables_fit_100_columns():
     assert out.count("1.4057") == 14 and out.count("1234.6") == 14, out
     # the table takes the width it is given: at 200 columns the same output has lines over 100
     assert max(len(line) for line in _render(200).splitlines()) > 100
+
+
+def test_output_to_a_file_gets_whole_lines():
+    """Piped with no COLUMNS (a log file, CI): no terminal to fit, so labels are not folded at 80 columns."""
+    out = _render(None)
+    assert "sam-min/sam-max" in out and "random_label" in out  # whole labels, not folded over two lines
+    assert max(len(line) for line in out.splitlines()) <= 160
 
 
 def test_one_format_per_column():
