@@ -43,22 +43,27 @@ def is_model_uri(ref: str | os.PathLike) -> bool:
 def _store(uri: str) -> Iterator[Any]:
     """MLflow's fluent API and URI resolution read process-wide URIs: point both at ``uri`` for the block."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
 
-    previous = (os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
-    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    # the setters change module globals (which win over the environment for the rest of the process)
+    # and the environment: both are put back exactly, or a later MlflowClient() would use this store
+    saved_globals = (tracking_state._tracking_uri, registry_state._registry_uri)
+    saved_env = {name: os.environ.get(name) for name in
+                 ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for one-line errors
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield mlflow
     finally:
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        # both setters also write the environment variables: put back exactly what was there
-        mlflow.set_tracking_uri(previous[0])  # None unsets MLFLOW_TRACKING_URI
-        mlflow.set_registry_uri(previous[1])
-        if previous[1] is None:
-            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        mlflow.set_tracking_uri(saved_globals[0])  # also resets MLflow's tracer state
+        registry_state._registry_uri = saved_globals[1]
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_model(tracker, model, checkpoint_path: str | os.PathLike, cfg, dataset) -> str | None:
@@ -88,7 +93,8 @@ def log_model(tracker, model, checkpoint_path: str | os.PathLike, cfg, dataset) 
         signature = infer_signature(example.numpy(), output)
         metadata = {"sharp_unlearn": {"config": _plain(cfg.to_dict()), "checkpoint": "/".join(CHECKPOINT_IN_MODEL)}}
         cpu_model = model.to("cpu")
-        with _store(tracker.uri) as mlflow:
+        # end_run prints "View run at <url>" on stdout for a server store: stdout belongs to --json
+        with _store(tracker.uri) as mlflow, contextlib.redirect_stdout(sys.stderr):
             import mlflow.pytorch
 
             mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None)

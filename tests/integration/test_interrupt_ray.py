@@ -79,9 +79,9 @@ def _assert_interrupted(code: int, err: str, command: str) -> None:
 def _runs(tmp_path: Path, kind: str):
     if not (tmp_path / "mlruns.db").is_file():
         return []
-    from mlflow.tracking import MlflowClient
+    from sharp_unlearn.tracking import client_for
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    client = client_for(f"sqlite:///{tmp_path / 'mlruns.db'}")  # through the store lock, as the tool does
     experiment = client.get_experiment_by_name("sharp-unlearn")
     if experiment is None:
         return []

@@ -59,9 +59,11 @@ def mlflow_ready() -> bool:
 
 
 def mlflow_runs(kind: str | None = None):
-    from mlflow.tracking import MlflowClient
+    from sharp_unlearn.tracking import client_for
 
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    # through the store lock, like every process of the tool: polling a store the sweep is still
+    # creating with a bare MlflowClient would race its schema migration
+    client = client_for(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("sharp-unlearn")
     if experiment is None:
         return client, []
@@ -247,7 +249,8 @@ def test_stage_both_pretrains_per_trial_and_logs_both_configs(tmp_path):
     assert all(0.0 <= r["tow"] <= 1.0 and r["epochs"] == 2 for r in outcome.rows)
     # one pretrained model and one reference per pretraining optimizer, in the shared cache
     for kind in ("pretrain", "retrain"):
-        names = sorted(p.name.split("-")[2] for p in (tmp_path / "runs" / kind).iterdir())
+        names = sorted(p.name.split("-")[2] for p in (tmp_path / "runs" / kind).iterdir()
+                       if p.is_dir())  # run folders; their cache locks are files beside them
         assert names == ["sam", "sgd"], (kind, names)
     _, trials = mlflow_runs("trial")
     assert sorted(t.data.params["pretrain.optimizer.name"] for t in trials) == ["sam", "sgd"]
