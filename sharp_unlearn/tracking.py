@@ -201,15 +201,34 @@ def ensure_store(uri: str) -> None:
     except ImportError as exc:
         raise MissingExtra("mlflow", "mlflow") from exc
     lock_path = db.with_name(db.name + ".lock")
+    # artifacts of the default experiment go next to the database too, never into the cwd
+    artifact_root = (db.parent / "mlartifacts").as_uri()
     try:
         with FileLock(str(lock_path), timeout=_STORE_LOCK_TIMEOUT_S):
-            # artifacts of the default experiment go next to the database too, never into the cwd
-            store = _retry_locked(SqlAlchemyStore, "sqlite:///" + str(db), (db.parent / "mlartifacts").as_uri())
+            if not db.exists():
+                _create_store(db, artifact_root, SqlAlchemyStore)
+            store = _retry_locked(SqlAlchemyStore, "sqlite:///" + str(db), artifact_root)
             store.engine.dispose()
     except Timeout:
         raise ConfigError(f"tracking URI {uri!r}: another process has held {str(lock_path)!r} for over "
                           f"{_STORE_LOCK_TIMEOUT_S:g} s; if none is running, delete that file") from None
     _READY_STORES.add(db)
+
+
+def _create_store(db: Path, artifact_root: str, store_class) -> None:
+    """Build a new store's schema in a side file, then rename it into place.
+
+    MLflow's migrations take seconds; a command interrupted in the middle of them (Ctrl-C on the first
+    command in a folder) would otherwise leave a half-migrated database that every later command
+    refuses. The rename makes the store appear complete or not at all.
+    """
+    building = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    try:
+        store_class("sqlite:///" + str(building), artifact_root).engine.dispose()
+        os.replace(building, db)
+    finally:
+        for leftover in (building, building.with_name(building.name + "-journal")):
+            leftover.unlink(missing_ok=True)
 
 
 #: tries and first pause for a write SQLite refuses with "database is locked" (another process's transaction)

@@ -93,3 +93,26 @@ def test_four_processes_on_one_fresh_sqlite_store_all_land(tmp_path):
         assert {run.data.metrics["round"] for run in runs} == {float(round_index)}
         # artifacts (config, error reports) stay beside the store
         assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_creation_interrupted_half_way_leaves_no_broken_store(tmp_path):
+    """Ctrl-C in the middle of MLflow's schema migrations (the first command in a folder): the store
+    file appears complete or not at all, and the next command creates it normally."""
+    import sqlite3
+
+    from sharp_unlearn import tracking
+
+    db = tmp_path / "mlruns.db"
+
+    class InterruptedMigration:  # creates part of a schema, then the user presses Ctrl-C
+        def __init__(self, uri: str, artifact_root: str):
+            sqlite3.connect(uri.removeprefix("sqlite:///")).execute("create table experiments (id integer)")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tracking._create_store(db, (tmp_path / "mlartifacts").as_uri(), InterruptedMigration)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the store nor a half-built side file
+
+    tracking.ensure_store(f"sqlite:///{db}")
+    client = tracking.client_for(f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
