@@ -343,6 +343,10 @@ def concurrency(settings: HeldoutSettings, resources: dict[str, float]) -> int:
     return max(1, by_cpu)
 
 
+#: how long an interrupted run waits for its cancelled trainings to end before shutting Ray down
+_CANCEL_SETTLE_S = 30.0
+
+
 def _run_ray(ray, cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings) -> Iterator[ModelOutcome]:
     """Submit trainings as Ray tasks, at most ``concurrency`` in flight, yielding each as it
     finishes (in completion order). Bounded submission keeps an interrupt cheap: at most
@@ -367,6 +371,12 @@ def _run_ray(ray, cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettin
         for ref in pending:  # an interrupted run does not leave trainings running
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
+        if pending:
+            # let Ray settle every cancelled task before the session shuts down: a killed worker's
+            # reply still in flight at ray.shutdown() crashed the driver's core worker (exit 1 and a
+            # C++ stack trace instead of 130), seen under load. Bounded; a second signal ends the wait.
+            with contextlib.suppress(BaseException):
+                ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_SETTLE_S)
 
 
 # ---------------------------------------------------------------- the driver
