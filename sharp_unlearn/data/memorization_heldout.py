@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError, init_ray, note_termination
+from sharp_unlearn.errors import ConfigError, init_ray, note_termination, require
 
 EXECUTORS = ("ray", "serial")
 #: bump when the per-model file layout or the subset rule changes (old files are then retrained)
@@ -307,8 +307,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def ray_session(settings: HeldoutSettings) -> Iterator[Any]:
     """Connect to ``settings.address`` / $RAY_ADDRESS, or start a local Ray sized to the
     run; shut down in a ``finally`` whatever happens (only what this call started)."""
-    from sharp_unlearn.errors import require
-
     ray = require("ray", "tune")
     if ray.is_initialized():  # a caller (a notebook, a Tune trial) already owns a session
         yield ray
@@ -347,10 +345,17 @@ def concurrency(settings: HeldoutSettings, resources: dict[str, float]) -> int:
 _CANCEL_SETTLE_S = 30.0
 
 
-def _run_ray(ray, cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings) -> Iterator[ModelOutcome]:
+def _run_ray(ray, cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings, *,
+             cancel_on_exit: bool = True) -> Iterator[ModelOutcome]:
     """Submit trainings as Ray tasks, at most ``concurrency`` in flight, yielding each as it
     finishes (in completion order). Bounded submission keeps an interrupt cheap: at most
-    the in-flight models are lost."""
+    the in-flight models are lost.
+
+    ``cancel_on_exit``: cancel the trainings still in flight when the run ends early. Only
+    for a session the caller keeps using; a session about to be shut down ends them itself,
+    without ``ray.cancel``, whose race with a task that is just finishing crashes the
+    driver's core worker in this Ray ("Tried to complete task that was not pending", exit 1
+    instead of 130; fixed upstream in ray-project/ray#54798)."""
     task = ray.remote(num_cpus=settings.cpus_per_model, num_gpus=settings.gpus_per_model,
                       max_retries=1)(_train_task)
     cfg_dict = cfg.to_dict()
@@ -368,13 +373,12 @@ def _run_ray(ray, cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettin
                 pending.pop(ref)
                 yield ray.get(ref)
     finally:
-        for ref in pending:  # an interrupted run does not leave trainings running
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        if pending:
-            # let Ray settle every cancelled task before the session shuts down: a killed worker's
-            # reply still in flight at ray.shutdown() crashed the driver's core worker (exit 1 and a
-            # C++ stack trace instead of 130), seen under load. Bounded; a second signal ends the wait.
+        if pending and cancel_on_exit:  # an interrupted run does not leave trainings running
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)  # not force: a KeyboardInterrupt in the task, the gentler path
+            # let every cancelled task settle before the caller goes on. Bounded; a second
+            # signal ends the wait.
             with contextlib.suppress(BaseException):
                 ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_SETTLE_S)
 
@@ -413,8 +417,9 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         with contextlib.ExitStack() as stack:
             if settings.executor == "ray":
+                callers_session = require("ray", "tune").is_initialized()
                 ray = stack.enter_context(ray_session(settings))
-                results = _run_ray(ray, cfg, missing, settings)
+                results = _run_ray(ray, cfg, missing, settings, cancel_on_exit=callers_session)
             else:
                 results = _run_serial(cfg, missing, settings, bundle)
             advance = stack.enter_context(progress_bar(
@@ -433,7 +438,7 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
                         on_model_done(outcome)
             finally:
                 if hasattr(results, "close"):
-                    results.close()  # cancel in-flight Ray tasks before the session closes
+                    results.close()  # settle in-flight Ray tasks before the session closes
     ordered = [outcomes[k] for k in range(settings.num_models)]
     return HeldoutRun(
         run_dir=run_dir,
