@@ -32,6 +32,10 @@ MEMORIZATION_LEVELS = ("high", "mid", "low", "mix")
 DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("none", "deepspeed")
 DIST_LAUNCHERS = ("ray", "torchrun")
+MASK_ORDERS = ("largest", "smallest")
+FORGET_MASK_SCOPES = ("update", "perturbed")
+FORGET_PERTURBATIONS = ("masked", "full")
+UPDATE_ORDERS = ("joint", "sequential")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -242,7 +246,19 @@ class MethodConfig:
     #: Sharp MinMax: SAM radius/weight for the forget part (sharpness maximization)
     rho_max: float | None = None
     lamb_max: float | None = None
-    adaptive_max: bool = False
+    #: Sharp MinMax: ASAM on the forget (max) side; None follows the min side (adaptive when optimizer.name=asam)
+    adaptive_max: bool | None = False
+    #: saliency masks (SalUn, Sharp MinMax, `sharp-unlearn mask`): keep the `largest` or `smallest`
+    #: mask_fraction of |grad L_F| (the paper's released generator keeps the smallest)
+    mask_order: str = "largest"
+    #: Sharp MinMax forget side: `update` masks the whole update; `perturbed` masks only the gradient at
+    #: w+e, so the combined g + s*lamb*(M*g(w+e) - g) keeps the unmasked clean gradient (released code)
+    forget_mask_scope: str = "update"
+    #: Sharp MinMax forget side: SAM perturbation from the `masked` gradient, or the `full` one (all entries)
+    forget_perturbation: str = "masked"
+    #: Sharp MinMax: `joint` sums retain and forget into one step; `sequential` steps retain, then forget
+    #: at the updated weights, each side with its own base-optimizer state (released code)
+    update_order: str = "joint"
     #: l1_sparse: weight of the L1 penalty (decays linearly to 0 over the epochs)
     l1_weight: float = 5e-4
     #: scrub: distillation temperature, number of epochs with max steps, loss weights
@@ -267,6 +283,10 @@ class MethodConfig:
             value = getattr(self, key)
             if value is not None:
                 _check_range(f"method.{key}", value, 0.0)
+        _check_choice("method.mask_order", self.mask_order, MASK_ORDERS)
+        _check_choice("method.forget_mask_scope", self.forget_mask_scope, FORGET_MASK_SCOPES)
+        _check_choice("method.forget_perturbation", self.forget_perturbation, FORGET_PERTURBATIONS)
+        _check_choice("method.update_order", self.update_order, UPDATE_ORDERS)
         _check_range("method.l1_weight", self.l1_weight, 0.0)
         _check_range("method.temperature", self.temperature, 0.0, lo_open=True)
         _check_range("method.max_epochs", self.max_epochs, 0)
