@@ -36,9 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -395,12 +395,6 @@ def run_deepspeed_trial(cfg: ExperimentConfig, *, kind: str = "pretrain", tags: 
     return result.return_value or json.loads((out_dir / OUTCOME_FILE).read_text())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stderr_fd():
     try:
         sys.stderr.flush()
@@ -420,7 +414,11 @@ def launch_torchrun(spec: dict[str, Any]) -> dict[str, Any]:
     (out_dir / OUTCOME_FILE).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc_per_node", str(cfg.distributed.num_workers), "--max_restarts", "0",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           # the rendezvous store binds port 0 itself (and the workers share it): a port picked here
+           # and bound later by torchrun could be taken in between (a busy machine, Ray's sockets),
+           # which killed the launch; loopback only
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex,
+           "--local-addr", "127.0.0.1",
            "-m", "sharp_unlearn.recipes.distributed", "worker", "--spec", str(spec_path)]
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker unless told otherwise
