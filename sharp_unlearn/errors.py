@@ -5,6 +5,9 @@ exits with code 2 and a one-line message; anything else is a failure (exit 1).
 It subclasses ``ValueError`` so library users can catch either.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 
 class ConfigError(ValueError):
     """User input is invalid. The message names the value and what was expected."""
@@ -60,9 +63,13 @@ def termination_requested() -> bool:
     return _termination["requested"]
 
 
-def _sigterm_handler(signum, frame):
+def raise_terminated(signum, frame):
+    """The SIGTERM handler that unwinds like Ctrl-C: notes the termination, raises ``Terminated``."""
     note_termination()
     raise Terminated("SIGTERM")
+
+
+_sigterm_handler = raise_terminated  # the name watch_termination installs
 
 
 def note_only(signum, frame):
@@ -115,6 +122,26 @@ class watch_termination:  # noqa: N801 - used like a function: ``with watch_term
         for fd in pipe:
             os.close(fd)
         return False
+
+
+@contextlib.contextmanager
+def handle_sigterm(handler=raise_terminated) -> Iterator[None]:
+    """For the block, SIGTERM runs ``handler`` (default :func:`raise_terminated`: unwind like Ctrl-C,
+    so ``finally`` blocks shut Ray down and end MLflow runs); ``signal.SIG_IGN`` holds it off while
+    something must finish. The previous handler comes back on exit; one installed from C (Ray's)
+    reads back as None and is replaced by the default. Outside the main thread (a Ray Tune function
+    trainable) signals cannot be set, and it does nothing."""
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def init_ray(ray, **kwargs) -> None:
