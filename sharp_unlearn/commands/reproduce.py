@@ -1,23 +1,32 @@
-"""``sharp-unlearn reproduce theory|table``: the paper's claims, one command each."""
+"""``sharp-unlearn reproduce theory|table|ablation``: the paper's claims, one command each."""
 from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument, check_output_dir
 from sharp_unlearn.errors import ConfigError
 
-TARGETS = ("theory", "table")
+TARGETS = ("theory", "table", "ablation")
 
 
 @COMMANDS.register("reproduce")
 class Reproduce(Command):
-    help = "reproduce the paper's claims: `theory` (signal-noise model) or `table` (methods x SGD/SAM)"
+    help = ("reproduce the paper's claims: `theory` (signal-noise model), `table` (methods x SGD/SAM) or "
+            "`ablation` (project Sharp MinMax -> the released code's, one switch at a time)")
 
     def add_arguments(self, parser):
         parser.add_argument("target", help=f"one of: {', '.join(TARGETS)}")
         parser.add_argument("--output-dir", default=None, help="default: runs/reproduce-<target>")
-        parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: theory 0; table 0,1,2)")
+        parser.add_argument("--seeds", default=None,
+                            help="comma-separated seeds (default: theory 0; table and ablation 0,1,2)")
         parser.add_argument("--root", default=None, help="table: a CIFAR root (default: digits)")
         parser.add_argument("--dataset", default=None, help="table: cifar10 or cifar100 when --root is given")
-        parser.add_argument("--sweep", action="store_true", help="table: tune each cell with Ray Tune first")
+        parser.add_argument("--sweep", action="store_true",
+                            help="table: tune every method x optimizer cell (and the paper-code Sharp MinMax) "
+                                 "with Ray Tune first, the same trial budget per cell")
+        parser.add_argument("--trials", type=int, default=None,
+                            help="table --sweep: Ray Tune trials per cell (default 6)")
+        parser.add_argument("--epochs", type=int, default=None,
+                            help="table --sweep: unlearning epochs of every cell, tuning and tuned grid alike "
+                                 "(default: each method's epochs in the spec)")
         parser.add_argument("--methods", default=None, help="table: comma-separated subset of methods")
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
         parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -40,11 +49,13 @@ class Reproduce(Command):
         check_output_dir(out)
         if args.target == "theory":
             return _theory(args, seeds, tracking, out)
+        if args.target == "ablation":
+            return _ablation(args, seeds, tracking, out)
         from sharp_unlearn.reproduce.table import run_table
 
         result = run_table(output_dir=out, seeds=seeds, tracking=tracking, root=args.root, dataset=args.dataset,
                            sweep=args.sweep, methods=args.methods.split(",") if args.methods else None,
-                           overrides=args.overrides, quiet=args.quiet)
+                           overrides=args.overrides, quiet=args.quiet, trials=args.trials, epochs=args.epochs)
         if not args.json:
             print(open(result["report_md"]).read())
         return result
@@ -78,3 +89,19 @@ def _theory(args, seeds, tracking, out):
         print(open(result["report"]).read())
         print(f"figure: {result['figure']}  table: {result['table']}")
     return {k: v for k, v in result.items() if k != "rows"}
+
+
+def _ablation(args, seeds, tracking, out):
+    for flag, value in (("--root", args.root), ("--dataset", args.dataset), ("--methods", args.methods),
+                        ("--trials", args.trials), ("--epochs", args.epochs)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not valid with reproduce ablation; expected only --seeds, --output-dir, "
+                              "tracking flags and spec overrides (the arms are fixed: see docs/reproduction.md)")
+    if args.sweep:
+        raise ConfigError("--sweep is not valid with reproduce ablation; expected it with reproduce table")
+    from sharp_unlearn.reproduce.ablation import run_ablation
+
+    result = run_ablation(output_dir=out, seeds=seeds, tracking=tracking, overrides=args.overrides, quiet=args.quiet)
+    if not args.json:
+        print(open(result["report_md"]).read())
+    return result

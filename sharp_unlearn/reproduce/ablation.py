@@ -1,0 +1,384 @@
+"""The ablation: which of the paper's released-code choices changes what Sharp MinMax does?
+
+From the project's Sharp MinMax to the released code's (the packaged preset
+``sharp_minmax_paper_code``): each switch alone (``method.mask_order``,
+``method.forget_mask_scope``, ``method.forget_perturbation``,
+``method.update_order``), the preset's other settings alone (optimizer, rho,
+alpha, ...: ``paper_defaults``) and everything together (``paper_code``); and
+the mask order alone for SalUn, whose mask the released code builds with the
+same generator.
+
+The setting is the demo's (its grid spec, so its pretrained SGD and SAM
+models and retrained references come from the same caches), with forget
+sets at memorization low / mid / high from held-out scores per seed (as in
+``reproduce table``). A variant and its baseline share each seed's
+pretrained model, forget set and reference, so each seed gives one paired
+difference; a switch *changes* a metric in a cell where the 95 % CI of the
+mean paired difference over seeds excludes 0.
+
+Outputs: ``runs.parquet`` (one row per run), ``summary.parquet`` (mean and
+95 % CI per variant), ``effects.parquet`` (paired differences), ``report.md``,
+all logged to one ``kind=reproduce`` MLflow parent run (tag
+``reproduce=ablation``) whose children are every stage's own run; each
+unlearning child carries its variant as the tag ``ablation_variant``.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sharp_unlearn.config import apply_overrides, load_yaml, merge
+from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.metrics.tow import mean_ci95
+from sharp_unlearn.progress import stage
+
+#: the grid spec whose base (data, model, pretraining recipe) and method settings the ablation keeps
+DEMO_SPEC = "demo_digits"
+#: where the held-out memorization settings come from (the same estimator as ``reproduce table``)
+TABLE_SPEC = "reproduce_digits"
+PRESET = "sharp_minmax_paper_code"
+#: the Sharp MinMax switches, each defaulting to the project's behaviour; the preset sets all of them
+SWITCHES = ("mask_order", "forget_mask_scope", "forget_perturbation", "update_order")
+#: metrics reported per variant (mean ± CI) and as paired differences against the baseline
+METRICS = ("tow", "forget_gap", "mia_efficacy", "test_acc")
+METRIC_LABELS = {"tow": "ToW", "forget_gap": "forget gap (pts)", "mia_efficacy": "MIA efficacy",
+                 "test_acc": "test acc (%)"}
+LEVEL_ORDER = {"low": 0, "mid": 1, "high": 2}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the ablation: a grid entry ``method@name`` and the arm it is compared with."""
+
+    method: str
+    name: str
+    overrides: dict[str, Any] = field(compare=False, hash=False)
+    baseline: str | None = None  # the entry of the arm it is compared with; None for a baseline
+
+    @property
+    def entry(self) -> str:
+        return f"{self.method}@{self.name}"
+
+
+def ablation_spec(overrides: Sequence[str] = (), spec_path: str | None = None) -> dict[str, Any]:
+    """The ablation's grid spec: the demo's, crossed with memorization levels and seeds.
+
+    ``spec_path`` replaces the derived spec with a complete one of the same shape (tests, other data).
+    """
+    if spec_path:
+        spec = load_yaml(spec_path)
+    else:
+        spec = copy.deepcopy(load_yaml(DEMO_SPEC))
+        table = load_yaml(TABLE_SPEC)
+        # the demo's hard forget set is the flipped labels (two levels only); the memorization levels
+        # need a graded score, and the held-out estimate is the one the table uses
+        spec["forget"] = {**spec["forget"], "scores": "heldout"}
+        spec["forget"].pop("level", None)
+        spec["memorization"] = copy.deepcopy(table["memorization"])
+        spec["levels"] = ["low", "mid", "high"]
+        spec["seeds"] = [0, 1, 2]
+        spec["evaluate"] = ["mia"]
+        spec["preset"] = PRESET
+        # only the two ablated methods run; their settings stay the demo's
+        spec["methods"] = {name: spec["methods"][name] for name in ("sharp_minmax", "salun")}
+    spec = apply_overrides(spec, list(overrides))
+    for key in ("base", "forget", "pretrain_optimizers", "unlearn_optimizers", "methods"):
+        if key not in spec:
+            raise ConfigError(f"ablation spec lacks {key!r}; expected the keys of a grid spec "
+                              "(base, forget, pretrain_optimizers, unlearn_optimizers, methods)")
+    for name in ("sharp_minmax", "salun"):
+        if name not in (spec.get("methods") or {}):
+            raise ConfigError(f"ablation spec's methods lack {name!r}; expected entries for sharp_minmax and salun")
+    return spec
+
+
+def preset_parts(preset: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method section, optimizer section) of the paper-code preset; anything else cannot vary per arm."""
+    extra = sorted(k for k in preset if k not in ("method", "optimizer"))
+    if extra:
+        raise ConfigError(f"preset {source!r} sets {', '.join(extra)}; the ablation varies only the method "
+                          "and optimizer sections per arm (expected no other top-level keys)")
+    method = dict(preset.get("method") or {})
+    if method.get("name", "sharp_minmax") != "sharp_minmax":
+        raise ConfigError(f"preset {source!r} has method.name={method['name']!r}; expected sharp_minmax")
+    method.pop("name", None)
+    missing = [s for s in SWITCHES if s not in method]
+    if missing:
+        raise ConfigError(f"preset {source!r} does not set method.{missing[0]}; expected all of: "
+                          f"{', '.join('method.' + s for s in SWITCHES)}")
+    return method, dict(preset.get("optimizer") or {})
+
+
+def _with_optimizer(entry: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, Any]:
+    """A grid entry with the preset's optimizer section: its name becomes the entry's only optimizer."""
+    out = copy.deepcopy(entry)
+    optimizer = dict(optimizer)
+    name = optimizer.pop("name", None)
+    if name:
+        out["optimizers"] = [name]
+    if optimizer:
+        out["optimizer"] = merge(out.get("optimizer") or {}, optimizer)
+    return out
+
+
+def paper_code_entry(entry: dict[str, Any], preset: dict[str, Any], source: str = PRESET) -> dict[str, Any]:
+    """A Sharp MinMax grid entry with the whole paper-code preset applied (method and optimizer)."""
+    paper_method, paper_optimizer = preset_parts(preset, source)
+    return _with_optimizer(merge(dict(entry or {}), paper_method), paper_optimizer)
+
+
+def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str = PRESET) -> list[Variant]:
+    """The arms: project Sharp MinMax, each switch alone, the preset's other settings, the whole preset;
+    project SalUn and SalUn with the preset's mask order."""
+    paper_method, paper_optimizer = preset_parts(preset, source)
+    smm = dict(methods.get("sharp_minmax") or {})
+    salun = dict(methods.get("salun") or {})
+    project = Variant("sharp_minmax", "project", smm)
+    arms = [project]
+    for switch in SWITCHES:
+        arms.append(Variant("sharp_minmax", f"{switch}={paper_method[switch]}",
+                            merge(smm, {switch: paper_method[switch]}), project.entry))
+    defaults = {k: v for k, v in paper_method.items() if k not in SWITCHES}
+    arms.append(Variant("sharp_minmax", "paper_defaults", _with_optimizer(merge(smm, defaults), paper_optimizer),
+                        project.entry))
+    arms.append(Variant("sharp_minmax", "paper_code", paper_code_entry(smm, preset, source), project.entry))
+    salun_project = Variant("salun", "project", salun)
+    arms += [salun_project, Variant("salun", f"mask_order={paper_method['mask_order']}",
+                                    merge(salun, {"mask_order": paper_method["mask_order"]}), salun_project.entry)]
+    return arms
+
+
+def check_arms(spec: dict[str, Any], output_dir: str, tracking: dict[str, Any]) -> None:
+    """Build every arm's unlearning config at every level now: a bad value fails before any training."""
+    from sharp_unlearn.config import config_from_dict
+    from sharp_unlearn.recipes.grid import method_of
+
+    for level in spec.get("levels") or [spec["forget"].get("level", "high")]:
+        for entry, over in spec["methods"].items():
+            over = dict(over or {})
+            optimizers = over.pop("optimizers", None) or spec["unlearn_optimizers"]
+            optimizer_over = dict(over.pop("optimizer", None) or {})
+            for opt in optimizers:
+                arm = {"optimizer": {**optimizer_over, "name": opt}, "forget": {**spec["forget"], "level": level},
+                       "method": {"name": method_of(entry), **over}, "output_dir": output_dir, "tracking": tracking}
+                config_from_dict(merge(merge(spec["base"], copy.deepcopy(spec.get("unlearn", {}))), arm))
+
+
+# ----------------------------------------------------------------------------- statistics
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and 95 % CI half-width over seeds per (level, pretrain, method, variant)."""
+    keys = ("level", "pretrain", "method", "variant")
+    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for metric in (*METRICS, "retain_acc", "forget_acc", "wall_seconds"):
+            value = row.get(metric)
+            if isinstance(value, (int, float)) and value == value:
+                groups[tuple(row[k] for k in keys)][metric].append(float(value))
+    out = []
+    for key, metrics in groups.items():
+        entry: dict[str, Any] = dict(zip(keys, key, strict=True))
+        entry["seeds"] = max(len(v) for v in metrics.values())
+        for metric, values in metrics.items():
+            entry[metric], entry[f"{metric}_ci95"] = mean_ci95(values)
+        out.append(entry)
+    return sorted(out, key=_order)
+
+
+def _order(entry: dict[str, Any]) -> tuple:
+    head = {"original": 0, "retrain": 1}
+    return (LEVEL_ORDER.get(entry["level"], 9), entry["pretrain"], head.get(entry["method"], 2), entry["method"],
+            entry["variant"] != "project", entry["variant"])
+
+
+def paired_effects(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Per variant with a baseline, cell (level, pretrain) and metric: the mean paired difference
+    (variant - baseline, same seed) with its 95 % CI, and whether the CI excludes 0."""
+    by_entry: dict[tuple, float] = {}
+    for row in rows:
+        for metric in METRICS:
+            value = row.get(metric)
+            if isinstance(value, (int, float)) and value == value:
+                by_entry[(row["entry"], row["level"], row["pretrain"], row["seed"], metric)] = float(value)
+    cells = sorted({(r["level"], r["pretrain"]) for r in rows}, key=lambda c: (LEVEL_ORDER.get(c[0], 9), c[1]))
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+    for variant in variants:
+        if variant.baseline is None:
+            continue
+        for level, pretrain in cells:
+            for metric in METRICS:
+                diffs = [by_entry[(variant.entry, level, pretrain, s, metric)]
+                         - by_entry[(variant.baseline, level, pretrain, s, metric)]
+                         for s in seeds if (variant.entry, level, pretrain, s, metric) in by_entry
+                         and (variant.baseline, level, pretrain, s, metric) in by_entry]
+                if not diffs:
+                    continue
+                mean, half = mean_ci95(diffs)
+                out.append({"method": variant.method, "variant": variant.name, "baseline": variant.baseline,
+                            "level": level, "pretrain": pretrain, "metric": metric, "diff": mean, "ci95": half,
+                            "seeds": len(diffs), "significant": is_significant(mean, half)})
+    return out
+
+
+def is_significant(mean: float, half: float) -> bool:
+    """The 95 % CI of the mean paired difference excludes 0 (one seed: no CI, never significant)."""
+    return half == half and mean == mean and abs(mean) > half
+
+
+def verdicts(effects: Sequence[dict[str, Any]], metric: str = "tow") -> list[str]:
+    """One line per variant: where it changes ``metric`` (paired 95 % CI excludes 0), and where not."""
+    lines = []
+    label = METRIC_LABELS.get(metric, metric).split(" (")[0]
+    arms = list(dict.fromkeys((e["method"], e["variant"]) for e in effects if e["metric"] == metric))
+    for method, name in arms:
+        cells = [e for e in effects if e["metric"] == metric and (e["method"], e["variant"]) == (method, name)]
+        changed = [f"{e['diff']:+.3f} ± {e['ci95']:.3f} on {_cell(e)}" for e in cells if e["significant"]]
+        unchanged = [_cell(e) for e in cells if not e["significant"]]
+        parts = []
+        if changed:
+            parts.append(f"changes {label} by " + ", ".join(changed))
+        if unchanged:
+            parts.append("not significant on " + ", ".join(unchanged))
+        seeds = min(e["seeds"] for e in cells)
+        lines.append(f"{method} {name} (vs project {method}, {seeds} seeds): " + "; ".join(parts))
+    return lines
+
+
+def _cell(effect: dict[str, Any]) -> str:
+    return f"{effect['level']} ({effect['pretrain'].upper()}-pretrained)"
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(mean: float | None, half: float | None, digits: int = 3) -> str:
+    if mean is None or mean != mean:
+        return ""
+    if half is None or half != half:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def render_markdown(summary, effects, lines, seeds: Sequence[int], preset_name: str) -> str:
+    out = [f"# Sharp MinMax ablation: project -> released code ({preset_name}), seeds "
+           f"{', '.join(map(str, seeds))}", "",
+           "Each arm changes one thing from the project's Sharp MinMax (or SalUn) towards the released code; "
+           "`paper_defaults` is the preset's settings other than the four switches, `paper_code` the whole "
+           "preset. An arm *changes* a metric in a cell where the 95 % CI of its mean paired difference with "
+           "the baseline (same seed: same pretrained model, forget set and reference) excludes 0.", "",
+           "## Verdicts (ToW)", ""]
+    out += [f"- {line}" for line in lines] + [""]
+    for level in dict.fromkeys(s["level"] for s in summary):
+        out += [f"## Forget set: memorization {level}", "",
+                "| pretrain | method | variant | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+                "|---|---|---|" + "---|" * len(METRICS)]
+        for s in summary:
+            if s["level"] == level:
+                out.append(f"| {s['pretrain']} | {s['method']} | {s['variant']} | "
+                           + " | ".join(_fmt(s.get(m), s.get(f"{m}_ci95")) for m in METRICS) + " |")
+        out.append("")
+    out += ["## Paired differences against the baseline (mean ± 95 % CI; * = CI excludes 0)", "",
+            "| level | pretrain | method | variant | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+            "|---|---|---|---|" + "---|" * len(METRICS)]
+    cells: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for e in effects:
+        cells[(e["level"], e["pretrain"], e["method"], e["variant"])][e["metric"]] = e
+    for (level, pretrain, method, name), metrics in cells.items():
+        values = []
+        for m in METRICS:
+            e = metrics.get(m)
+            values.append("" if e is None else f"{e['diff']:+.3f} ± {e['ci95']:.3f}{' *' if e['significant'] else ''}")
+        out.append(f"| {level} | {pretrain} | {method} | {name} | " + " | ".join(values) + " |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- the run
+def run_rows(grid_rows: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per run: the grid row, its evaluation metrics, and its variant (``original`` /
+    ``retrain`` rows keep their method as the variant)."""
+    keys = ("seed", "pretrain", "level", "method")
+    measured = {tuple(e[k] for k in keys) + (e.get("entry"),): e for e in evaluation}
+    out = []
+    for row in grid_rows:
+        entry = row.get("entry") or row["method"]
+        merged = {**row, **{k: v for k, v in measured.get(tuple(row[k] for k in keys) + (row.get("entry"),),
+                                                            {}).items() if k not in row}}
+        merged["entry"] = entry
+        merged["variant"] = entry.split("@", 1)[1] if "@" in entry else "-"
+        out.append(merged)
+    return out
+
+
+def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence[int] | None = None,
+                 tracking: dict | None = None, overrides: Sequence[str] = (), quiet: bool = True,
+                 spec_path: str | None = None) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sharp_unlearn.config import config_from_dict
+    from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
+    from sharp_unlearn.recipes.grid import model_evaluator, run_grid
+    from sharp_unlearn.reproduce.table import memorization_scores
+    from sharp_unlearn.tracking import check_tracking
+
+    tracking = dict(tracking or {})
+    spec = ablation_spec(overrides, spec_path)
+    preset_name = str(spec.pop("preset", PRESET))
+    variants = build_variants(spec["methods"], load_yaml(preset_name), preset_name)
+    spec["methods"] = {v.entry: v.overrides for v in variants}
+    seeds = list(seeds or spec.get("seeds") or [0, 1, 2])
+    check_arms(spec, output_dir, tracking)
+    out = Path(output_dir)
+    base_cfg = config_from_dict(merge(spec["base"], {"output_dir": output_dir, "tracking": tracking}))
+    check_tracking(base_cfg)
+    evaluator = model_evaluator(spec.get("evaluate") or ["mia"], out / "evaluation")
+    tag = _variant_tagger(base_cfg.tracking)
+    rows: list[dict[str, Any]] = []
+    with parent_run(spec, output_dir, tracking, "reproduce", "reproduce-ablation") as tracker:
+        tracker.set_tags({"reproduce": "ablation", "preset": preset_name})
+        for number, seed in enumerate(seeds, 1):
+            stage(number, len(seeds), f"seed {seed} (scores, then {len(variants)} arms x levels x pretraining)",
+                  quiet)
+            seed_spec = copy.deepcopy(spec)
+            if seed_spec["forget"].get("kind") == "memorization" and seed_spec["forget"].get("scores") == "heldout":
+                seed_spec["forget"]["scores"] = memorization_scores(spec, seed, output_dir, tracking, quiet)
+            grid = run_grid(seed_spec, output_dir=output_dir, tracking=tracking, seeds=[seed], quiet=quiet,
+                            evaluator=evaluator, on_run=tag)
+            rows += run_rows(grid.rows, grid.evaluation)
+        summary = summarize(rows)
+        effects = paired_effects(rows, variants)
+        lines = verdicts(effects)
+        markdown = render_markdown(summary, effects, lines, seeds, preset_name)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"runs": out / "runs.parquet", "summary": out / "summary.parquet",
+                 "effects": out / "effects.parquet"}
+        columns = ["seed", "pretrain", "level", "method", "variant", "entry", "unlearn_opt", "run_id",
+                   *METRICS, "retain_acc", "forget_acc", "mia_auc", "wall_seconds"]
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]), paths["runs"])
+        pq.write_table(pa.Table.from_pylist(summary), paths["summary"])
+        pq.write_table(pa.Table.from_pylist(effects), paths["effects"])
+        paths["report"] = out / "report.md"
+        paths["report"].write_text(markdown)
+        for path in paths.values():
+            tracker.log_artifact(path, "report")
+        # the parent's ToW table and figure: one "method" per arm so the arms stay apart
+        shown = [{**r, "method": r["method"] if r["variant"] == "-" else f"{r['method']}[{r['variant']}]"}
+                 for r in rows]
+        keys = ("seed", "pretrain", "level", "method", "unlearn_opt")
+        log_grid_summary(tracker, shown, [{**{k: r[k] for k in keys}, **{m: r.get(m) for m in METRICS[1:3]}}
+                                          for r in shown], "ablation")
+    return {**{k: str(v) for k, v in paths.items()}, "verdicts": lines, "report_md": str(paths["report"])}
+
+
+def _variant_tagger(tracking):
+    """``on_run`` for the grid: tag each unlearning child with its arm (its run name is the method's)."""
+    def tag(row: dict[str, Any]) -> None:
+        if not tracking.enabled or not row.get("run_id") or not row.get("entry"):
+            return
+        from sharp_unlearn.tracking import client_for
+
+        client_for(tracking.uri).set_tag(row["run_id"], "ablation_variant", row["entry"])
+
+    return tag

@@ -1,0 +1,192 @@
+"""`reproduce ablation`: its arms, the paired-difference verdicts, the CLI wiring and (slow) a tiny real run."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from bad_input.harness import assert_exit_2_one_line, run_cli, snapshot
+
+from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.reproduce.ablation import (
+    SWITCHES,
+    ablation_spec,
+    build_variants,
+    is_significant,
+    paired_effects,
+    run_rows,
+    summarize,
+    verdicts,
+)
+
+PRESET = {"method": {"name": "sharp_minmax", "mask_order": "smallest", "forget_mask_scope": "perturbed",
+                     "forget_perturbation": "full", "update_order": "sequential", "alpha": 0.99,
+                     "rho_min": 0.1, "rho_max": 0.1, "adaptive_max": None},
+          "optimizer": {"name": "sam", "base": "adamw", "lr": 0.01, "weight_decay": 5e-4}}
+METHODS = {"sharp_minmax": {"epochs": 5, "alpha": 0.9, "mask_fraction": 0.5, "optimizers": ["sam"]},
+           "salun": {"epochs": 2, "mask_fraction": 0.5, "optimizer": {"lr": 0.005}}}
+
+
+def test_arms_change_one_thing_at_a_time_then_everything():
+    arms = {v.entry: v for v in build_variants(METHODS, PRESET)}
+    assert list(arms) == ["sharp_minmax@project", "sharp_minmax@mask_order=smallest",
+                          "sharp_minmax@forget_mask_scope=perturbed", "sharp_minmax@forget_perturbation=full",
+                          "sharp_minmax@update_order=sequential", "sharp_minmax@paper_defaults",
+                          "sharp_minmax@paper_code", "salun@project", "salun@mask_order=smallest"]
+    project = arms["sharp_minmax@project"].overrides
+    assert project == METHODS["sharp_minmax"]
+    for switch in SWITCHES:
+        arm = arms[f"sharp_minmax@{switch}={PRESET['method'][switch]}"]
+        assert arm.baseline == "sharp_minmax@project"
+        assert arm.overrides == {**project, switch: PRESET["method"][switch]}  # that switch and nothing else
+    defaults = arms["sharp_minmax@paper_defaults"].overrides
+    assert not set(SWITCHES) & set(defaults)
+    assert defaults["alpha"] == 0.99 and defaults["rho_max"] == 0.1 and defaults["epochs"] == 5
+    assert defaults["optimizers"] == ["sam"]
+    assert defaults["optimizer"] == {"base": "adamw", "lr": 0.01, "weight_decay": 5e-4}
+    paper = arms["sharp_minmax@paper_code"].overrides
+    assert {k: paper[k] for k in SWITCHES} == {k: PRESET["method"][k] for k in SWITCHES}
+    assert paper["optimizer"] == defaults["optimizer"] and paper["alpha"] == 0.99
+    assert arms["salun@project"].baseline is None and arms["sharp_minmax@project"].baseline is None
+    assert arms["salun@mask_order=smallest"].overrides == {**METHODS["salun"], "mask_order": "smallest"}
+    assert arms["salun@mask_order=smallest"].baseline == "salun@project"
+
+
+def test_a_preset_missing_a_switch_or_setting_other_sections_is_refused():
+    lacking = {"method": {k: v for k, v in PRESET["method"].items() if k != "update_order"}}
+    with pytest.raises(ConfigError, match="method.update_order"):
+        build_variants(METHODS, lacking, "p.yaml")
+    with pytest.raises(ConfigError, match="sets train"):
+        build_variants(METHODS, {**PRESET, "train": {"epochs": 3}}, "p.yaml")
+    with pytest.raises(ConfigError, match="expected sharp_minmax"):
+        build_variants(METHODS, {**PRESET, "method": {**PRESET["method"], "name": "salun"}}, "p.yaml")
+
+
+def test_the_default_spec_is_the_demos_setting_at_three_levels_and_seeds():
+    demo = yaml.safe_load(open("sharp_unlearn/configs/experiments/demo_digits.yaml"))
+    spec = ablation_spec()
+    assert spec["base"] == demo["base"]  # the demo's pretrained models: same training config, same cache
+    assert spec["pretrain_optimizers"] == ["sgd", "sam"]
+    assert spec["levels"] == ["low", "mid", "high"] and len(spec["seeds"]) >= 3
+    assert spec["forget"]["scores"] == "heldout" and spec["memorization"]["num_models"] >= 2
+    assert spec["methods"] == {k: demo["methods"][k] for k in ("sharp_minmax", "salun")}
+    assert ablation_spec(["seeds=[4, 5]", "levels=[high]"])["seeds"] == [4, 5]
+
+
+def _rows(arm_tow: dict[str, list[float]], level="high", pretrain="sgd") -> list[dict]:
+    rows = []
+    for entry, values in arm_tow.items():
+        for seed, value in enumerate(values):
+            rows.append({"seed": seed, "pretrain": pretrain, "level": level, "method": entry.split("@")[0],
+                         "entry": entry, "variant": entry.split("@")[1], "tow": value, "test_acc": 90.0,
+                         "forget_gap": 10.0 * (1 - value), "mia_efficacy": 0.5})
+    return rows
+
+
+def test_verdicts_from_the_paired_difference_ci():
+    arms = build_variants(METHODS, PRESET)
+    # project ToW varies a lot between seeds; mask order adds ~0.1 on every seed (paired: significant although
+    # the unpaired intervals overlap); update order moves it up and down (not significant)
+    base = [0.60, 0.80, 0.70]
+    rows = _rows({"sharp_minmax@project": base,
+                  "sharp_minmax@mask_order=smallest": [b + d for b, d in zip(base, [0.09, 0.10, 0.11])],
+                  "sharp_minmax@update_order=sequential": [b + d for b, d in zip(base, [0.05, -0.04, 0.01])]})
+    rows += _rows({"sharp_minmax@project": base, "sharp_minmax@mask_order=smallest": base}, level="low")
+    effects = paired_effects(rows, arms)
+    tow = {(e["variant"], e["level"]): e for e in effects if e["metric"] == "tow"}
+    mask = tow[("mask_order=smallest", "high")]
+    assert mask["diff"] == pytest.approx(0.10) and mask["seeds"] == 3
+    assert mask["ci95"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3) and mask["significant"]
+    assert not tow[("update_order=sequential", "high")]["significant"]
+    assert not tow[("mask_order=smallest", "low")]["significant"]  # no difference at all
+    # the forget gap moves with ToW here (10 * (1 - ToW)): its paired difference is -1 point per seed
+    gap = next(e for e in effects if e["metric"] == "forget_gap" and e["variant"] == "mask_order=smallest"
+               and e["level"] == "high")
+    assert gap["diff"] == pytest.approx(-1.0) and gap["significant"]
+    lines = {line.split(" (vs")[0]: line for line in verdicts(effects)}
+    assert "changes ToW by +0.100 ± 0.025 on high (SGD-pretrained)" in lines["sharp_minmax mask_order=smallest"]
+    assert "not significant on low (SGD-pretrained)" in lines["sharp_minmax mask_order=smallest"]
+    assert "changes" not in lines["sharp_minmax update_order=sequential"]
+    assert "not significant on high (SGD-pretrained)" in lines["sharp_minmax update_order=sequential"]
+    assert "sharp_minmax forget_perturbation=full" not in lines  # an arm without runs says nothing
+
+
+def test_one_seed_is_never_significant():
+    assert not is_significant(0.2, float("nan"))
+    assert is_significant(-0.2, 0.1) and not is_significant(0.05, 0.1)
+    effects = paired_effects(_rows({"sharp_minmax@project": [0.5], "sharp_minmax@paper_code": [0.9]}),
+                             build_variants(METHODS, PRESET))
+    assert not next(e for e in effects if e["metric"] == "tow")["significant"]
+
+
+def test_run_rows_pair_each_run_with_its_own_evaluation():
+    key = {"seed": 0, "pretrain": "sam", "level": "mid"}
+    grid_rows = [{**key, "method": "original", "unlearn_opt": "-", "tow": 0.5},
+                 {**key, "method": "sharp_minmax", "entry": "sharp_minmax@project", "unlearn_opt": "x", "tow": 0.7},
+                 {**key, "method": "sharp_minmax", "entry": "sharp_minmax@paper_code", "unlearn_opt": "x", "tow": 0.8}]
+    evaluation = [{**key, "method": "original", "unlearn_opt": "-", "mia_efficacy": 0.1},
+                  {**key, "method": "sharp_minmax", "entry": "sharp_minmax@paper_code", "mia_efficacy": 0.3},
+                  {**key, "method": "sharp_minmax", "entry": "sharp_minmax@project", "mia_efficacy": 0.2}]
+    rows = {r["entry"]: r for r in run_rows(grid_rows, evaluation)}
+    assert rows["original"]["mia_efficacy"] == 0.1 and rows["original"]["variant"] == "-"
+    assert rows["sharp_minmax@project"]["mia_efficacy"] == 0.2
+    assert rows["sharp_minmax@paper_code"]["mia_efficacy"] == 0.3
+    assert rows["sharp_minmax@paper_code"]["variant"] == "paper_code"
+    summary = summarize(list(rows.values()))
+    assert [s["variant"] for s in summary] == ["-", "project", "paper_code"]  # baselines first
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["ablation", "--trials", "3"], ["--trials", "not valid with reproduce ablation"]),
+    (["ablation", "--sweep"], ["--sweep", "reproduce table"]),
+    (["table", "--epochs", "2"], ["--sweep"]),
+    (["ablation", "levels=[top]", "preset={preset}"], ["'top'", "high, mid, low"]),
+    (["ablation", "methods.salun.mask_fraction=2", "preset={preset}"], ["mask_fraction=2"]),
+    (["ablation", "preset=nowhere.yaml"], ["'nowhere.yaml'", "does not exist"]),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump(PRESET))
+    args = [a.replace("{preset}", str(preset)) for a in args]
+    before = snapshot(tmp_path)
+    proc = run_cli(["reproduce", "--no-tracking", "--output-dir", str(tmp_path / "out"), *args], tmp_path)
+    assert_exit_2_one_line(proc, "reproduce", *needles)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_tiny_ablation_end_to_end(tmp_path):
+    """Two seeds, one level, SGD pretraining only, tiny model: every arm runs, files and MLflow runs exist."""
+    import pyarrow.parquet as pq
+
+    from sharp_unlearn.reproduce.ablation import run_ablation
+    from sharp_unlearn.tracking import client_for
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump(PRESET))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    overrides = ["memorization.num_models=4", "memorization.executor=serial", "memorization.config.train.epochs=6",
+                 "base.train.epochs=10", "base.train.checkpoint_every=0", "levels=[high]", "forget.size=30",
+                 "pretrain_optimizers=[sgd]", "base.model.options={width: 8, feature_dim: 32}",
+                 "methods.sharp_minmax.epochs=1", "methods.salun.epochs=1", f"preset={preset}"]
+    result = run_ablation(output_dir=str(tmp_path / "out"), seeds=[0, 1], tracking={"uri": uri},
+                          overrides=overrides)
+    runs = pq.read_table(result["runs"]).to_pylist()
+    arms = [v.entry for v in build_variants(METHODS, PRESET)]
+    assert sorted(r["entry"] for r in runs if r["entry"] not in ("original", "retrain")) == sorted(arms * 2)
+    assert all(0.0 <= r["tow"] <= 1.0 and r["mia_efficacy"] == r["mia_efficacy"] for r in runs
+               if r["entry"] not in ("original", "retrain"))
+    effects = pq.read_table(result["effects"]).to_pylist()
+    assert {(e["variant"], e["metric"]) for e in effects} == {
+        (v.name, m) for v in build_variants(METHODS, PRESET) if v.baseline
+        for m in ("tow", "forget_gap", "mia_efficacy", "test_acc")}
+    assert all(e["seeds"] == 2 for e in effects)
+    report = open(result["report_md"]).read()
+    assert len(result["verdicts"]) == 7 and all(line in report for line in result["verdicts"])
+    client = client_for(uri)
+    parent = client.search_runs([client.get_experiment_by_name("sharp-unlearn").experiment_id],
+                                "tags.kind = 'reproduce'")
+    assert len(parent) == 1 and parent[0].data.tags["reproduce"] == "ablation"
+    children = client.search_runs([parent[0].info.experiment_id],
+                                  f"tags.mlflowParentRunId = '{parent[0].info.run_id}' and tags.kind = 'unlearn'")
+    assert sorted(c.data.tags["ablation_variant"] for c in children) == sorted(arms * 2)
+    paper = [c for c in children if c.data.tags["ablation_variant"] == "sharp_minmax@paper_code"]
+    assert all(c.data.params["method.update_order"] == "sequential" for c in paper)
