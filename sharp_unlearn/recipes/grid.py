@@ -118,6 +118,8 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
                         run = run_unlearning(cfg, outcome.checkpoint, quiet=quiet, pretrained=pretrained, split=split)
                         split = run.split  # one selection per (pretrained model, level), shared by all methods
                         key = {"seed": seed, "pretrain": pre_opt, "level": level}
+                        # several entries of one method (``name@label``) stay apart in the rows
+                        labelled = {"entry": entry} if entry != method_name else {}
                         if not any(r["method"] == "original" and all(r[k] == v for k, v in key.items())
                                    for r in result.rows):
                             result.rows.append({**key, "method": "original", "unlearn_opt": "-",
@@ -130,13 +132,14 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
                                     pretrained.model("cpu"), pretrained, split, run.reference.checkpoint)})
                                 result.evaluation.append({**key, "method": "retrain", "unlearn_opt": "-", **evaluator(
                                     ref_model, pretrained, split, run.reference.checkpoint)})
-                        row = {**key, "method": method_name, "unlearn_opt": run.optimizer_tag, **run.metrics}
+                        row = {**key, "method": method_name, "unlearn_opt": run.optimizer_tag, **labelled,
+                               "run_id": run.run_id, **run.metrics}
                         result.rows.append(row)
                         if evaluator is not None and run.checkpoint is not None:
                             model, _, _ = load_trained_model(run.checkpoint)
                             measured = evaluator(model, pretrained, split, run.reference.checkpoint)
                             result.evaluation.append({**key, "method": method_name, "unlearn_opt": run.optimizer_tag,
-                                                      **measured})
+                                                      **labelled, **measured})
                             _log_to_run(cfg, run.run_id, measured)
                         for long in read_results(run.results_path).to_pylist():
                             if long["method"] in ("original", "retrain") and any(
