@@ -208,7 +208,11 @@ def render_html(markdown_text: str, summary, figures: dict[str, bytes], title: s
 def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] | None = None,
               tracking: dict | None = None, root: str | None = None, dataset: str | None = None,
               sweep: bool = False, methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
-              quiet: bool = True, spec_path: str | None = None) -> dict[str, Any]:
+              quiet: bool = True, spec_path: str | None = None, trials: int | None = None,
+              epochs: int | None = None, preset: str | None = None) -> dict[str, Any]:
+    """The table; with ``sweep`` every method x optimizer cell (and the paper-code Sharp MinMax, from
+    ``preset``) is tuned first with ``trials`` Ray Tune trials on the first seed, and every seed's grid
+    runs each cell's best settings; ``epochs`` fixes every method's unlearning epochs."""
     from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
     from sharp_unlearn.results import write_results
     from sharp_unlearn.tracking import check_tracking
@@ -222,6 +226,21 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
         extra = [f"base.data.root={root}", f"base.data.name={dataset}"] + extra
     spec = load_spec(spec_path or spec_name, spec_name, extra)
     seeds = list(seeds or spec.get("seeds") or [0, 1, 2])
+    if not sweep and (trials is not None or epochs is not None or preset is not None):
+        raise ConfigError("--trials, --epochs and a paper-code preset are budget settings of --sweep; "
+                          "expected them together with --sweep")
+    if sweep:
+        from sharp_unlearn.reproduce.ablation import PRESET
+
+        trials = DEFAULT_TRIALS if trials is None else trials
+        from sharp_unlearn.recipes.grid import method_of, select_methods
+
+        if methods:  # only the asked methods are tuned (select_methods checks their names)
+            spec["methods"] = {e: o for e, o in select_methods(spec, methods).items() if method_of(e) in methods}
+        spec = with_paper_code(spec, preset or PRESET)
+        if epochs is not None:
+            spec = fix_epochs(spec, epochs)
+    tuned: dict[str, dict[str, Any]] | None = None
     out = Path(output_dir)
     base_cfg = config_from_dict(merge(spec["base"], {"output_dir": output_dir, "tracking": tracking}))
     check_tracking(base_cfg)
@@ -239,9 +258,13 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
             if seed_spec["forget"].get("kind") == "memorization" and seed_spec["forget"].get("scores") == "heldout":
                 seed_spec["forget"]["scores"] = memorization_scores(spec, seed, output_dir, tracking, quiet)
             if sweep:
-                seed_spec = tune_methods(seed_spec, seed, output_dir, tracking, quiet)
+                if tuned is None:  # tuned once, on the first seed; every seed runs the same settings
+                    tuned = tune_methods(seed_spec, seed, output_dir, tracking, quiet, num_samples=trials)
+                seed_spec["tuned"] = {cell: found["params"] for cell, found in tuned.items()}
+                seed_spec = apply_tuned(seed_spec)
             grid = run_grid(seed_spec, output_dir=output_dir, tracking=tracking, methods=methods, seeds=[seed],
                             quiet=quiet, evaluator=evaluator)
+            relabel_paper_code(grid)
             all_rows += grid.rows
             all_long += grid.long_rows
             all_eval += grid.evaluation
@@ -249,6 +272,11 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
         statements = sam_vs_sgd(summary)
         speed = best_speedup(summary)
         markdown = render_markdown(summary, statements, speed, spec_name, seeds)
+        standing = sharp_minmax_standing(all_rows) if sweep else []
+        if sweep:
+            markdown += ("\n## Where Sharp MinMax stands (tuned cells, ToW)\n\n"
+                         + "".join(f"- {line}\n" for line in standing)
+                         + "\n" + render_tuned(tuned or {}, trials, seeds[0], epochs))
         out.mkdir(parents=True, exist_ok=True)
         table_path = write_long(all_long, out / "table.parquet")
         import pyarrow as pa
@@ -272,7 +300,8 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
             tracker.log_artifact(path, "report")
         log_grid_summary(tracker, all_rows, all_eval, "reproduce")
     return {"report_md": str(md_path), "report_html": str(html_path), "table": str(table_path),
-            "summary": str(summary_path), "speedup": speed, "sam_vs_sgd": statements}
+            "summary": str(summary_path), "speedup": speed, "sam_vs_sgd": statements,
+            "sharp_minmax_standing": standing, "tuned": tuned}
 
 
 #: what ``--sweep`` searches per method (the learning rate always; the method's own weights where it has them)
@@ -284,29 +313,61 @@ SWEEP_SPACE: dict[str, dict[str, Any]] = {
     "l1_sparse": {"method.l1_weight": {"loguniform": [1e-5, 1e-3]}},
     "scrub": {"method.temperature": {"choice": [2.0, 4.0]}},
 }
+#: ``--sweep`` adds the released code's Sharp MinMax (the packaged preset) as a cell of its own
+PAPER_ENTRY = "sharp_minmax@paper_code"
+PAPER_LABEL = "sharp_minmax[paper_code]"
+DEFAULT_TRIALS = 6
+
+
+def with_paper_code(spec: dict[str, Any], preset_name: str) -> dict[str, Any]:
+    """The spec plus the paper-code Sharp MinMax entry: the project's entry with the preset applied."""
+    from sharp_unlearn.config import load_yaml
+    from sharp_unlearn.reproduce.ablation import paper_code_entry
+
+    out = copy.deepcopy(spec)
+    methods = dict(out.get("methods") or {})
+    if "sharp_minmax" not in methods:
+        return out
+    methods[PAPER_ENTRY] = paper_code_entry(methods["sharp_minmax"] or {}, load_yaml(preset_name), preset_name)
+    out["methods"] = methods
+    return out
+
+
+def fix_epochs(spec: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """``--epochs``: every method entry runs ``epochs`` unlearning epochs (tuning and tuned grid alike)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"--epochs={epochs!r} is not valid; expected an integer >= 1")
+    out = copy.deepcopy(spec)
+    out["methods"] = {entry: {**(over or {}), "epochs": epochs} for entry, over in (out.get("methods") or {}).items()}
+    return out
 
 
 def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool,
-                 num_samples: int = 6) -> dict[str, Any]:
-    """``--sweep``: tune every (method, unlearn optimizer) cell with Ray Tune on the first level's forget
-    set (ToW, ASHA), then run the grid with each cell's best settings.
+                 num_samples: int = DEFAULT_TRIALS) -> dict[str, dict[str, Any]]:
+    """``--sweep``: tune every (method entry, unlearn optimizer) cell with the same Ray Tune budget
+    (``num_samples`` trials, ASHA on ToW) on the last level's forget set of ``seed``, SGD-pretrained.
 
-    The tuned settings are recorded in the returned spec (``methods.<name>.per_optimizer``) and the
-    sweeps are MLflow parent runs of their own, so a reader can see what was searched.
+    Returns ``{"entry/opt": {"params": best settings, "tow": the best trial's ToW, "trials": trials run,
+    "sweep": sweep name}}``: each cell's best from its own sweep (a cell whose trials all failed is
+    absent and keeps the spec's settings). Each sweep is an MLflow parent run of its own.
     """
+    from sharp_unlearn.recipes.grid import method_of
     from sharp_unlearn.tune import parse_sweep, run_sweep
 
-    tuned = copy.deepcopy(spec)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"--trials={num_samples!r} is not valid; expected an integer >= 1")
     level = (spec.get("levels") or [spec["forget"].get("level", "high")])[-1]
-    methods = dict(spec.get("methods") or {})
     per_cell: dict[str, dict[str, Any]] = {}
-    for method_name, over in methods.items():
+    for entry, over in (spec.get("methods") or {}).items():
+        method_name = method_of(entry)
         over = dict(over or {})
         optimizers = over.pop("optimizers", None) or spec["unlearn_optimizers"]
         optimizer_over = dict(over.pop("optimizer", None) or {})
         for opt in optimizers:
             search = {"optimizer.lr": {"loguniform": [0.002, 0.1]}, **SWEEP_SPACE.get(method_name, {})}
-            raw = {"name": f"reproduce-{method_name}-{opt}-s{seed}", "stage": "unlearn",
+            # the budget is in the name: a rerun with the same budget reuses its finished trials
+            name = f"reproduce-{entry.replace('@', '-')}-{opt}-s{seed}-n{num_samples}-e{over.get('epochs', 'spec')}"
+            raw = {"name": name, "stage": "unlearn",
                    "base": merge(spec["base"], {"seed": seed}),
                    "forget": merge(spec["forget"], {"level": level}),
                    "unlearn": merge(spec.get("unlearn", {}), {"optimizer": {**optimizer_over, "name": opt}}),
@@ -324,30 +385,93 @@ def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dic
                 outcome = run_sweep(sweep, resume=True, quiet=quiet)  # a finished sweep: reuse its trials
             if outcome.best is None:
                 continue
-            best = {key: outcome.best[key] for key in search if key in outcome.best}
-            per_cell[f"{method_name}/{opt}"] = best
-    tuned["tuned"] = per_cell
-    return apply_tuned(tuned)
+            per_cell[f"{entry}/{opt}"] = {"params": {key: outcome.best[key] for key in search if key in outcome.best},
+                                          "tow": outcome.best.get("tow"), "trials": len(outcome.rows),
+                                          "sweep": name}
+    return per_cell
 
 
 def apply_tuned(spec: dict[str, Any]) -> dict[str, Any]:
-    """Fold ``spec["tuned"]`` (``{"method/opt": {"optimizer.lr": .., "method.alpha": ..}}``) into per-method,
+    """Fold ``spec["tuned"]`` (``{"entry/opt": {"optimizer.lr": .., "method.alpha": ..}}``) into per-method,
     per-optimizer entries the grid understands (one method entry per tuned optimizer)."""
     tuned = spec.pop("tuned", {}) or {}
     methods = dict(spec.get("methods") or {})
     out: dict[str, Any] = {}
-    for method_name, over in methods.items():
+    for entry, over in methods.items():
         over = dict(over or {})
         optimizers = over.pop("optimizers", None) or spec["unlearn_optimizers"]
         for opt in optimizers:
             cell = copy.deepcopy(over)
             cell["optimizers"] = [opt]
-            for key, value in tuned.get(f"{method_name}/{opt}", {}).items():
+            for key, value in tuned.get(f"{entry}/{opt}", {}).items():
                 section, field_name = key.split(".", 1)
                 if section == "optimizer":
                     cell.setdefault("optimizer", {})[field_name] = value
                 else:
                     cell[field_name] = value
-            out[method_name if len(optimizers) == 1 else f"{method_name}@{opt}"] = cell
+            out[entry if len(optimizers) == 1 else f"{entry}@{opt}"] = cell
     spec["methods"] = out
     return spec
+
+
+def relabel_paper_code(grid) -> None:
+    """The paper-code entry's rows (grid rows, evaluation rows, long rows) get their own method label."""
+    run_ids = set()
+    for row in [*grid.rows, *grid.evaluation]:
+        if str(row.get("entry", "")).startswith(PAPER_ENTRY):
+            row["method"] = PAPER_LABEL
+            if row.get("run_id"):
+                run_ids.add(row["run_id"])
+    for row in grid.long_rows:
+        if row.get("run_id") in run_ids:
+            row["method"] = PAPER_LABEL
+
+
+def sharp_minmax_standing(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per (level, pretrain): is a Sharp MinMax cell the best on ToW? If not, by how much does the best
+    cell beat the best Sharp MinMax cell (mean paired difference over seeds, 95 % CI)?"""
+    from sharp_unlearn.reproduce.ablation import is_significant
+
+    tow: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if row["method"] in ("original", "retrain") or not isinstance(row.get("tow"), (int, float)):
+            continue
+        tow[(row["level"], row["pretrain"], row["method"], row["unlearn_opt"])][row["seed"]] = float(row["tow"])
+    lines = []
+    cells = sorted({(k[0], k[1]) for k in tow}, key=lambda c: ({"low": 0, "mid": 1, "high": 2}.get(c[0], 9), c[1]))
+    for level, pretrain in cells:
+        arms = {(m, o): v for (lv, pr, m, o), v in tow.items() if (lv, pr) == (level, pretrain)}
+        means = {arm: mean_ci95(list(v.values())) for arm, v in arms.items()}
+        best = max(means, key=lambda a: means[a][0])
+        smm = [a for a in means if a[0].startswith("sharp_minmax")]
+        where = f"{level}, pretrain {pretrain}"
+        if not smm:
+            continue
+        best_smm = max(smm, key=lambda a: means[a][0])
+        named = ", ".join(f"{m} ({o}) {_fmt(*means[(m, o)])}" for m, o in sorted(smm))
+        if best in smm:
+            runner_up = max((a for a in means if a not in smm), key=lambda a: means[a][0], default=None)
+            tail = "" if runner_up is None else (f"; next: {runner_up[0]} ({runner_up[1]}) "
+                                                 f"{_fmt(*means[runner_up])}")
+            lines.append(f"{where}: Sharp MinMax is best: {named}{tail}")
+            continue
+        seeds = sorted(set(arms[best]) & set(arms[best_smm]))
+        mean, half = mean_ci95([arms[best][s] - arms[best_smm][s] for s in seeds])
+        verdict = "significant" if is_significant(mean, half) else "not significant"
+        lines.append(f"{where}: Sharp MinMax is NOT best: {best[0]} ({best[1]}) {_fmt(*means[best])} beats the best "
+                     f"Sharp MinMax cell, {best_smm[0]} ({best_smm[1]}), by {mean:+.3f} ± {half:.3f} ToW "
+                     f"(paired over {len(seeds)} seeds, {verdict}); Sharp MinMax cells: {named}")
+    return lines
+
+
+def render_tuned(tuned: dict[str, dict[str, Any]], trials: int, seed: int, epochs: int | None) -> str:
+    epochs_text = epochs if epochs else "each method's spec value"
+    lines = [f"## Tuned settings (Ray Tune, {trials} trials per cell, ASHA on ToW; seed {seed}, the last level's "
+             f"forget set, SGD-pretrained; unlearning epochs: {epochs_text})",
+             "", "| cell | best trial ToW | trials | settings |", "|---|---|---|---|"]
+    for cell, found in tuned.items():
+        settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in found["params"].items())
+        tow_value = found.get("tow")
+        lines.append(f"| {cell} | {tow_value:.3f} | {found['trials']} | {settings} |" if isinstance(tow_value, float)
+                     else f"| {cell} | | {found['trials']} | {settings} |")
+    return "\n".join(lines) + "\n"
