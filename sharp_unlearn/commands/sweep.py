@@ -55,7 +55,9 @@ class Sweep(Command):
             print(f"sweep {spec.name}: stage {spec.stage}, {spec.total_trials} trials "
                   f"({spec.num_samples} sample(s) x grid {spec.grid_size}), {spec.objective.describe()}, "
                   f"scheduler {spec.scheduler.name}, searcher {spec.searcher.name}, "
-                  f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU per trial")
+                  + (f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU per trial" if spec.sharded is None
+                     else f"ZeRO-{spec.sharded.zero_stage} x {spec.sharded.num_workers} workers per trial "
+                          f"({spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each)"))
         try:
             outcome = run_sweep(spec, address=args.address, resume=args.resume, num_cpus=args.num_cpus,
                                 quiet=args.quiet or args.json)
@@ -70,7 +72,8 @@ class Sweep(Command):
             _print(outcome, spec)
         return {"name": outcome.name, "experiment_dir": outcome.experiment_dir, "parent_run_id": outcome.parent_run_id,
                 "best": outcome.best, "rows": outcome.rows, "baseline": outcome.baseline_rows,
-                "results": outcome.results_path, "best_config": outcome.best_config_path}
+                "results": outcome.results_path, "best_config": outcome.best_config_path,
+                "best_checkpoint": outcome.best_checkpoint_path}
 
 
 def _print(outcome, spec) -> None:
@@ -100,6 +103,8 @@ def _print(outcome, spec) -> None:
         for key in spec.keys:
             print(f"  {key} = {best[key]}")
         print(f"best config: {outcome.best_config_path}")
+        if outcome.best_checkpoint_path:  # sharded sweeps: the consolidated fp32 weights `evaluate` loads
+            print(f"best checkpoint: {outcome.best_checkpoint_path}")
     else:
         print("no trial finished all its epochs within the constraints: no best config")
     print(f"results: {outcome.results_path} and {outcome.markdown_path}")

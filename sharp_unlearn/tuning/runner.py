@@ -56,6 +56,8 @@ class SweepOutcome:
     markdown_path: str | None = None
     best_config_path: str | None = None
     columns: list[str] = field(default_factory=list)
+    #: sharded sweeps: the best trial's consolidated fp32 checkpoint (next to best_config.yaml)
+    best_checkpoint_path: str | None = None
 
 
 # --------------------------------------------------------------------------- paths and state
@@ -101,6 +103,10 @@ def prepare_inputs(spec: SweepSpec, *, quiet: bool = False) -> tuple[TrialInputs
                          unlearn_overrides=spec.unlearn_overrides, output_dir=spec.output_dir,
                          threads=spec.resources.threads,
                          ledger_dir=str(meta_dir(spec) / "trainings") if experiment_dir(spec) else None)
+    if spec.sharded is not None:
+        # the trial's own process only starts its workers and relays their reports: one thread is plenty
+        inputs.threads = 1
+        inputs.extra.update(sharded=True, cpus_per_worker=spec.resources.cpu)
     context: dict[str, Any] = {}
     if spec.stage != "unlearn":
         return inputs, context
@@ -129,6 +135,7 @@ def prepare_inputs(spec: SweepSpec, *, quiet: bool = False) -> tuple[TrialInputs
                                 cfg.data.eval_batch_size)
     original["tow"] = tow(original, reference.metrics)
     inputs.pretrained_bytes = Path(checkpoint).read_bytes()
+    inputs.extra["pretrained_path"] = str(Path(checkpoint).resolve())
     inputs.split = split
     inputs.reference = {"checkpoint": str(reference.checkpoint), "metrics": dict(reference.metrics),
                         "run_id": reference.run_id, "wall_seconds": reference.wall_seconds}
@@ -218,17 +225,46 @@ def _loopback_connect_settings(address: str) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _what_a_trial_takes(spec: SweepSpec, kind: str = "CPU") -> str:
+    key = "cpu" if kind == "CPU" else "gpu"
+    per = getattr(spec.resources, key)
+    if spec.sharded is None:
+        return f"resources.{key}={per:g}"
+    total = spec.trial_resources()[kind]
+    return (f"a sharded trial ({spec.sharded.num_workers} workers x resources.{key}={per:g}"
+            + (f" + {total - spec.sharded.num_workers * per:g} for the trial itself" if kind == "CPU" else "")
+            + f" = {total:g} {kind}s)")
+
+
+@contextlib.contextmanager
+def _ray_address_for_shared_inputs(address: str | None) -> Iterator[None]:
+    """A sharded pretrained model or reference, trained by the driver before the trials, runs its
+    workers on the sweep's cluster (``--address``), not on a Ray instance of its own on the driver's node."""
+    if not address or os.environ.get("RAY_ADDRESS"):
+        yield
+        return
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+
+
 def _check_fit(spec: SweepSpec) -> None:
-    """A trial must fit the cluster it runs on, or Ray would wait forever."""
+    """A trial (with its workers, when sharded) must fit the cluster it runs on, or Ray would wait forever."""
     import ray
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
-    if spec.resources.cpu > cpus:
-        raise ConfigError(f"resources.cpu={spec.resources.cpu:g} exceeds the {cpus:g} CPUs Ray has; "
-                          f"no trial could ever start (lower resources.cpu or use a larger cluster)")
-    if spec.resources.gpu > gpus:
-        raise ConfigError(f"resources.gpu={spec.resources.gpu:g} exceeds the {gpus:g} GPUs Ray has; "
+    wanted = spec.trial_resources()
+    if wanted["CPU"] > cpus + 1e-9:
+        hint = ("lower resources.cpu (fractions such as 0.99 let N workers share N CPUs with the trial), "
+                "distributed.num_workers, or use a larger cluster" if spec.sharded
+                else "lower resources.cpu or use a larger cluster")
+        raise ConfigError(f"{_what_a_trial_takes(spec)} exceeds the {cpus:g} CPUs Ray has; "
+                          f"no trial could ever start ({hint})")
+    if wanted["GPU"] > gpus + 1e-9:
+        raise ConfigError(f"{_what_a_trial_takes(spec, 'GPU')} exceeds the {gpus:g} GPUs Ray has; "
                           f"no trial could ever start")
 
 
@@ -301,6 +337,40 @@ def pick_best(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | N
     return max(complete, key=lambda r: sign * float(r["objective"]))
 
 
+BEST_CHECKPOINT = "best_checkpoint.pt"
+
+
+def export_best(result_grid, best: dict[str, Any], directory: Path) -> Path | None:
+    """Copy the best sharded trial's consolidated fp32 export to ``directory/best_checkpoint.pt``.
+
+    The trial's final Tune checkpoint names the export (``tuning/sharded.py``); the
+    file itself lives in the run's folder under ``output_dir`` (a shared file system
+    on a cluster). None, with a warning, when it cannot be read from here.
+    """
+    import shutil
+    import sys
+
+    from sharp_unlearn.tuning.sharded import exported
+
+    for result in result_grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
+        if trial_id != best["trial_id"]:
+            continue
+        with exported(result.checkpoint) as export:
+            if export is None or not export.is_file():
+                print(f"sharp-unlearn sweep: warning: the best trial's consolidated checkpoint "
+                      f"({export or 'not recorded'}) is not readable from this machine; not copied",
+                      file=sys.stderr)
+                return None
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / BEST_CHECKPOINT
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(export, tmp)
+            os.replace(tmp, target)
+            return target
+    return None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -318,9 +388,10 @@ def table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     return ["trial_id", "status", "epochs", *spec.keys, *present]
 
 
-def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, context: dict[str, Any]):
+def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, context: dict[str, Any],
+                 best_checkpoint: Path | None = None):
     """``sweep_results.parquet`` (long format, the README's "Names users query"), ``sweep_results.md``,
-    ``best_config.yaml``."""
+    ``best_config.yaml`` (naming ``best_checkpoint`` when a sharded sweep exported one)."""
     from sharp_unlearn.recipes.demo import markdown_table
     from sharp_unlearn.results import rows_from_metrics, write_results
 
@@ -352,7 +423,9 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
         best_cfg = un if un is not None else pre
         best_path = directory / "best_config.yaml"
         best_path.write_text(yaml.safe_dump({"trial_id": best["trial_id"], "objective": best["objective"],
-                                             "searched": params, "config": best_cfg.to_dict(),
+                                             "searched": params,
+                                             **({"checkpoint": str(best_checkpoint)} if best_checkpoint else {}),
+                                             "config": best_cfg.to_dict(),
                                              **({"pretrain_config": pre.to_dict()} if spec.stage == "both"
                                                 else {})}, sort_keys=False))
     return results_path, markdown_path, best_path, columns
@@ -382,14 +455,15 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
                           f"config, objective or num_samples); resume it with the same file and options")
     if not address and not os.environ.get("RAY_ADDRESS"):
         cpus = num_cpus or os.cpu_count() or 1
-        if spec.resources.cpu > cpus:
-            raise ConfigError(f"resources.cpu={spec.resources.cpu:g} exceeds this machine's {cpus} CPUs; "
+        if spec.trial_resources()["CPU"] > cpus:
+            raise ConfigError(f"{_what_a_trial_takes(spec)} exceeds this machine's {cpus} CPUs; "
                               f"no trial could ever start")
 
     base_cfg = config_from_dict(spec.searched_stage_tree)
     tracking = base_cfg.tracking.enabled
     uri = preflight(base_cfg.tracking.uri) if tracking else None
-    inputs, context = prepare_inputs(spec, quiet=quiet)
+    with _ray_address_for_shared_inputs(address):
+        inputs, context = prepare_inputs(spec, quiet=quiet)
 
     tags = {"sweep": spec.name, "stage": spec.stage, "objective": spec.objective.describe(),
             "searched_keys": ", ".join(spec.keys), "scheduler": spec.scheduler.name,
@@ -444,12 +518,16 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
                         {"trial_id": "retrain", "status": "-", "epochs": 0, **context["reference"], "tow": 1.0,
                          "run_id": context.get("reference_run_id")}]
         out_dir = exp_dir if exp_dir is not None else meta.parent
-        results_path, markdown_path, best_path, columns = write_tables(spec, rows, baseline, best, out_dir, context)
+        best_checkpoint = None
+        if best is not None and spec.sharded is not None:
+            best_checkpoint = export_best(result_grid, best, out_dir)
+        results_path, markdown_path, best_path, columns = write_tables(spec, rows, baseline, best, out_dir, context,
+                                                                       best_checkpoint)
         if tracking:
             _log_outcome(parent, spec, rows, best, run_ids, results_path, markdown_path, best_path, uri)
         outcome = SweepOutcome(spec.name, str(out_dir), rows, best, parent_id, interrupted, baseline,
                                str(results_path), str(markdown_path), str(best_path) if best_path else None,
-                               columns)
+                               columns, str(best_checkpoint) if best_checkpoint else None)
         if interrupted:
             # the table so far is on disk; the parent run ends KILLED and the CLI exits 130
             exc = SweepInterrupted(f"sweep {spec.name!r} stopped with {sum(r['status'] == 'TERMINATED' for r in rows)}"
@@ -467,8 +545,13 @@ def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, par
 
     # one checkpoint per epoch per trial is the point here; Ray's warning about frequent snapshots is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = tune.with_resources(tune.with_parameters(tune_trainable, inputs=inputs),
-                                    {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if spec.sharded is None:
+        resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    else:  # the trial only drives its Train run; the workers get resources.* each, in their own placement group
+        from sharp_unlearn.tuning.spec import SHARDED_DRIVER_CPU
+
+        resources = {"cpu": SHARDED_DRIVER_CPU}
+    trainable = tune.with_resources(tune.with_parameters(tune_trainable, inputs=inputs), resources)
     with _sigterm_stops_gracefully():
         if resume:
             path = experiment_dir(spec)
@@ -488,7 +571,9 @@ def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, par
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, scheduler=_scheduler(spec),
                                         search_alg=_search_alg(spec), num_samples=spec.num_samples,
-                                        reuse_actors=True,
+                                        # a stopped sharded trial's process must end: its Train run (and
+                                        # the workers' placement group) ends with it
+                                        reuse_actors=spec.sharded is None,
                                         time_budget_s=spec.time_budget_s),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=spec.storage, callbacks=callbacks, verbose=0 if quiet else 1,

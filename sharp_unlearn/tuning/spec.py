@@ -157,6 +157,22 @@ class Resources:
         return max(1, int(self.cpu))
 
 
+#: the CPU a sharded trial's own process reserves: it only starts the Train run and relays its reports
+#: (Ray refuses 0), so N workers of one CPU each still fit N CPUs but for this sliver
+SHARDED_DRIVER_CPU = 0.01
+
+
+@dataclass
+class Sharding:
+    """How every trial of a sharded sweep trains: one Ray Train DeepSpeed run of ``num_workers`` ranks."""
+
+    zero_stage: int
+    num_workers: int
+    use_gpu: bool
+    #: which stages of a trial run sharded (stage both may shard pretraining, unlearning or both)
+    stages: tuple[str, ...] = ()
+
+
 @dataclass
 class SweepSpec:
     name: str
@@ -183,8 +199,17 @@ class SweepSpec:
     storage: str | None = None
     source: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: set when trials are DeepSpeed ZeRO jobs (``distributed.backend: deepspeed``); ``resources`` is then per worker
+    sharded: Sharding | None = None
 
     # -- derived -------------------------------------------------------------
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial takes from the cluster, in all: its own process plus, sharded, its workers."""
+        if self.sharded is None:
+            return {"CPU": self.resources.cpu, "GPU": self.resources.gpu}
+        workers = self.sharded.num_workers
+        return {"CPU": SHARDED_DRIVER_CPU + workers * self.resources.cpu, "GPU": workers * self.resources.gpu}
+
     @property
     def keys(self) -> list[str]:
         return [d.key for d in self.dims]
@@ -535,6 +560,60 @@ def parse_searcher(raw: Any) -> SearcherSpec:
     return SearcherSpec(name, seed)
 
 
+def check_sharded(stage: str, pre_tree: dict[str, Any] | None,
+                  unlearn_tree: dict[str, Any] | None) -> Sharding | None:
+    """Which trained stages are ZeRO-sharded, checked (ZeRO stage, DeepSpeed JSON, launcher) before Ray starts.
+
+    Only the stages a trial trains count: in stage ``unlearn`` the pretrained model and the
+    reference are trained once by the sweep's driver (sharded or not, as their config says).
+    """
+    from sharp_unlearn.engine.ds_config import validate_distributed
+
+    trained = {"pretrain": ("pretrain",), "unlearn": ("unlearn",), "both": ("pretrain", "unlearn")}[stage]
+    trees = {"pretrain": pre_tree, "unlearn": unlearn_tree}
+    found: dict[str, Any] = {}
+    for name in trained:
+        cfg = config_from_dict(trees[name])
+        if cfg.distributed.backend == "deepspeed":
+            found[name] = cfg
+    if not found:
+        return None
+    if len(found) != len(trained):
+        plain = next(name for name in trained if name not in found)
+        raise ConfigError(f"stage 'both' shards {next(iter(found))} but not {plain} (distributed.backend "
+                          f"differs); a trial's own process only starts its workers, so both stages must set "
+                          f"distributed.backend=deepspeed")
+    layouts = {(c.distributed.num_workers, c.distributed.use_gpu) for c in found.values()}
+    if len(layouts) > 1:
+        raise ConfigError("stage 'both': pretraining and unlearning must use the same distributed.num_workers "
+                          "and distributed.use_gpu (one trial holds one set of workers at a time)")
+    for cfg in found.values():
+        dist = cfg.distributed
+        if dist.launcher != "ray":
+            raise ConfigError(f"distributed.launcher={dist.launcher!r}: sharded sweep trials start their workers "
+                              f"with Ray Train on the sweep's cluster; set distributed.launcher=ray")
+        if dist.address:
+            raise ConfigError(f"distributed.address={dist.address!r}: a sweep's trials run on the sweep's own Ray "
+                              f"cluster; pass it as `sharp-unlearn sweep --address` instead")
+        # the DeepSpeed JSON against the run config; workers against the cluster once Ray is up
+        validate_distributed(cfg, available={"CPU": 10**9, "GPU": 10**9})
+    first = next(iter(found.values())).distributed
+    return Sharding(first.zero_stage, first.num_workers, first.use_gpu, tuple(found))
+
+
+def _sharded_resources(sharded: Sharding, resources: Resources, raw: dict[str, Any]) -> Resources:
+    """Per-worker resources of a sharded sweep; ``gpu`` defaults to what ``distributed.use_gpu`` says."""
+    # every rank of a ZeRO job drives exactly one accelerator, or none
+    wanted = 1.0 if sharded.use_gpu else 0.0
+    if not isinstance(raw, dict) or "gpu" not in raw:
+        return Resources(resources.cpu, wanted)
+    if resources.gpu != wanted:
+        raise ConfigError(f"resources.gpu={resources.gpu:g}: in a sharded sweep resources are per worker and each "
+                          f"rank uses {'one GPU' if sharded.use_gpu else 'no GPU'} "
+                          f"(distributed.use_gpu={str(sharded.use_gpu).lower()}); expected resources.gpu={wanted:g}")
+    return resources
+
+
 def parse_resources(raw: Any) -> Resources:
     raw = _mapping(raw, "resources")
     _only(raw, ("cpu", "gpu"), "resources")
@@ -703,12 +782,7 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
         if cfg.forget is None:
             raise ConfigError(f"stage {stage!r} needs a forget set: `forget: {{kind: memorization, size: ...}}`")
 
-    for tree in (pre_tree, unlearn_tree):
-        if tree is not None and config_from_dict(tree).distributed.backend != "none":
-            # a trial is one process holding its CPU/GPU share; a ZeRO-sharded stage launches its own
-            # workers, reports no per-epoch ToW and keeps no Tune checkpoint, so it cannot be a trial yet
-            raise ConfigError("distributed.backend='deepspeed' is not supported inside sweep trials (each trial "
-                              "runs in one process); set distributed.backend=none in the sweep's base config")
+    sharded = check_sharded(stage, pre_tree, unlearn_tree)
     searcher = parse_searcher(raw.get("searcher"))
     space = raw.get("search")
     if not isinstance(space, dict) or not space:
@@ -720,6 +794,8 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
     objective = parse_objective(raw.get("objective"), stage)
     scheduler = parse_scheduler(raw.get("scheduler"))
     resources = parse_resources(raw.get("resources"))
+    if sharded is not None:
+        resources = _sharded_resources(sharded, resources, raw.get("resources") or {})
     samples = num_samples if num_samples is not None else raw.get("num_samples", 1)
     samples = _int(samples, "num_samples", 1)
     concurrent = max_concurrent if max_concurrent is not None else raw.get("max_concurrent")
@@ -740,7 +816,8 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
                      max_concurrent=concurrent, keep_checkpoints=keep, time_budget_s=budget,
                      pretrain_tree=pre_tree, checkpoint=checkpoint, unlearn_overrides=overrides,
                      unlearn_tree=unlearn_tree, output_dir=output_dir,
-                     storage=storage or str(Path(output_dir) / "sweeps"), source=source, raw=copy.deepcopy(raw))
+                     storage=storage or str(Path(output_dir) / "sweeps"), source=source, raw=copy.deepcopy(raw),
+                     sharded=sharded)
     if scheduler.name == "asha" and scheduler.grace_period > spec.max_epochs():
         raise ConfigError(f"scheduler.grace_period={scheduler.grace_period} exceeds the trials' epochs "
                           f"({spec.max_epochs()}); ASHA could never compare trials")

@@ -373,6 +373,10 @@ def run_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str,
     import torch
 
     torch.set_num_threads(inputs.threads)  # a trial gets its CPU share, not every core of the node
+    if inputs.extra.get("sharded"):  # a DeepSpeed ZeRO job per trial: tuning/sharded.py
+        from sharp_unlearn.tuning.sharded import SHARDED_TRIALS
+
+        return SHARDED_TRIALS[inputs.stage](inputs, params, session)
     return TRIALS[inputs.stage](inputs, params, session)
 
 
