@@ -1,4 +1,5 @@
-"""``sharp-unlearn mask``: saliency masks (largest |grad L_F|) for salun and sharp_minmax."""
+"""``sharp-unlearn mask``: saliency masks (largest |grad L_F|, or smallest with method.mask_order=smallest)
+for salun and sharp_minmax."""
 from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
@@ -8,7 +9,7 @@ from sharp_unlearn.report_console import print_rows
 @COMMANDS.register("mask")
 class Mask(Command):
     help = ("compute saliency masks for a forget set (largest |grad| of the forget loss), one file per "
-            "fraction; use one with method.mask_path=FILE")
+            "fraction (method.mask_order=smallest keeps the smallest); use one with method.mask_path=FILE")
 
     def add_arguments(self, parser):
         parser.add_argument("--checkpoint", required=True, help="pretrained checkpoint (from `pretrain`)")

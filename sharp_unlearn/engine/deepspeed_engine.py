@@ -4,15 +4,18 @@ The same :class:`~sharp_unlearn.engine.objective.Objective` phases that
 :class:`~sharp_unlearn.engine.loop.Trainer` runs on one device run here on N
 ranks. A step, for objectives ``O_1..O_k``::
 
-    for each objective O (each rank holds 1/N of every global batch):
-        engine.backward over O's micro-batches -> this rank's piece of g (reduced)
-        if O.sam:
-            s2 = all_reduce(sum over this rank's pieces of |T g_M|^2)   (global norm)
-            e  = rho * T^2 g_M / sqrt(s2), piece by piece; w_piece += e; publish
-            engine.backward at w+e (BatchNorm statistics frozen) -> piece of g2
-            g  = g + s*lamb*(g2 - g)   piece by piece; restore w
-        g *= O.mask (the mask's piece)
-    pieces = sum over objectives; engine.step()
+    for each step group (objectives sharing ``step_group``; one group by default):
+        for each objective O of the group (each rank holds 1/N of every global batch):
+            engine.backward over O's micro-batches -> this rank's piece of g (reduced)
+            if O.sam:
+                s2 = all_reduce(sum over this rank's pieces of |T g_M|^2)   (global norm;
+                     g itself instead of g_M when O.perturbation == "full")
+                e  = rho * T^2 g_M / sqrt(s2), piece by piece; w_piece += e; publish
+                engine.backward at w+e (BatchNorm statistics frozen) -> piece of g2
+                g  = g + s*lamb*(g2 - g)   piece by piece (mask_scope "perturbed": M*g2); restore w
+            g *= O.mask (the mask's piece; not for mask_scope "perturbed")
+        pieces = sum over the group; engine.step() with the group's own base-optimizer state
+        (the lr schedule advances only at the last group's step)
 
 Per-rank memory beyond DeepSpeed's own: at most one partition-sized fp32
 buffer per SAM objective (``g`` when ``lamb*s != 1``, else ``e`` when the
@@ -38,9 +41,10 @@ import torch
 from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.engine.ds_shards import Shard, ShardView, share_stage3_fp32_master
 from sharp_unlearn.engine.loop import StepStats, Trainer
-from sharp_unlearn.engine.objective import Batch, Objective
+from sharp_unlearn.engine.objective import Batch, Objective, step_groups
 from sharp_unlearn.errors import ConfigError, TrainingDiverged, require
 from sharp_unlearn.optim.sam import SIGNS, combine, frozen_bn_stats, perturbation, scaled_grads, squared_norm
+from sharp_unlearn.optim.side_states import SideStates
 
 #: largest temporary (elements) the SAM arithmetic allocates at once
 DEFAULT_CHUNK_NUMEL = 1 << 22
@@ -171,6 +175,17 @@ class DeepSpeedTrainer(Trainer):
         self.probe = probe
         self._mask_slices_cache: dict[int, tuple[dict, tuple, list[torch.Tensor]]] = {}
 
+    def _make_side_states(self) -> SideStates:
+        # the torch optimizer that DeepSpeed's wrappers step over this rank's (flat fp32) partitions:
+        # its state is what a sequential side swaps, and its state_dict is what DeepSpeed checkpoints
+        base = self.optimizer
+        while not isinstance(base, torch.optim.Optimizer) and hasattr(base, "optimizer"):
+            base = base.optimizer
+        if not isinstance(base, torch.optim.Optimizer):  # pragma: no cover - a DeepSpeed layout we do not know
+            raise ConfigError(f"cannot find the torch optimizer inside {type(self.optimizer).__name__}; "
+                              "sequential updates (method.update_order=sequential) need one")
+        return SideStates(base)
+
     # ------------------------------------------------------------ data
     def _local(self, batch: Batch) -> tuple[Batch, float]:
         """This rank's rows of a global batch and the loss weight that makes the
@@ -292,12 +307,16 @@ class DeepSpeedTrainer(Trainer):
         device = shards[0].weight.device if shards else self.device
         chunks = self._chunks()
         keep_first = SIGNS[spec.sign] * spec.lamb != 1.0  # lamb=1, min: the update gradient is g2 itself
+        # the perturbation's subspace: the mask's, or every entry (perturbation "full")
+        e_masks = masks if objective.perturbation == "masked" else None
+        # mask_scope "perturbed": only g2 is masked here; the caller leaves the combination unmasked
+        g2_masks = masks if objective.mask_scope == "perturbed" else None
 
         grads = view.grad_views()  # g (pass 1), this rank's pieces
         sq_local = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             for idx in chunks:
-                tg = scaled_grads([shards[i].weight.float() for i in idx], self._probes(grads, idx, masks),
+                tg = scaled_grads([shards[i].weight.float() for i in idx], self._probes(grads, idx, e_masks),
                                   spec.adaptive)
                 sq_local += squared_norm(tg).double().cpu()
         if view.replicated:  # stage 0: every rank already holds the whole gradient
@@ -325,7 +344,8 @@ class DeepSpeedTrainer(Trainer):
         e_stash = torch.empty(pos, dtype=torch.float32, device=device) if restore == "stash" else None
 
         for idx in chunks:
-            self._perturb(idx, self._probes(grads, idx, masks), masks, spec, sq, e_stash=e_stash, offsets=offsets)
+            self._perturb(idx, self._probes(grads, idx, e_masks), e_masks, spec, sq, e_stash=e_stash,
+                          offsets=offsets)
         del grads
         view.publish()
         if self.probe is not None:
@@ -338,6 +358,9 @@ class DeepSpeedTrainer(Trainer):
         self._check_finite(objective, loss2_sum / self.world, "at the perturbed weights w+e")
 
         with torch.no_grad():
+            if g2_masks is not None:
+                for g, m in zip(view.grad_views(), g2_masks):
+                    g.mul_(m.to(g.dtype))
             if keep_first:
                 second = view.grad_views()
                 for idx in chunks:
@@ -352,7 +375,7 @@ class DeepSpeedTrainer(Trainer):
             elif restore == "recompute":
                 firsts = [first.narrow(0, offsets[i], s.numel) for i, s in enumerate(shards)]
                 for idx in chunks:
-                    self._perturb(idx, self._probes(firsts, idx, masks), masks, spec, sq, sign=-1.0)
+                    self._perturb(idx, self._probes(firsts, idx, e_masks), e_masks, spec, sq, sign=-1.0)
             else:
                 for i, s in enumerate(shards):
                     s.weight.sub_(e_stash.narrow(0, offsets[i], s.numel).to(s.weight.dtype))
@@ -365,9 +388,26 @@ class DeepSpeedTrainer(Trainer):
     def step(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]]) -> StepStats:
         engine = self.engine
         self.model.train()
+        stats = StepStats()
+        groups = step_groups(objectives)
+        scheduler = engine.lr_scheduler
+        for position, group in enumerate(groups):
+            last_group = position == len(groups) - 1
+            try:
+                if not last_group:
+                    engine.lr_scheduler = None  # the schedule advances once per engine step, not per side
+                with self.side_states.use(None if position == 0 else str(group[0].step_group)):
+                    self._step_group(group, batches, stats)
+            finally:
+                engine.lr_scheduler = scheduler
+        return stats
+
+    def _step_group(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]],
+                    stats: StepStats) -> None:
+        """One base-optimizer step for objectives summed together (the whole step by default)."""
+        engine = self.engine
         view = self.view
         view.refresh()
-        stats = StepStats()
         accumulator: torch.Tensor | None = None
         offsets, pos = _offsets(view.shards)
         awaiting_restore = False
@@ -388,6 +428,8 @@ class DeepSpeedTrainer(Trainer):
                 loss_mean = loss_sum / self.world
                 self._check_finite(objective, loss_mean, "")
             stats.losses[objective.name] = loss_mean
+            if spec is not None and spec.rho > 0 and objective.mask_scope == "perturbed":
+                masks = None  # only g(w+e) was masked, inside _sam_objective
             if masks is not None or len(objectives) > 1:
                 with torch.no_grad():
                     grads = view.grad_views()
@@ -411,7 +453,6 @@ class DeepSpeedTrainer(Trainer):
             view.publish()
         norm = engine.get_global_grad_norm()
         stats.grad_norm = float(norm) if norm is not None else 0.0
-        return stats
 
 
 def _offsets(shards: Sequence[Shard]) -> tuple[list[int], int]:

@@ -2,13 +2,16 @@
 
 A step, for a phase with objectives ``O_1..O_k``::
 
-    for each objective O:
-        g   = grad of O.loss over its micro-batches (averaged)
-        if O.sam:  e = rho * T^2 g_M / ||T g_M||   (g_M: g inside O's mask)
-                   g2 = grad at w + e (BatchNorm statistics frozen); restore w
-                   g  = g + s*lamb*(g2 - g)
-        g = g * O.mask
-    p.grad = sum over objectives; clip; base optimizer step; lr schedule step
+    for each step group (objectives sharing ``step_group``; one group by default):
+        for each objective O in the group:
+            g   = grad of O.loss over its micro-batches (averaged)
+            if O.sam:  e = rho * T^2 g_M / ||T g_M||   (g_M: g inside O's mask; g itself
+                                                      when O.perturbation == "full")
+                       g2 = grad at w + e (BatchNorm statistics frozen); restore w
+                       g  = g + s*lamb*(g2 - g)      (mask_scope "perturbed": g + s*lamb*(M*g2 - g))
+            g = g * O.mask                           (not for mask_scope "perturbed")
+        p.grad = sum over the group; clip; base optimizer step with the group's own state
+    lr schedule step (once per engine step)
 
 Gradients are taken with ``torch.autograd.grad`` so objectives never see each
 other's gradients; the sum is written to ``p.grad`` once, for the base optimizer.
@@ -24,9 +27,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sharp_unlearn.engine.objective import Batch, Objective, Phase
+from sharp_unlearn.engine.objective import Batch, Objective, Phase, step_groups
 from sharp_unlearn.errors import TrainingDiverged
 from sharp_unlearn.optim.sam import combine, frozen_bn_stats, perturbation
+from sharp_unlearn.optim.side_states import SideStates
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
@@ -97,6 +101,11 @@ class Trainer:
         # id(mask dict) -> (the dict, its tensors in param order); the dict is kept so its
         # id cannot be reused by a new mask while the entry lives (a stale-mask bug otherwise)
         self._mask_cache: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+        # step groups after the first keep their own base-optimizer state (sequential updates)
+        self.side_states = self._make_side_states()
+
+    def _make_side_states(self) -> SideStates:
+        return SideStates(self.optimizer)
 
     # ------------------------------------------------------------ gradients
     def _mask_list(self, objective: Objective) -> list[torch.Tensor] | None:
@@ -152,10 +161,11 @@ class Trainer:
         mask = self._mask_list(objective)
         spec = objective.sam
         if spec is not None and spec.rho > 0:
-            probe = torch._foreach_mul(grads, mask) if mask is not None else grads
+            masked_e = mask is not None and objective.perturbation == "masked"
+            probe = torch._foreach_mul(grads, mask) if masked_e else grads
             with torch.no_grad():
                 e = perturbation(self.params, probe, spec.rho, spec.adaptive)
-                if mask is not None:
+                if masked_e:
                     torch._foreach_mul_(e, mask)  # ASAM's |w| scaling keeps the subspace, but be exact
                 torch._foreach_add_(self.params, e)
             try:
@@ -164,6 +174,9 @@ class Trainer:
             finally:
                 with torch.no_grad():
                     torch._foreach_sub_(self.params, e)
+            if mask is not None and objective.mask_scope == "perturbed":
+                # only g(w+e) is masked; the clean g enters the combination unmasked
+                return combine(grads, torch._foreach_mul(second, mask), spec.sign, spec.lamb), loss
             grads = combine(grads, second, spec.sign, spec.lamb)
         if mask is not None:
             grads = torch._foreach_mul(grads, mask)
@@ -172,21 +185,24 @@ class Trainer:
     def step(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]]) -> StepStats:
         self.model.train()
         stats = StepStats()
-        total: list[torch.Tensor] | None = None
-        for objective in objectives:
-            grads, loss = self.objective_gradient(objective, batches[objective.stream])
-            stats.losses[objective.name] = loss
-            if total is None:
-                total = grads
-            else:
-                torch._foreach_add_(total, grads)
-        assert total is not None
-        for p, g in zip(self.params, total):
-            p.grad = g
-        if self.grad_clip > 0:
-            stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for position, group in enumerate(step_groups(objectives)):
+            total: list[torch.Tensor] | None = None
+            for objective in group:
+                grads, loss = self.objective_gradient(objective, batches[objective.stream])
+                stats.losses[objective.name] = loss
+                if total is None:
+                    total = grads
+                else:
+                    torch._foreach_add_(total, grads)
+            assert total is not None
+            for p, g in zip(self.params, total):
+                p.grad = g
+            if self.grad_clip > 0:
+                stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+            # the first group steps with the optimizer's own state, so one group is exactly the old step
+            with self.side_states.use(None if position == 0 else str(group[0].step_group)):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         return stats

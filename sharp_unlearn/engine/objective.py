@@ -7,7 +7,7 @@ complementary masks, NegGrad+ two plain objectives, SCRUB two phases.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -29,6 +29,9 @@ class Batch(NamedTuple):
 
 #: loss(model, batch) -> scalar tensor to *minimize* (ascent objectives return a negated loss)
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+MASK_SCOPES = ("update", "perturbed")
+PERTURBATIONS = ("masked", "full")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,22 @@ class Objective:
     ``mask`` maps parameter names to 0/1 tensors of the same shape: the entries
     this objective may move (its gradient is zeroed elsewhere, and SAM's
     perturbation lives in the same subspace). ``None`` means every parameter.
+
+    Two switches relax the mask for a SAM objective (the Sharp MinMax paper's
+    released code runs its forget side this way):
+
+    * ``mask_scope``: ``update`` masks the final gradient; ``perturbed`` masks
+      only the gradient at ``w+e``, so the update is ``g + s*lamb*(M*g2 - g)``
+      with the clean ``g`` unmasked (an objective without a SAM pass is then
+      masked whole, as the released code's first-order path does);
+    * ``perturbation``: ``masked`` builds ``e`` from ``M*g`` and keeps it in the
+      mask; ``full`` builds it from ``g`` over every parameter.
+
+    ``step_group`` orders base-optimizer steps inside one engine step:
+    objectives sharing a group are summed into one step; different groups step
+    one after another in order of first appearance, each at the weights the
+    previous one left and each with its own base-optimizer state. ``None``
+    (every objective) is one summed step.
     """
 
     name: str
@@ -60,10 +79,29 @@ class Objective:
     loss: LossFn
     sam: SamSpec | None = None
     mask: dict[str, torch.Tensor] | None = None
+    mask_scope: str = "update"
+    perturbation: str = "masked"
+    step_group: str | None = None
+
+    def __post_init__(self) -> None:
+        # internal contract (methods build objectives from validated configs): a typo here is a bug
+        if self.mask_scope not in MASK_SCOPES:
+            raise ValueError(f"objective {self.name!r}: mask_scope={self.mask_scope!r}; expected one of {MASK_SCOPES}")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"objective {self.name!r}: perturbation={self.perturbation!r}; "
+                             f"expected one of {PERTURBATIONS}")
 
     @property
     def optimizer_tag(self) -> str:
         return self.sam.tag if self.sam is not None else "first-order"
+
+
+def step_groups(objectives: Sequence[Objective]) -> list[list[Objective]]:
+    """Objectives split by ``step_group``, groups in order of first appearance."""
+    groups: dict[str | None, list[Objective]] = {}
+    for objective in objectives:
+        groups.setdefault(objective.step_group, []).append(objective)
+    return list(groups.values())
 
 
 @dataclass

@@ -105,8 +105,8 @@ def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch
 
     In order: ``ctx.mask`` (given by the recipe), else ``cfg.mask_path`` (a file
     from ``sharp-unlearn mask``), else computed now from the forget gradient at
-    the current weights. A mask file must have been made for the same fraction
-    and the same forget split.
+    the current weights. A mask file must have been made for the same fraction,
+    the same order (``method.mask_order``) and the same forget split.
     """
     from sharp_unlearn.optim.masks import check_mask, forget_gradient_saliency, load_mask, saliency_mask
 
@@ -120,11 +120,16 @@ def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch
     else:
         measured_on = ctx.forget_eval if ctx.forget_eval is not None else ctx.forget
         scores = forget_gradient_saliency(ctx.model, measured_on, ctx.device, max(ctx.batch_size, 256))
-        return saliency_mask(scores, cfg.mask_fraction)
+        return saliency_mask(scores, cfg.mask_fraction, cfg.mask_order)
     fraction = meta.get("fraction")
     if fraction is not None and abs(float(fraction) - cfg.mask_fraction) > 1e-9:
         raise ConfigError(f"{source} marks fraction {fraction:g} but method.mask_fraction={cfg.mask_fraction:g}; "
                           f"set method.mask_fraction={fraction:g} or use the matching mask file")
+    # files written before the order was a setting hold the largest entries
+    order = meta.get("order", "largest") if meta else None
+    if order is not None and order != cfg.mask_order:
+        raise ConfigError(f"{source} keeps the {order} saliencies but method.mask_order={cfg.mask_order!r}; "
+                          f"set method.mask_order={order} or make a matching mask with `sharp-unlearn mask`")
     if split_hash is not None and meta.get("split_hash") not in (None, split_hash):
         raise ConfigError(f"{source} was computed for forget split {meta['split_hash']!r}, "
                           f"but this run forgets split {split_hash!r}; recompute it with `sharp-unlearn mask`")

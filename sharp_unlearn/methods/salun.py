@@ -1,8 +1,10 @@
 """SalUn (Fan et al. 2024): saliency-restricted random labelling.
 
 1. ``prepare``: the saliency mask M marks the largest ``mask_fraction`` of
-   ``|grad L_F|`` over all parameters (``ctx.mask``, ``method.mask_path`` or
-   computed on the spot; see :func:`saliency_mask_for`).
+   ``|grad L_F|`` over all parameters (the smallest with
+   ``method.mask_order=smallest``, as the Sharp MinMax paper's released mask
+   generator does; ``ctx.mask``, ``method.mask_path`` or computed on the spot;
+   see :func:`saliency_mask_for`).
 2. Each step: cross-entropy on the forget set with fixed random wrong labels,
    plus cross-entropy on the retain set (the RL objectives), with both
    gradients restricted to M: entries outside the mask never move.

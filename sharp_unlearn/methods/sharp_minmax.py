@@ -9,7 +9,18 @@ all parameters. Two objectives, stepped together by one base optimizer:
   optimizer's ``rho`` / ``lamb``), adaptive (ASAM) when the optimizer is asam;
 * forget: ``-(1 - alpha) * CE_F`` on the entries inside M with SAM-max,
   radius ``rho_max`` / weight ``lamb_max`` (same defaults), adaptive when
-  ``adaptive_max``.
+  ``adaptive_max`` (``None``: like the retain side).
+
+Switches that run the method as the paper's released code does (defaults:
+this description): ``mask_order=smallest`` (M holds the smallest
+saliencies), ``forget_mask_scope=perturbed`` (only the forget gradient at
+``w+e`` is masked: the update ``g + s*lamb*(M*g(w+e) - g)`` moves every
+entry), ``forget_perturbation=full`` (``e`` from the unmasked forget
+gradient, normed over all parameters) and ``update_order=sequential`` (a
+retain step, then a forget step at the updated weights, each with its own
+base-optimizer state, so weight decay applies twice per iteration; the lr
+schedule still advances once per iteration). The packaged config
+``sharp_minmax_paper_code`` sets them all, with the released defaults.
 
 Because each objective's gradient (and its SAM perturbation) is masked,
 entries outside M never move for the forget objective and entries inside M
@@ -49,7 +60,8 @@ class SharpMinMax(UnlearningMethod):
         self.min_spec = SamSpec(rho=_pick(cfg.rho_min, optimizer.rho), lamb=_pick(cfg.lamb_min, optimizer.lamb),
                                 sign="min", adaptive=optimizer.adaptive)
         self.max_spec = SamSpec(rho=_pick(cfg.rho_max, optimizer.rho), lamb=_pick(cfg.lamb_max, optimizer.lamb),
-                                sign="max", adaptive=cfg.adaptive_max)
+                                sign="max",
+                                adaptive=optimizer.adaptive if cfg.adaptive_max is None else cfg.adaptive_max)
 
     def prepare(self, ctx: UnlearnContext) -> None:
         self.mask = saliency_mask_for(ctx, self.cfg)
@@ -59,14 +71,18 @@ class SharpMinMax(UnlearningMethod):
     def objectives(self) -> list[Objective]:
         if self.mask is None or self.outside is None:
             raise RuntimeError("SharpMinMax.prepare(ctx) must run before phases()")
-        alpha = self.cfg.alpha
+        cfg = self.cfg
+        alpha = cfg.alpha
+        sequential = cfg.update_order == "sequential"
         objectives = []
         if alpha > 0:
             objectives.append(Objective("retain", "retain", scaled(cross_entropy, alpha), sam=self.min_spec,
-                                        mask=self.outside))
+                                        mask=self.outside, step_group="retain" if sequential else None))
         if alpha < 1:
             objectives.append(Objective("forget", "forget", scaled(cross_entropy, -(1.0 - alpha)),
-                                        sam=self.max_spec, mask=self.mask))
+                                        sam=self.max_spec, mask=self.mask, mask_scope=cfg.forget_mask_scope,
+                                        perturbation=cfg.forget_perturbation,
+                                        step_group="forget" if sequential else None))
         return objectives
 
     def phases(self, epoch: int) -> list[Phase]:

@@ -6,6 +6,10 @@ where the forget loss is most sensitive::
     s = | grad_w L_F(w; D_F) |          at the original weights, over the whole forget set
     M = 1[s is among the largest `fraction` of all entries, all parameters together]
 
+``order="smallest"`` keeps the smallest `fraction` instead: what the Sharp
+MinMax paper's released mask generator does (it ranks ascending although its
+comment says "top"), kept as a switch so the two can be compared.
+
 ``L_F`` is the mean cross-entropy over the forget set; its gradient is
 accumulated batch by batch (sum-reduced, divided by the set size, so the
 scores do not depend on the batch size) and the absolute value is taken at
@@ -35,6 +39,8 @@ from sharp_unlearn.errors import ConfigError
 Mask = dict[str, torch.Tensor]
 MASK_FORMAT = "sharp-unlearn-mask"
 MASK_FORMAT_VERSION = 1
+#: which end of the saliency ranking a mask keeps
+MASK_ORDERS = ("largest", "smallest")
 
 
 def _check_fraction(fraction: float) -> float:
@@ -118,6 +124,17 @@ def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
     return selected
 
 
+def _check_order(order: str) -> str:
+    if order not in MASK_ORDERS:
+        raise ConfigError(f"mask order {order!r} is not valid; expected one of: {', '.join(MASK_ORDERS)}")
+    return order
+
+
+def _select(flat: torch.Tensor, k: int, order: str) -> torch.Tensor:
+    """The ``k`` largest (or smallest) entries; ties go to the earlier positions either way."""
+    return _top_k_flat(flat if order == "largest" else -flat, k)
+
+
 def _count(fraction: float, n: int) -> int:
     """Entries in a mask of ``fraction``: rounded, at least one, at most n."""
     return max(1, min(n, int(math.floor(fraction * n + 0.5))))
@@ -133,27 +150,31 @@ def _unflatten(selected: torch.Tensor, scores: Mapping[str, torch.Tensor]) -> Ma
     return mask
 
 
-def saliency_mask(scores: Mapping[str, torch.Tensor], fraction: float) -> Mask:
-    """0/1 mask marking the LARGEST ``fraction`` of entries over all parameters together.
+def saliency_mask(scores: Mapping[str, torch.Tensor], fraction: float, order: str = "largest") -> Mask:
+    """0/1 mask marking the LARGEST (``order="smallest"``: smallest) ``fraction`` of entries over all
+    parameters together.
 
     ``round(fraction * n)`` entries (at least one) are selected; ties at the
     threshold go to the entries that come first (parameter order of
     ``scores``, then element order), so the mask is deterministic.
     """
     fraction = _check_fraction(fraction)
+    order = _check_order(order)
     flat = _flatten(scores)
-    return _unflatten(_top_k_flat(flat, _count(fraction, flat.numel())), scores)
+    return _unflatten(_select(flat, _count(fraction, flat.numel()), order), scores)
 
 
-def masks_for_fractions(scores: Mapping[str, torch.Tensor], fractions: Iterable[float]) -> dict[float, Mask]:
+def masks_for_fractions(scores: Mapping[str, torch.Tensor], fractions: Iterable[float],
+                        order: str = "largest") -> dict[float, Mask]:
     """One mask per fraction from the same scores (nested: a smaller fraction's mask
     is contained in a larger one's)."""
     fractions = [_check_fraction(f) for f in fractions]
+    order = _check_order(order)
     if not fractions:
         raise ConfigError("no mask fractions given; expected e.g. 0.1,0.3,0.5")
     flat = _flatten(scores)
     n = flat.numel()
-    return {f: _unflatten(_top_k_flat(flat, _count(f, n)), scores) for f in fractions}
+    return {f: _unflatten(_select(flat, _count(f, n), order), scores) for f in fractions}
 
 
 def complement(mask: Mapping[str, torch.Tensor]) -> Mask:
@@ -241,8 +262,10 @@ def load_mask(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     return mask, dict(payload.get("meta", {}))
 
 
-def mask_file_name(label: str, fraction: float) -> str:
-    return f"mask-{label}-f{fraction:g}.pt"
+def mask_file_name(label: str, fraction: float, order: str = "largest") -> str:
+    # the default order keeps its historical name; the other one must not overwrite it
+    suffix = "" if order == "largest" else f"-{order}"
+    return f"mask-{label}-f{fraction:g}{suffix}.pt"
 
 
 __all__: Sequence[str] = (

@@ -4,7 +4,7 @@
 the unlearn recipe does (same function, same seed: the checkpoint's), computes
 ``|grad L_F|`` once at the pretrained weights on the un-augmented training
 examples, and writes one mask file per fraction (atomic, with metadata that
-``saliency_mask_for`` checks: fraction and split hash). Files are logged as
+``saliency_mask_for`` checks: fraction, order and split hash). Files are logged as
 MLflow artifacts of a ``kind=mask`` run.
 """
 from __future__ import annotations
@@ -90,7 +90,8 @@ def make_masks(cfg: ExperimentConfig, pretrained, fractions: Sequence[float], *,
                               run_cfg=pretrained.cfg)
     forget = subset(bundle.train_eval, split.forget_positions)
     scores = forget_gradient_saliency(model, forget, device, cfg.data.eval_batch_size)
-    masks = masks_for_fractions(scores, fractions)
+    order = cfg.method.mask_order if cfg.method is not None else "largest"
+    masks = masks_for_fractions(scores, fractions, order)
     total = sum(s.numel() for s in scores.values())
     directory = Path(out_dir) if out_dir is not None else default_mask_dir(cfg, pretrained, split.split_hash)
     tags = {"forget_set": split.label, "split_hash": split.split_hash, "pretrain_run_id": pretrained.run_id,
@@ -101,13 +102,13 @@ def make_masks(cfg: ExperimentConfig, pretrained, fractions: Sequence[float], *,
         selected: dict[float, int] = {}
         for fraction, mask in masks.items():
             count = int(sum(float(m.sum()) for m in mask.values()))
-            meta = {"fraction": fraction, "split_hash": split.split_hash, "forget_set": split.label,
+            meta = {"fraction": fraction, "order": order, "split_hash": split.split_hash, "forget_set": split.label,
                     "forget_size": len(split.forget_positions), "selected": count, "total_entries": total,
                     "scores": "abs_grad_mean_forget_ce", "checkpoint": str(pretrained.path),
                     "checkpoint_config_hash": pretrained.state.get("config_hash"),
                     "pretrain_run_id": pretrained.run_id, "dataset": cfg.data.name, "model": cfg.model.name,
                     "seed": pretrained.cfg.seed}
-            paths[fraction] = save_mask(directory / mask_file_name(split.label, fraction), mask, meta)
+            paths[fraction] = save_mask(directory / mask_file_name(split.label, fraction, order), mask, meta)
             selected[fraction] = count
         split_path = split.to_parquet(directory / "forget_set.parquet")
         wall = time.perf_counter() - started
