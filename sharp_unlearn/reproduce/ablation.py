@@ -96,12 +96,24 @@ def ablation_spec(overrides: Sequence[str] = (), spec_path: str | None = None) -
     return spec
 
 
-def preset_parts(preset: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(method section, optimizer section) of the paper-code preset; anything else cannot vary per arm."""
-    extra = sorted(k for k in preset if k not in ("method", "optimizer"))
+def preset_parts(preset: dict[str, Any], source: str,
+                 unlearn_train: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method section, optimizer section) of the paper-code preset.
+
+    Only those two vary per arm. A ``train`` section must already hold for every unlearning run
+    (``unlearn_train``: the spec's resolved train section), else the arms would differ in more than
+    their label says; anything else is refused.
+    """
+    extra = sorted(k for k in preset if k not in ("method", "optimizer", "train"))
     if extra:
         raise ConfigError(f"preset {source!r} sets {', '.join(extra)}; the ablation varies only the method "
-                          "and optimizer sections per arm (expected no other top-level keys)")
+                          "and optimizer sections per arm (expected no other top-level keys but train)")
+    for key, value in (preset.get("train") or {}).items():
+        have = getattr(unlearn_train, key, None) if unlearn_train is not None else None
+        if have != value:
+            raise ConfigError(f"preset {source!r} sets train.{key}={value!r}, but the unlearning runs use "
+                              f"train.{key}={have!r}; expected the spec's unlearn.train to match (the train "
+                              "section is shared by every arm)")
     method = dict(preset.get("method") or {})
     if method.get("name", "sharp_minmax") != "sharp_minmax":
         raise ConfigError(f"preset {source!r} has method.name={method['name']!r}; expected sharp_minmax")
@@ -111,6 +123,14 @@ def preset_parts(preset: dict[str, Any], source: str) -> tuple[dict[str, Any], d
         raise ConfigError(f"preset {source!r} does not set method.{missing[0]}; expected all of: "
                           f"{', '.join('method.' + s for s in SWITCHES)}")
     return method, dict(preset.get("optimizer") or {})
+
+
+def unlearn_train(spec: dict[str, Any]) -> Any:
+    """The train section every unlearning run of ``spec`` uses (the pretraining one, then ``unlearn.train``)."""
+    from sharp_unlearn.config import config_from_dict
+
+    return config_from_dict(merge(spec["base"], {"train": (spec.get("unlearn") or {}).get("train") or {},
+                                                 "tracking": {"enabled": False}})).train
 
 
 def _with_optimizer(entry: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, Any]:
@@ -125,16 +145,18 @@ def _with_optimizer(entry: dict[str, Any], optimizer: dict[str, Any]) -> dict[st
     return out
 
 
-def paper_code_entry(entry: dict[str, Any], preset: dict[str, Any], source: str = PRESET) -> dict[str, Any]:
+def paper_code_entry(entry: dict[str, Any], preset: dict[str, Any], source: str = PRESET,
+                     train: Any = None) -> dict[str, Any]:
     """A Sharp MinMax grid entry with the whole paper-code preset applied (method and optimizer)."""
-    paper_method, paper_optimizer = preset_parts(preset, source)
+    paper_method, paper_optimizer = preset_parts(preset, source, train)
     return _with_optimizer(merge(dict(entry or {}), paper_method), paper_optimizer)
 
 
-def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str = PRESET) -> list[Variant]:
+def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str = PRESET,
+                   train: Any = None) -> list[Variant]:
     """The arms: project Sharp MinMax, each switch alone, the preset's other settings, the whole preset;
-    project SalUn and SalUn with the preset's mask order."""
-    paper_method, paper_optimizer = preset_parts(preset, source)
+    project SalUn and SalUn with the preset's mask order (``train``: see :func:`preset_parts`)."""
+    paper_method, paper_optimizer = preset_parts(preset, source, train)
     smm = dict(methods.get("sharp_minmax") or {})
     salun = dict(methods.get("salun") or {})
     project = Variant("sharp_minmax", "project", smm)
@@ -145,7 +167,7 @@ def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str 
     defaults = {k: v for k, v in paper_method.items() if k not in SWITCHES}
     arms.append(Variant("sharp_minmax", "paper_defaults", _with_optimizer(merge(smm, defaults), paper_optimizer),
                         project.entry))
-    arms.append(Variant("sharp_minmax", "paper_code", paper_code_entry(smm, preset, source), project.entry))
+    arms.append(Variant("sharp_minmax", "paper_code", paper_code_entry(smm, preset, source, train), project.entry))
     salun_project = Variant("salun", "project", salun)
     arms += [salun_project, Variant("salun", f"mask_order={paper_method['mask_order']}",
                                     merge(salun, {"mask_order": paper_method["mask_order"]}), salun_project.entry)]
@@ -326,7 +348,7 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
     tracking = dict(tracking or {})
     spec = ablation_spec(overrides, spec_path)
     preset_name = str(spec.pop("preset", PRESET))
-    variants = build_variants(spec["methods"], load_yaml(preset_name), preset_name)
+    variants = build_variants(spec["methods"], load_yaml(preset_name), preset_name, unlearn_train(spec))
     spec["methods"] = {v.entry: v.overrides for v in variants}
     seeds = list(seeds or spec.get("seeds") or [0, 1, 2])
     check_arms(spec, output_dir, tracking)

@@ -322,13 +322,14 @@ DEFAULT_TRIALS = 6
 def with_paper_code(spec: dict[str, Any], preset_name: str) -> dict[str, Any]:
     """The spec plus the paper-code Sharp MinMax entry: the project's entry with the preset applied."""
     from sharp_unlearn.config import load_yaml
-    from sharp_unlearn.reproduce.ablation import paper_code_entry
+    from sharp_unlearn.reproduce.ablation import paper_code_entry, unlearn_train
 
     out = copy.deepcopy(spec)
     methods = dict(out.get("methods") or {})
     if "sharp_minmax" not in methods:
         return out
-    methods[PAPER_ENTRY] = paper_code_entry(methods["sharp_minmax"] or {}, load_yaml(preset_name), preset_name)
+    methods[PAPER_ENTRY] = paper_code_entry(methods["sharp_minmax"] or {}, load_yaml(preset_name), preset_name,
+                                            unlearn_train(spec))
     out["methods"] = methods
     return out
 

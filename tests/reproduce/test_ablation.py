@@ -1,6 +1,8 @@
 """`reproduce ablation`: its arms, the paired-difference verdicts, the CLI wiring and (slow) a tiny real run."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 from bad_input.harness import assert_exit_2_one_line, run_cli, snapshot
@@ -54,8 +56,14 @@ def test_a_preset_missing_a_switch_or_setting_other_sections_is_refused():
     lacking = {"method": {k: v for k, v in PRESET["method"].items() if k != "update_order"}}
     with pytest.raises(ConfigError, match="method.update_order"):
         build_variants(METHODS, lacking, "p.yaml")
-    with pytest.raises(ConfigError, match="sets train"):
-        build_variants(METHODS, {**PRESET, "train": {"epochs": 3}}, "p.yaml")
+    with pytest.raises(ConfigError, match="sets data"):
+        build_variants(METHODS, {**PRESET, "data": {"batch_size": 3}}, "p.yaml")
+    # a train section is shared by every arm: it must already hold for the spec's unlearning runs
+    constant = SimpleNamespace(schedule="constant", warmup_epochs=0)
+    with_train = {**PRESET, "train": {"schedule": "constant", "warmup_epochs": 0}}
+    assert len(build_variants(METHODS, with_train, "p.yaml", constant)) == 9
+    with pytest.raises(ConfigError, match="train.schedule='constant'.*train.schedule='cosine'"):
+        build_variants(METHODS, with_train, "p.yaml", SimpleNamespace(schedule="cosine", warmup_epochs=0))
     with pytest.raises(ConfigError, match="expected sharp_minmax"):
         build_variants(METHODS, {**PRESET, "method": {**PRESET["method"], "name": "salun"}}, "p.yaml")
 
