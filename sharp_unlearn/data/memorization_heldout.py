@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -37,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError, init_ray, note_termination, require
+from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.files import atomic_path
 
 EXECUTORS = ("ray", "serial")
 #: bump when the per-model file layout or the subset rule changes (old files are then retrained)
@@ -154,23 +154,13 @@ def model_path(run_dir: Path, model_id: int) -> Path:
 
 # ---------------------------------------------------------------- model files
 def save_outcome(path: Path, outcome: ModelOutcome) -> Path:
-    """Atomic: a temp file in the same directory, then a rename (a kill leaves no half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, model_id=np.int64(outcome.model_id), mask=np.packbits(outcome.mask),
-                     train_correct=np.packbits(outcome.train_correct),
-                     test_correct=np.packbits(outcome.test_correct),
-                     n_train=np.int64(len(outcome.mask)), n_test=np.int64(len(outcome.test_correct)),
-                     wall_seconds=np.float64(outcome.wall_seconds), fingerprint=np.str_(outcome.fingerprint))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Atomic (a kill leaves the old file or none, never half of one)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, model_id=np.int64(outcome.model_id), mask=np.packbits(outcome.mask),
+                 train_correct=np.packbits(outcome.train_correct),
+                 test_correct=np.packbits(outcome.test_correct),
+                 n_train=np.int64(len(outcome.mask)), n_test=np.int64(len(outcome.test_correct)),
+                 wall_seconds=np.float64(outcome.wall_seconds), fingerprint=np.str_(outcome.fingerprint))
     return path
 
 
@@ -282,49 +272,14 @@ def _run_serial(cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings
                                  threads=_threads(settings))
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A SIGTERM (a job scheduler, ``kill``) unwinds like Ctrl-C, so ``finally`` blocks
-    shut Ray down instead of leaving its processes behind. Installed *after*
-    ``ray.init``, whose own handler aborts the driver on SIGTERM."""
-    def handler(signum, frame):
-        note_termination()
-        raise KeyboardInterrupt("SIGTERM")
+def _ray_session(settings: HeldoutSettings):
+    """The run's Ray session (see :func:`sharp_unlearn.ray_cluster.ray_session`): a caller's, the
+    cluster at ``settings.address`` / $RAY_ADDRESS, or a local Ray sized to the run."""
+    from sharp_unlearn.ray_cluster import ray_session
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        # a handler installed from C (Ray's) reads back as None: fall back to the default
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def ray_session(settings: HeldoutSettings) -> Iterator[Any]:
-    """Connect to ``settings.address`` / $RAY_ADDRESS, or start a local Ray sized to the
-    run; shut down in a ``finally`` whatever happens (only what this call started)."""
-    ray = require("ray", "tune")
-    if ray.is_initialized():  # a caller (a notebook, a Tune trial) already owns a session
-        yield ray
-        return
-    address = settings.address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        if address:
-            init_ray(ray, address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-        else:
-            cpus = (math.ceil(settings.workers * settings.cpus_per_model) if settings.workers
-                    else (os.cpu_count() or 1))
-            init_ray(ray, address="local", num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
-                     include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                     object_store_memory=256 * 2**20)
-        with _sigterm_as_interrupt():
-            yield ray
-    finally:
-        ray.shutdown()
+    cpus = math.ceil(settings.workers * settings.cpus_per_model) if settings.workers else (os.cpu_count() or 1)
+    return ray_session(address=settings.address, num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
+                       log_to_driver=False, logging_level="WARNING", object_store_memory=256 * 2**20)
 
 
 def concurrency(settings: HeldoutSettings, resources: dict[str, float]) -> int:
@@ -418,7 +373,7 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
         with contextlib.ExitStack() as stack:
             if settings.executor == "ray":
                 callers_session = require("ray", "tune").is_initialized()
-                ray = stack.enter_context(ray_session(settings))
+                ray = stack.enter_context(_ray_session(settings))
                 results = _run_ray(ray, cfg, missing, settings, cancel_on_exit=callers_session)
             else:
                 results = _run_serial(cfg, missing, settings, bundle)
