@@ -19,6 +19,19 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/sweep_overhead.py [--trials 8] [--epo
 (``--mlflow`` adds a fourth timing, ``ray x2`` with every trial logged as an MLflow child run). The
 arms run in interleaved rounds and the fastest round of each counts, so load from other processes
 on a shared machine disturbs the ratios less; the load average is printed alongside.
+
+``--sharded``: every trial is a DeepSpeed ZeRO-2 job of 2 CPU workers (Ray Train, gloo; Sharp
+MinMax on an MLP, per-epoch ToW measured by the workers). Two timings of the same N trials:
+
+- ``direct``: each sharded run launched from this process, one after another (Ray Train, no Tune);
+- ``tune``: the same trials through Ray Tune (trial process of 0.01 CPU relaying per-epoch
+  reports with the sharded checkpoint; one trial at a time, as its 2 workers fill the 2 CPUs).
+
+Both arms start the same Train runs (worker processes, process group, DeepSpeed engine) per
+trial, so what differs is Tune's part. The run folders are removed between arms, so no arm
+finds another's finished runs. Printed ratio::
+
+    overhead per trial after start-up = (tune - Tune start-up) / direct - 1     (target <= 15 %)
 """
 from __future__ import annotations
 
@@ -30,7 +43,7 @@ import time
 from pathlib import Path
 
 
-def build_spec(tmp: Path, trials: int, epochs: int, width: int):
+def build_spec(tmp: Path, trials: int, epochs: int, width: int, sharded: bool = False):
     from sharp_unlearn.tune import parse_sweep
 
     alphas = [round(0.9 + 0.09 * i / max(1, trials - 1), 4) for i in range(trials)]
@@ -46,6 +59,12 @@ def build_spec(tmp: Path, trials: int, epochs: int, width: int):
         "search": {"method.alpha": {"grid": alphas}},
         "scheduler": "fifo", "num_samples": 1, "resources": {"cpu": 1}, "max_failures": 0,
     }
+    if sharded:  # ZeRO-2 on 2 CPU workers, 2 x 32 = the global batch of 64; an MLP (no BatchNorm)
+        raw["base"]["model"] = {"name": "mlp", "options": {"hidden": [16 * width]}}
+        raw["unlearn"].update(data={"batch_size": 32},
+                              distributed={"backend": "deepspeed", "zero_stage": 2, "num_workers": 2})
+        raw["method"] = {"name": "sharp_minmax", "epochs": epochs, "alpha": 0.95, "mask_fraction": 0.5}
+        raw["resources"] = {"cpu": 0.99}  # per worker: 2 x 0.99 + the trial's 0.01 = 2 CPUs
     return parse_sweep(raw, tracking={"enabled": False}, storage=str(tmp / "storage"))
 
 
@@ -109,6 +128,62 @@ def time_ray(spec, inputs, concurrent: int, name: str,
     return elapsed, first - wall_start, in_trial, report_wait
 
 
+def sharded_main(args) -> int:
+    """``--sharded``: direct sharded runs vs the same through Tune, interleaved rounds, fastest counts."""
+    import shutil
+
+    import ray
+
+    from sharp_unlearn.tune import prepare_inputs
+
+    load_before = os.getloadavg()[0]
+    arms = ("direct", "tune")
+    wall: dict[str, list[float]] = {arm: [] for arm in arms}
+    warmup: dict[str, list[float]] = {arm: [] for arm in arms}
+    report_wait: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="sweep-overhead-sharded-") as tmp:
+        tmp = Path(tmp)
+        spec = build_spec(tmp, args.trials, args.epochs, args.width, sharded=True)
+        inputs, _ = prepare_inputs(spec, quiet=True)
+        runs = Path(spec.output_dir) / "sweep-unlearn"
+        start = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        startup = time.perf_counter() - start
+        try:
+            time_sequential(spec, inputs)  # warm-up: DeepSpeed's first import and op builds are paid here
+            for round_no in range(args.repeats):
+                shutil.rmtree(runs, ignore_errors=True)
+                wall["direct"].append(time_sequential(spec, inputs))
+                warmup["direct"].append(0.0)
+                shutil.rmtree(runs, ignore_errors=True)
+                elapsed, first, _, wait = time_ray(spec, inputs, 1, f"tune-{round_no}")
+                wall["tune"].append(elapsed)
+                warmup["tune"].append(first)
+                report_wait.append(wait)
+        finally:
+            ray.shutdown()
+    best = {arm: min(range(len(values)), key=values.__getitem__) for arm, values in wall.items()}
+    direct = wall["direct"][best["direct"]]
+    tune_total = wall["tune"][best["tune"]]
+    tune_steady = tune_total - warmup["tune"][best["tune"]]
+    print(f"sharded sweep overhead: {args.trials} trials x {args.epochs} epochs, each a ZeRO-2 job of 2 CPU "
+          f"workers (digits, MLP, Sharp MinMax, per-epoch ToW), {direct / args.trials:.2f} s per trial launched "
+          f"directly; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for arm in arms:
+        rounds = ", ".join(f"{v:.1f}" for v in wall[arm])
+        extra = (f"  of which {tune_total - tune_steady:.1f} s start-up (Tuner + the first trial's process)"
+                 if arm == "tune" else "")
+        print(f"  {arm:<7}: {wall[arm][best[arm]]:7.2f} s  (rounds: {rounds}){extra}")
+    print(f"  ray.init (once per sweep, in no figure above): {startup:.1f} s")
+    print(f"RATIO sharded trial through Tune vs launched directly, whole run: {100 * (tune_total / direct - 1):+.1f} %")
+    print(f"RATIO sharded trial through Tune vs launched directly, per trial after start-up: "
+          f"{100 * (tune_steady / direct - 1):+.1f} %  ({(tune_steady - direct) / args.trials:+.2f} s per trial; "
+          f"target <= +15 %)")
+    print(f"  median wait in one per-epoch tune.report (sharded checkpoint linked + persisted): "
+          f"{1000 * report_wait[best['tune']]:.0f} ms")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
@@ -117,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds of (sequential, ray x1, ray x2), interleaved; the fastest of each counts")
     parser.add_argument("--mlflow", action="store_true", help="also time ray x2 with MLflow child runs")
+    parser.add_argument("--sharded", action="store_true",
+                        help="trials are DeepSpeed ZeRO-2 jobs of 2 CPU workers: direct vs through Tune")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.sharded:
+        return sharded_main(args)
 
     import ray
 
