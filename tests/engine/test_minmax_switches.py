@@ -288,3 +288,21 @@ def test_packaged_paper_code_config_sets_every_switch_the_released_way():
     assert method.min_spec.adaptive and method.max_spec.adaptive
     plain = METHODS.get("sharp_minmax")(cfg.method, cfg.optimizer, None)
     assert not plain.min_spec.adaptive and not plain.max_spec.adaptive
+
+
+def test_sweep_files_accept_the_switches_and_refuse_bad_values():
+    from sharp_unlearn.tuning.spec import parse_sweep
+
+    raw = {"name": "switches", "stage": "unlearn",
+           "base": {"data": {"name": "digits"}, "model": {"name": "small_cnn"}, "train": {"epochs": 1}},
+           "forget": {"kind": "random", "size": 10}, "method": {"name": "sharp_minmax", "epochs": 1},
+           "objective": {"metric": "tow", "mode": "max"},
+           "search": {"method.mask_order": {"grid": ["largest", "smallest"]},
+                      "method.forget_mask_scope": {"grid": ["update", "perturbed"]},
+                      "method.forget_perturbation": {"choice": ["masked", "full"]},
+                      "method.update_order": {"grid": ["joint", "sequential"]}}}
+    spec = parse_sweep(raw, source="inline")
+    assert [d.key for d in spec.dims] == list(raw["search"])
+    raw["search"] = {"method.update_order": {"grid": ["joint", "alternate"]}}
+    with pytest.raises(ConfigError, match="update_order"):
+        parse_sweep(raw, source="inline")
