@@ -13,9 +13,11 @@ MLflow run (``kind=evaluate``), and writes ``results.parquet`` (long format,
 one row per run/split/metric), ``details.json`` and the figures.
 
 MLflow receives the contract names (``mia_efficacy``, ``mia_auc``,
-``mia_tpr_at_1fpr``, ``entanglement_variance``, ``entanglement_wasserstein``,
-``sharpness_hessian``, ``sharpness_sam``, accuracies, ``tow``) with their
-headline values, and every table row as ``<metric>/<split>``.
+``mia_tpr_at_1fpr``, ``entanglement_variance``, ``entanglement_wasserstein``
+and their paper-scale companions ``entanglement_variance_bounded``,
+``entanglement_*_classwise_weighted``, ``sharpness_hessian``,
+``sharpness_sam``, accuracies, ``tow``) with their headline values, and every
+table row as ``<metric>/<split>``.
 """
 from __future__ import annotations
 

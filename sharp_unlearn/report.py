@@ -46,7 +46,9 @@ BASELINE_METHODS = ("original", "retrain")
 #: final metrics in the order a reader scans them (contract names first)
 METRIC_ORDER = ("tow", "forget_acc", "retain_acc", "test_acc", "val_acc", "train_acc", "train_loss",
                 "mia_efficacy", "mia_auc", "mia_tpr_at_1fpr", "entanglement_variance",
-                "entanglement_wasserstein", "sharpness_hessian", "sharpness_sam", "wall_seconds")
+                "entanglement_wasserstein", "entanglement_variance_bounded", "entanglement_variance_classwise_weighted",
+                "entanglement_variance_classwise_weighted_bounded", "entanglement_wasserstein_classwise_weighted",
+                "sharpness_hessian", "sharpness_sam", "wall_seconds")
 #: per-step bookkeeping (learning rate, per-objective losses) left out unless asked for by name
 NOISE_METRICS = ("lr",)
 NOISE_PREFIX = "loss_"
