@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sharp_unlearn.files import atomic_path
+
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("method", pa.string()), ("optimizer", pa.string()),
     ("dataset", pa.string()), ("forget_set", pa.string()), ("seed", pa.int64()),
@@ -44,9 +46,8 @@ def write_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

@@ -22,6 +22,7 @@ import torch
 from sharp_unlearn.config import ForgetConfig, stable_hash
 from sharp_unlearn.data.base import DatasetBundle
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import atomic_path
 
 PROXIES = ("proxy:loss", "proxy:confidence", "proxy:learning_speed", "flipped")
 
@@ -51,9 +52,8 @@ class ForgetSplit:
             columns["score"] = pa.array(self.scores[self.forget_positions], pa.float64())
         table = pa.table(columns).replace_schema_metadata(
             {"split_hash": self.split_hash, "label": self.label})
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         return path
 
 

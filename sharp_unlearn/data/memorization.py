@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import atomic_path
 
 #: columns every score table has (forget-set selection reads ``index`` and ``score``)
 SCORE_COLUMNS = ("index", "score", "stderr", "n_in", "n_out")
@@ -191,9 +192,8 @@ def write_table(columns: Mapping[str, np.ndarray], path: str | os.PathLike,
     table = pa.table({name: np.asarray(values) for name, values in columns.items()})
     if metadata:
         table = table.replace_schema_metadata({"sharp_unlearn": json.dumps(dict(metadata), default=str)})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import atomic_path
 
 PROXY_KINDS = ("loss", "confidence", "learning_speed")
 
@@ -122,9 +122,6 @@ def compute_proxy_scores(cfg: ExperimentConfig, bundle=None, kinds: Sequence[str
     if records is None:
         records = record_training(cfg, bundle, quiet=quiet)
         if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as handle:
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
                 np.savez(handle, **records)
-            os.replace(tmp, path)
     return proxies_from_records(records["prob_label"], records["loss"], records["correct"], kinds)

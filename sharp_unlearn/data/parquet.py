@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from sharp_unlearn.data.base import DATASETS, DatasetBundle, flip_labels
 from sharp_unlearn.data.cifar import ImageTensorDataset
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("array", "png")
@@ -109,15 +110,17 @@ def _write_table(path: Path, rows: dict[str, list], meta: dict[str, Any]) -> Non
     table = pa.table({"image": image, "label": pa.array(rows["label"], pa.int64()),
                       "index": pa.array(rows["index"], pa.int64())})
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # a reader never sees a half-written shard
+    with atomic_path(path) as tmp:  # a reader never sees a half-written shard
+        pq.write_table(table, tmp)
 
 
 def _is_shard(path: Path) -> bool:
-    """A shard this module writes (or its half-written ``.tmp``)."""
-    return any(path.name.startswith(f"{split}-") for split in SPLITS) and path.name.endswith(
-        (".parquet", ".parquet.tmp"))
+    """A shard this module writes, or the temp file of one being written (``.<shard>.<pid>.tmp``,
+    or ``<shard>.tmp`` from versions before files.atomic_path)."""
+    name = path.name
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:].rsplit(".", 2)[0]
+    return any(name.startswith(f"{split}-") for split in SPLITS) and name.endswith((".parquet", ".parquet.tmp"))
 
 
 def _source_root(source) -> Path | None:

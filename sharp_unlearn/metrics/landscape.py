@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from sharp_unlearn.errors import require
+from sharp_unlearn.files import atomic_path
 from sharp_unlearn.metrics.base import EvalContext, MetricResult, eval_mode, register_metric
 from sharp_unlearn.progress import sub_progress
 
@@ -135,8 +136,6 @@ def plot_surface(alphas: np.ndarray, betas: np.ndarray, loss: np.ndarray, title:
 
 def write_grid(grids: dict[str, tuple[np.ndarray, np.ndarray]], alphas: np.ndarray, betas: np.ndarray,
                path: Path) -> Path:
-    import os
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -150,9 +149,8 @@ def write_grid(grids: dict[str, tuple[np.ndarray, np.ndarray]], alphas: np.ndarr
         columns["accuracy"] += acc.ravel().tolist()
     table = pa.table({"split": pa.array(columns["split"], pa.string()),
                       **{k: pa.array(v, pa.float64()) for k, v in columns.items() if k != "split"}})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

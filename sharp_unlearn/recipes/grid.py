@@ -29,6 +29,7 @@ from typing import Any
 
 from sharp_unlearn.config import apply_overrides, config_from_dict, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import atomic_path
 from sharp_unlearn.methods import METHODS
 from sharp_unlearn.progress import stage
 
@@ -213,8 +214,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 def write_long(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Long-format table with the grid's extra columns (seed is already in the schema)."""
-    import os
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -223,7 +222,6 @@ def write_long(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     schema = SCHEMA.append(pa.field("pretrain_optimizer", pa.string())).append(pa.field("level", pa.string()))
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
