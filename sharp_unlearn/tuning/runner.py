@@ -176,18 +176,35 @@ def _scheduler(spec: SweepSpec):
                          reduction_factor=spec.scheduler.reduction_factor)
 
 
-def _search_alg(spec: SweepSpec):
+def _search_alg(spec: SweepSpec, max_concurrent: int | None = None):
+    max_concurrent = max_concurrent or spec.max_concurrent
     if spec.searcher.name == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(seed=spec.searcher.seed)
-        if spec.max_concurrent:
-            return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
+        if max_concurrent:
+            return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
         return searcher
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.searcher.seed, max_concurrent=spec.max_concurrent or 0)
+    return BasicVariantGenerator(random_state=spec.searcher.seed, max_concurrent=max_concurrent or 0)
+
+
+def sharded_concurrency(spec: SweepSpec, cluster: dict[str, float]) -> int | None:
+    """How many sharded trials may run at once: as many as fit the cluster whole (capped by max_concurrent).
+
+    Tune only reserves a sharded trial's own sliver; its workers ask for their placement
+    group later. Trials started beyond what fits would each hold a sliver while their
+    workers wait, and enough waiting slivers leave no room for any trial's workers
+    (on 2 CPUs, two trials' 0.01 CPUs already leave less than 2 x 0.99): nothing would run.
+    """
+    if spec.sharded is None:
+        return spec.max_concurrent
+    wanted = spec.trial_resources()
+    fits = min(int((float(cluster.get(kind, 0)) + 1e-9) // amount) for kind, amount in wanted.items() if amount > 0)
+    fits = max(1, fits)
+    return min(fits, spec.max_concurrent) if spec.max_concurrent else fits
 
 
 def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
@@ -545,12 +562,16 @@ def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, par
 
     # one checkpoint per epoch per trial is the point here; Ray's warning about frequent snapshots is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    concurrency = None
     if spec.sharded is None:
         resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     else:  # the trial only drives its Train run; the workers get resources.* each, in their own placement group
         from sharp_unlearn.tuning.spec import SHARDED_DRIVER_CPU
 
         resources = {"cpu": SHARDED_DRIVER_CPU}
+        import ray
+
+        concurrency = sharded_concurrency(spec, ray.cluster_resources())
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, inputs=inputs), resources)
     with _sigterm_stops_gracefully():
         if resume:
@@ -570,7 +591,7 @@ def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, par
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, scheduler=_scheduler(spec),
-                                        search_alg=_search_alg(spec), num_samples=spec.num_samples,
+                                        search_alg=_search_alg(spec, concurrency), num_samples=spec.num_samples,
                                         # a stopped sharded trial's process must end: its Train run (and
                                         # the workers' placement group) ends with it
                                         reuse_actors=spec.sharded is None,

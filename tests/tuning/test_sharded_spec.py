@@ -111,3 +111,18 @@ def test_sharded_checkpoint_snapshot_and_restore(tmp_path):
 
     # nothing committed yet: nothing to snapshot
     assert snapshot_sharded(tmp_path / "empty", tmp_path / "none") is None
+
+
+def test_sharded_trials_run_only_as_many_at_once_as_fit_whole():
+    """Each waiting trial holds its 0.01 CPU: starting more than fit would starve every trial's workers."""
+    from sharp_unlearn.tuning.runner import sharded_concurrency
+
+    spec = load_sweep(REPO / "tuning" / "smoke_sharded.yaml", tracking=NO_TRACKING)
+    assert sharded_concurrency(spec, {"CPU": 2.0}) == 1  # 2 x 0.99 + 0.01: one trial on 2 CPUs
+    assert sharded_concurrency(spec, {"CPU": 8.0}) == 4
+    zero3 = load_sweep(REPO / "tuning" / "sharp_minmax_zero3.yaml", tracking=NO_TRACKING)
+    # 8 GPUs per trial: GPUs decide on a 2-node cluster; the file's max_concurrent caps a larger one
+    assert sharded_concurrency(zero3, {"CPU": 96.0, "GPU": 16.0}) == 2
+    assert sharded_concurrency(zero3, {"CPU": 960.0, "GPU": 160.0}) == zero3.max_concurrent
+    unsharded = load_sweep(REPO / "tuning" / "smoke.yaml", tracking=NO_TRACKING)
+    assert sharded_concurrency(unsharded, {"CPU": 2.0}) == unsharded.max_concurrent
