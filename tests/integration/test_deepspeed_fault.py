@@ -164,6 +164,8 @@ def test_frozen_worker_fails_the_run_after_the_collective_timeout(tmp_path):
     assert proc.returncode == 1, err[-3000:]
     # rank 0's collective gave up (finishing under HANG_GUARD_S rules out torch's 30-minute default) ...
     assert "Timed out" in err, err[-3000:]
-    assert elapsed >= timeout_s  # ... and not before timeout_s (a lower bound: load can only add to it)
+    # ... and not long before timeout_s. Not `>= timeout_s`: rank 0 may have entered the collective
+    # (starting its timeout) up to one step before rank 1 froze, and a step can take seconds at load 10+
+    assert elapsed >= timeout_s / 2
     assert "sharded run failed" in err
     assert not _alive(rank0)
