@@ -42,7 +42,7 @@ from sharp_unlearn.engine.deepspeed_engine import (
     split_rows,
 )
 from sharp_unlearn.engine.determinism import apply_determinism
-from sharp_unlearn.engine.loop import Timer, as_batch, epoch_seed, make_loader
+from sharp_unlearn.engine.loop import Timer, accuracy, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Phase
 from sharp_unlearn.engine.runner import StageResult
 from sharp_unlearn.errors import require
@@ -61,37 +61,59 @@ class DeepSpeedStageResult(StageResult):
 
 
 # ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def distributed_accuracy(model, dataset: Dataset, batch_size: int, device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy in percent over ``dataset``, each rank scoring a slice of every batch.
+class RowShardedModel:
+    """A model for the single-process evaluation code (``predict``, ``accuracy``,
+    ``split_accuracies``) that runs each batch's rows split over the ranks.
 
-    ``model`` is the engine's module (or an :class:`EngineModel`). Every rank
-    runs the same number of forwards (an empty slice still runs one), which
+    Every rank calls it with the same full batch; each runs only its rows
+    through the engine's module (ZeRO-3 gathers parameters layer by layer in
+    that forward, as in training) and the logits are all-gathered, so every
+    rank returns the whole batch's logits. Only logits (rows x classes) cross
+    ranks, never weights, and the metric code itself is the single-process
+    code, so its numbers are the same for the same weights. Every rank runs
+    the same number of forwards (an empty slice still runs one), which
     ZeRO-3's collective parameter gathering requires.
     """
-    if len(dataset) == 0:
-        return float("nan")
-    module = model._engine.module if isinstance(model, EngineModel) else model
-    was_training = module.training
-    module.eval()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    counts = torch.zeros(2, dtype=torch.float64)
-    weight_dtype = next(module.parameters()).dtype  # bf16 engines need bf16 inputs
-    loader = make_loader(dataset, batch_size * world, shuffle=False)
-    for item in loader:
-        batch = as_batch(item)
-        start, count = split_rows(len(batch.y), world, rank)
-        x = batch.x[start:start + count].to(device)
-        if x.is_floating_point():
-            x = x.to(weight_dtype)
-        logits = module(x)  # may be 0 rows: the gathers still happen in step with the other ranks
-        counts[0] += float((logits.argmax(1).cpu() == batch.y[start:start + count]).sum())
-        counts[1] += count
-    counts = counts.to(device)  # NCCL reduces device tensors only
-    torch.distributed.all_reduce(counts)
-    counts = counts.cpu()
-    module.train(was_training)
-    return 100.0 * float(counts[0] / counts[1])
+
+    def __init__(self, model):
+        self.module = model._engine.module if isinstance(model, EngineModel) else model
+
+    def eval(self) -> RowShardedModel:
+        self.module.eval()
+        return self
+
+    def train(self, mode: bool = True) -> RowShardedModel:
+        self.module.train(mode)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        total = len(x)
+        start, count = split_rows(total, world, rank)
+        local = x[start:start + count]
+        if local.is_floating_point():
+            local = local.to(next(self.module.parameters()).dtype)  # bf16 engines need bf16 inputs
+        logits = self.module(local)
+        # all_gather wants equal sizes: pad every slice to the largest (slices differ by at most one row)
+        width = split_rows(total, world, 0)[1]
+        padded = logits.new_zeros((width, *logits.shape[1:]))
+        padded[:count] = logits
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(pieces, padded.contiguous())
+        return torch.cat([piece[:split_rows(total, world, r)[1]] for r, piece in enumerate(pieces)])
+
+
+def distributed_accuracy(model, dataset: Dataset, batch_size: int, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy in percent over ``dataset`` (all ranks call it), each rank scoring a slice of every batch.
+
+    ``model`` is the engine's module (or an :class:`EngineModel`); the number equals
+    :func:`~sharp_unlearn.engine.loop.accuracy` on the same weights.
+    """
+    sharded = RowShardedModel(model)
+    was_training = sharded.module.training
+    value = accuracy(sharded, dataset, batch_size, device)
+    sharded.train(was_training)
+    return value
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:

@@ -151,13 +151,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     def evaluate(model, epoch):
         return {"val_acc": distributed_accuracy(model, bundle.val, eval_bs, device)}
 
-    on_epoch_end = None
-    if spec.get("report") == "ray":
-        from ray import train as ray_train
-
-        def on_epoch_end(epoch, record):  # every worker must call report the same number of times
-            ray_train.report({k: float(v) for k, v in record.items()})
-
+    on_epoch_end = _epoch_reporter(spec)
     tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash,
             "distributed": f"deepspeed-zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}",
             **(spec.get("tags") or {})}
@@ -256,13 +250,20 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     if isinstance(extra_streams, dict):
         datasets.update(extra_streams)
 
-    on_epoch_end = None
-    if spec.get("report") == "ray":
-        from ray import train as ray_train
+    evaluate = None
+    if spec.get("reference_metrics") is not None:
+        # the single-process recipe's per-epoch metrics (ToW against the driver's reference), computed
+        # on the sharded model: each rank runs its rows of every batch, the logits are gathered
+        from sharp_unlearn.engine.ds_runner import RowShardedModel
+        from sharp_unlearn.recipes.unlearn import epoch_evaluator
 
-        def on_epoch_end(epoch, record):  # every worker must call report the same number of times
-            ray_train.report({k: float(v) for k, v in record.items()})
+        evaluator = epoch_evaluator(bundle, split, dict(spec["reference_metrics"]), device,
+                                    cfg.data.eval_batch_size)
 
+        def evaluate(model, epoch):
+            return evaluator(RowShardedModel(model), epoch)
+
+    on_epoch_end = _epoch_reporter(spec)
     export_path = out_dir / "unlearned_fp32.pt"
     # the driver holds the MLflow run; workers log nothing (it logs the history afterwards)
     result = run_deepspeed_stage(
@@ -271,7 +272,7 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
         sharded_dir=out_dir / "deepspeed", export_path=export_path,
         checkpoint_meta={"config_hash": spec["config_hash"], "kind": "unlearn", "split_hash": split.split_hash,
                          "model_name": cfg.model.name, "dataset": cfg.data.name},
-        on_epoch_end=on_epoch_end, quiet=bool(spec.get("quiet")),
+        evaluate=evaluate, on_epoch_end=on_epoch_end, quiet=bool(spec.get("quiet")),
         description=f"unlearn {cfg.method.name}/{method.optimizer_tag} zero{cfg.distributed.zero_stage}",
         resume=bool(spec.get("resume", True)))
     outcome = None
@@ -282,6 +283,26 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     result.engine.destroy()
     barrier()
     return outcome
+
+
+def _epoch_reporter(spec: Mapping[str, Any]):
+    """``on_epoch_end`` of a worker under Ray Train (``spec["report"] == "ray"``): ``ray.train.report``
+    of the epoch's record, on every worker (each must call report the same number of times).
+
+    ``spec["report_transform"]`` (optional, Ray only: the spec is pickled, not JSON) maps
+    ``(epoch, record)`` to what is reported, e.g. a sweep's objective added to the record.
+    """
+    if spec.get("report") != "ray":
+        return None
+    from ray import train as ray_train
+
+    transform = spec.get("report_transform")
+
+    def on_epoch_end(epoch: int, record: dict[str, float]) -> None:
+        metrics = {k: float(v) for k, v in record.items()}
+        ray_train.report(transform(epoch, metrics) if transform is not None else metrics)
+
+    return on_epoch_end
 
 
 def _stdout_to_stderr() -> None:
@@ -481,8 +502,13 @@ def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: s
 
 
 def make_unlearn_spec(cfg: ExperimentConfig, checkpoint: str | Path, split, out_dir: str | Path, *,
-                      config_hash: str, quiet: bool = False, resume: bool = True) -> dict[str, Any]:
-    """A sharded unlearning stage's spec: the run config, the pretrained checkpoint and the split itself."""
+                      config_hash: str, quiet: bool = False, resume: bool = True,
+                      reference_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """A sharded unlearning stage's spec: the run config, the pretrained checkpoint and the split itself.
+
+    With ``reference_metrics`` (the retrained reference's accuracies, which the driver
+    holds) the workers evaluate every epoch as a single-process run does (``tow`` etc.).
+    """
     cfg = _absolute(cfg)
 
     def ints(values):
@@ -495,18 +521,22 @@ def make_unlearn_spec(cfg: ExperimentConfig, checkpoint: str | Path, split, out_
                   "split_hash": split.split_hash, "label": split.label,
                   "scores": None if split.scores is None else [float(v) for v in np.asarray(split.scores)]},
         "config_hash": config_hash, "quiet": quiet, "resume": resume,
+        "reference_metrics": None if reference_metrics is None
+        else {k: float(v) for k, v in reference_metrics.items()},
         "out_dir": str(Path(out_dir).resolve() / f"zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}"),
     }
 
 
 def launch_deepspeed_unlearn(cfg: ExperimentConfig, checkpoint: str | Path, split, out_dir: str | Path, *,
                              config_hash: str, quiet: bool = False, resume: bool = True,
-                             address: str | None = None, launcher: str | None = None) -> TrainOutcome:
+                             address: str | None = None, launcher: str | None = None,
+                             reference_metrics: Mapping[str, float] | None = None) -> TrainOutcome:
     """Run an unlearning method's phases ZeRO-sharded on ``distributed.num_workers`` workers.
 
     Returns the consolidated fp32 export (``checkpoint``, a project checkpoint whose
-    ``model`` the driver loads), the wall time and the per-epoch history;
-    ``metrics`` is empty: the driver measures on its own copy of the model.
+    ``model`` the driver loads), the wall time and the per-epoch history (with
+    ``reference_metrics``, each evaluated epoch's accuracies and ``tow``, measured sharded);
+    ``metrics`` is empty: the driver measures the final model on its own copy.
     """
     address = address or cfg.distributed.address or (
         os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
@@ -514,7 +544,8 @@ def launch_deepspeed_unlearn(cfg: ExperimentConfig, checkpoint: str | Path, spli
         cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
                                                                  "launcher": launcher}})
     validate_launch(cfg, address)
-    spec = make_unlearn_spec(cfg, checkpoint, split, out_dir, config_hash=config_hash, quiet=quiet, resume=resume)
+    spec = make_unlearn_spec(cfg, checkpoint, split, out_dir, config_hash=config_hash, quiet=quiet, resume=resume,
+                             reference_metrics=reference_metrics)
     outcome = launch_ray(spec, address) if cfg.distributed.launcher == "ray" else launch_torchrun(spec)
     return TrainOutcome(Path(outcome["checkpoint"]), {}, None, cached=False,
                         wall_seconds=float(outcome["wall_seconds"]), history=list(outcome.get("history", [])))

@@ -171,6 +171,26 @@ def _log_previews(tracker, results_path: Path, split_path: Path, history: list[d
     tracker.log_figure(fig, "forgetting_curve.png")
 
 
+def epoch_evaluator(bundle: DatasetBundle, split: ForgetSplit, reference_metrics: dict[str, float],
+                    device, eval_batch_size: int) -> Callable[[Any, int], dict[str, float]]:
+    """``evaluate(model, epoch)`` for the engine: retain/forget/val/test accuracy (and per memorization
+    level), ``tow`` and ``forget_gap`` against the reference.
+
+    A sharded stage passes a model that splits each batch's rows over the ranks
+    (``RowShardedModel``): the same code then gives the same numbers on every rank.
+    """
+    groups = memorization_groups(split.scores, split.forget_positions) if split.scores is not None else None
+
+    def evaluate(model, epoch: int) -> dict[str, float]:
+        record = split_accuracies(model, bundle, split.forget_positions, split.retain_positions,
+                                  device, eval_batch_size, groups)
+        record["tow"] = tow(record, reference_metrics)
+        record["forget_gap"] = forget_gap(record, reference_metrics)
+        return record
+
+    return evaluate
+
+
 def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretrained) -> Path:
     key = stable_hash({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "output_dir")},
                        "pretrain": pretrained.state.get("config_hash"), "split": split.split_hash})
@@ -234,6 +254,9 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
     with open_run(cfg, kind="unlearn", tags=tags, run_name=unlearn_run_name(
             pretrained.cfg.optimizer.tag, cfg.method.name, method.optimizer_tag, split.label, cfg.seed)) as tracker:
         history: list[dict[str, float]] = []
+        # per-epoch ToW: a sweep scheduler stops bad trials on it, and a tracked run's forgetting
+        # curve (retain/forget/test accuracy and ToW by step) is what people look at in the MLflow UI
+        per_epoch_tow = epoch_callback is not None or tracker.run_id is not None
         # step 0 of the forgetting curve: the model before unlearning (final values land at the last step)
         tracker.log_metrics({k: original[k] for k in ("retain_acc", "forget_acc", "val_acc", "test_acc", "tow")
                              if k in original}, step=0)
@@ -244,17 +267,19 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             load_model_state(model, ref_state["model"], "retrain reference")
         elif cfg.distributed.backend == "deepspeed":
             # only the phases run ZeRO-sharded (recipes/distributed.py); the workers rebuild this
-            # split from its positions, and measuring stays here on the consolidated fp32 weights
+            # split from its positions and measure each epoch sharded (given the reference's
+            # accuracies); the final measurement stays here, on the consolidated fp32 weights
             from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn
 
             out_dir.mkdir(parents=True, exist_ok=True)
             sharded = launch_deepspeed_unlearn(cfg, pretrained.path, split, out_dir, config_hash=out_dir.name,
-                                               quiet=quiet)
+                                               quiet=quiet,
+                                               reference_metrics=reference.metrics if per_epoch_tow else None)
             load_model_state(model, load_checkpoint(sharded.checkpoint)["model"], "sharded unlearning export")
             wall, history = sharded.wall_seconds, sharded.history
             for record in history:  # the workers log nothing: the run's per-epoch losses go in from here
                 tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
-                if epoch_callback is not None:  # after the run, and without per-epoch ToW
+                if epoch_callback is not None:  # after the run (live reports go to Ray Tune from the workers)
                     epoch_callback(int(record["epoch"]), record)
         else:
             retain_ds = subset(bundle.train, split.retain_positions)
@@ -270,15 +295,8 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
                 datasets.update(prepare_streams)
             evaluate = None
-            # per-epoch ToW: a sweep scheduler stops bad trials on it, and a tracked run's forgetting
-            # curve (retain/forget/test accuracy and ToW by step) is what people look at in the MLflow UI
-            if epoch_callback is not None or tracker.run_id is not None:
-                def evaluate(model, epoch):
-                    record = split_accuracies(model, bundle, split.forget_positions, split.retain_positions,
-                                              device, eval_bs, groups)
-                    record["tow"] = tow(record, reference.metrics)
-                    record["forget_gap"] = forget_gap(record, reference.metrics)
-                    return record
+            if per_epoch_tow:
+                evaluate = epoch_evaluator(bundle, split, reference.metrics, device, eval_bs)
             stage_meta = {"config_hash": _output_dir(cfg, split, pretrained).name}
             try:
                 result = run_stage(model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer,

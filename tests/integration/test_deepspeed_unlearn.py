@@ -1,5 +1,6 @@
 """`sharp-unlearn unlearn ... distributed.backend=deepspeed`: the method's phases run ZeRO-sharded on
-2 torchrun workers (gloo, fp32) and give the same unlearned weights as single-process unlearning.
+2 torchrun workers (gloo, fp32) and give the same unlearned weights, and the same per-epoch metrics
+(accuracies and ToW, measured sharded by the workers), as single-process unlearning.
 
 Tolerance 1e-5 (absolute, per parameter): fp32, an MLP without BatchNorm, clipping off; the sharded
 run sees the same global batches (``data.batch_size`` per rank x 2 ranks) as the single process.
@@ -48,14 +49,17 @@ def _single_process(pretrained, case):
     loaded = load_pretrained(pretrained["checkpoint"])
     cfg = load_config([], _overrides(case, pretrained["dir"] / "runs", PER_RANK * WORLD) +
                       ["tracking.enabled=false"], base=unlearn_config(loaded))
-    return run_unlearning(cfg, pretrained["checkpoint"], quiet=True, pretrained=loaded)
+    records: dict[int, dict[str, float]] = {}
+    outcome = run_unlearning(cfg, pretrained["checkpoint"], quiet=True, pretrained=loaded,
+                             epoch_callback=lambda epoch, record: records.__setitem__(epoch, dict(record)))
+    return outcome, records
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(METHOD_CASES))
 def test_sharded_unlearning_through_the_cli_equals_single_process(pretrained, case, capsys, tmp_path):
-    reference = _single_process(pretrained, case)
+    reference, single_epochs = _single_process(pretrained, case)
     code = main(["unlearn", "--checkpoint", str(pretrained["checkpoint"]), "--json", "--quiet",
                  *_overrides(case, pretrained["dir"] / "runs", PER_RANK),
                  f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
@@ -86,6 +90,17 @@ def test_sharded_unlearning_through_the_cli_equals_single_process(pretrained, ca
                               "tags.method = '" + METHOD_CASES[case][0].split("=")[1] + "'")
     assert len(runs) == 1 and "tow" in runs[0].data.metrics
     assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+    # per-epoch metrics measured sharded by the workers equal the single-process run's epoch by epoch
+    # (the last step also holds the driver's final measurement on the consolidated weights)
+    assert sorted(single_epochs) == [1, 2]
+    for key in ("tow", "retain_acc", "forget_acc", "val_acc", "test_acc"):
+        by_step: dict[int, list[float]] = {}
+        for metric in client.get_metric_history(runs[0].info.run_id, key):
+            by_step.setdefault(metric.step, []).append(metric.value)
+        assert sorted(by_step) == [0, 1, 2], key  # step 0: the model before unlearning
+        for epoch, record in single_epochs.items():
+            assert by_step[epoch] and all(abs(v - record[key]) < TOLERANCE for v in by_step[epoch]), \
+                (case, key, epoch, by_step[epoch], record[key])
 
 
 @pytest.mark.distributed
