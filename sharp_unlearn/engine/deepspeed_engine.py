@@ -44,7 +44,7 @@ from sharp_unlearn.engine.loop import StepStats, Trainer
 from sharp_unlearn.engine.objective import Batch, Objective, step_groups
 from sharp_unlearn.errors import ConfigError, TrainingDiverged, require
 from sharp_unlearn.optim.sam import SIGNS, combine, frozen_bn_stats, perturbation, scaled_grads, squared_norm
-from sharp_unlearn.optim.side_states import SideStates
+from sharp_unlearn.optim.side_states import SideStates, side_states_of
 
 #: largest temporary (elements) the SAM arithmetic allocates at once
 DEFAULT_CHUNK_NUMEL = 1 << 22
@@ -184,7 +184,7 @@ class DeepSpeedTrainer(Trainer):
         if not isinstance(base, torch.optim.Optimizer):  # pragma: no cover - a DeepSpeed layout we do not know
             raise ConfigError(f"cannot find the torch optimizer inside {type(self.optimizer).__name__}; "
                               "sequential updates (method.update_order=sequential) need one")
-        return SideStates(base)
+        return side_states_of(base)
 
     # ------------------------------------------------------------ data
     def _local(self, batch: Batch) -> tuple[Batch, float]:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from sharp_unlearn.engine.objective import Batch, Objective, Phase, step_groups
 from sharp_unlearn.errors import TrainingDiverged
 from sharp_unlearn.optim.sam import combine, frozen_bn_stats, perturbation
-from sharp_unlearn.optim.side_states import SideStates
+from sharp_unlearn.optim.side_states import SideStates, side_states_of
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
@@ -105,7 +105,7 @@ class Trainer:
         self.side_states = self._make_side_states()
 
     def _make_side_states(self) -> SideStates:
-        return SideStates(self.optimizer)
+        return side_states_of(self.optimizer)
 
     # ------------------------------------------------------------ gradients
     def _mask_list(self, objective: Objective) -> list[torch.Tensor] | None:

@@ -7,6 +7,7 @@ import torch
 
 from sharp_unlearn.config import OptimizerConfig, TrainConfig
 from sharp_unlearn.engine.objective import SamSpec
+from sharp_unlearn.optim.side_states import side_states_of
 
 
 def build_base_optimizer(params, cfg: OptimizerConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -14,13 +15,17 @@ def build_base_optimizer(params, cfg: OptimizerConfig, lr: float | None = None) 
     lr = cfg.lr if lr is None else lr
     name = cfg.base_name
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown base optimizer {name!r}")  # config validation makes this unreachable
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
+                                    nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    elif name == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown base optimizer {name!r}")  # config validation makes this unreachable
+    # sequential updates' second optimizer state must load with the first, whenever a runner resumes
+    side_states_of(optimizer)
+    return optimizer
 
 
 def sam_spec(cfg: OptimizerConfig) -> SamSpec | None:

@@ -86,6 +86,21 @@ class SideStates:
             self.states[side] = state
 
 
+def side_states_of(optimizer: torch.optim.Optimizer) -> SideStates:
+    """The optimizer's :class:`SideStates`, attached on first use.
+
+    Attaching it when the optimizer is built (``build_base_optimizer`` does)
+    means its loading hook exists before any checkpoint is loaded into the
+    optimizer, whatever order a runner constructs its trainer and resumes in:
+    without the hook torch would ignore the side states silently.
+    """
+    attached = getattr(optimizer, "_sharp_unlearn_side_states", None)
+    if attached is None:
+        attached = SideStates(optimizer)
+        optimizer._sharp_unlearn_side_states = attached
+    return attached
+
+
 def _placed(key: str, value: Any, param: torch.Tensor) -> Any:
     """A loaded state value on the parameter's device (and dtype for float buffers), as torch's
     own loading does; ``step`` counters keep their dtype and device (Adam keeps them on the CPU)."""

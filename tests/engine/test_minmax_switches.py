@@ -18,7 +18,7 @@ from sharp_unlearn.engine.loop import Trainer
 from sharp_unlearn.engine.objective import Batch
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods import METHODS
-from sharp_unlearn.optim.masks import masks_for_fractions, saliency_mask
+from sharp_unlearn.optim.masks import load_mask, masks_for_fractions, saliency_mask
 
 ALPHA, RHO_MIN, RHO_MAX, LAMB_MIN, LAMB_MAX, LR = 0.7, 0.05, 0.2, 1.0, 0.5, 0.1
 
@@ -218,6 +218,28 @@ def test_sequential_with_adam_resumes_bit_exactly_from_a_state_dict():
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
 
 
+def test_sequential_resume_does_not_depend_on_when_the_trainer_is_built():
+    # an optimizer from build_base_optimizer carries its loading hook from birth: a runner may load
+    # the checkpoint before it constructs the Trainer and still gets the forget side's moments back
+    from sharp_unlearn.optim.factory import build_base_optimizer
+
+    opt_cfg = OptimizerConfig(name="adamw", lr=0.01, weight_decay=5e-4)
+    method = _method(update_order="sequential")
+    straight = _model()
+    _engine_step(method, straight, build_base_optimizer(straight.parameters(), opt_cfg), steps=3)
+    first = _model()
+    opt_first = build_base_optimizer(first.parameters(), opt_cfg)
+    _engine_step(method, first, opt_first, steps=2)
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt_first.state_dict())
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    opt_resumed = build_base_optimizer(resumed.parameters(), opt_cfg)
+    opt_resumed.load_state_dict(saved_opt)  # before any Trainer exists
+    _engine_step(method, resumed, opt_resumed, steps=1)
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+
+
 def test_joint_checkpoints_carry_no_side_states():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -266,6 +288,28 @@ def test_mask_order_reaches_the_method_mask_and_rejects_a_mismatched_file(tmp_pa
     with pytest.raises(ConfigError, match="mask_order"):
         saliency_mask_for(ctx, MethodConfig(name="salun", mask_fraction=0.25, mask_order="smallest",
                                             mask_path=str(path)))
+
+
+def test_mask_files_record_their_order(tmp_path):
+    from sharp_unlearn.recipes.mask import make_masks
+    from sharp_unlearn.recipes.pretrain import train_from_scratch
+    from sharp_unlearn.recipes.unlearn import load_pretrained, unlearn_config
+
+    common = [f"output_dir={tmp_path}", "tracking.enabled=false", "device=cpu", "threads=1"]
+    cfg = load_config([], common + ["train.epochs=1", "model.name=small_cnn",
+                                    "model.options={width: 4, feature_dim: 16}"])
+    pretrained = load_pretrained(train_from_scratch(cfg, quiet=True).checkpoint)
+    paths = {}
+    for order in ("largest", "smallest"):
+        run_cfg = load_config([], common + ["forget.kind=random", "forget.size=20", "method.name=salun",
+                                            f"method.mask_order={order}"], base=unlearn_config(pretrained))
+        paths[order] = make_masks(run_cfg, pretrained, [0.3], out_dir=tmp_path / "masks", quiet=True).paths[0.3]
+    assert paths["largest"] != paths["smallest"]  # the two orders never overwrite each other
+    largest, meta_l = load_mask(paths["largest"])
+    smallest, meta_s = load_mask(paths["smallest"])
+    assert (meta_l["order"], meta_s["order"]) == ("largest", "smallest")
+    # 30 % each, disjoint: the largest and the smallest saliencies share no entry
+    assert all(float((largest[n] * smallest[n]).sum()) == 0 for n in largest)
 
 
 # ------------------------------------------------------------------ config
