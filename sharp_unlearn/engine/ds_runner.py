@@ -1,7 +1,8 @@
-"""Run a training stage inside DeepSpeed: epochs, sharded checkpoints, resume, fp32 export.
+"""The DeepSpeed backend of the epoch driver: sharded checkpoints, resume, fp32 export.
 
-The DeepSpeed counterpart of :func:`sharp_unlearn.engine.runner.run_stage`,
-called on every rank with the same arguments. Differences that matter:
+:class:`DeepSpeedBackend` runs a stage of :func:`sharp_unlearn.engine.driver.run_epochs`
+on N ranks (every rank calls the driver with the same arguments). What differs
+from one device:
 
 * data: each stream yields *global* batches of ``data.batch_size * N`` (the
   same order a single process with that batch size would see); each rank
@@ -13,13 +14,13 @@ called on every rank with the same arguments. Differences that matter:
 * export: at the end rank 0 writes the project's single-file checkpoint
   (:func:`save_checkpoint`) with full fp32 weights, consolidated from the
   shards, which every single-device command loads.
-* evaluation is sharded too (each rank scores a slice, counts are
-  all-reduced), and runs on all ranks because ZeRO-3 forwards are collective.
+* evaluation is sharded too (:class:`RowShardedModel`: each rank runs its rows
+  of every batch, the logits are gathered), on all ranks because ZeRO-3
+  forwards are collective.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -41,13 +42,10 @@ from sharp_unlearn.engine.deepspeed_engine import (
     barrier,
     split_rows,
 )
-from sharp_unlearn.engine.determinism import apply_determinism
-from sharp_unlearn.engine.loop import Timer, accuracy, epoch_seed, make_loader
+from sharp_unlearn.engine.driver import Resumed, StageResult, StageState, run_epochs
+from sharp_unlearn.engine.loop import accuracy
 from sharp_unlearn.engine.objective import Phase
-from sharp_unlearn.engine.runner import StageResult
 from sharp_unlearn.errors import require
-from sharp_unlearn.optim.factory import build_base_optimizer, build_scheduler
-from sharp_unlearn.progress import progress_bar
 from sharp_unlearn.tracking import NullTracker
 
 PROGRESS_FILE = "progress.json"
@@ -76,6 +74,8 @@ class RowShardedModel:
     """
 
     def __init__(self, model):
+        if isinstance(model, RowShardedModel):
+            model = model.module
         self.module = model._engine.module if isinstance(model, EngineModel) else model
 
     def eval(self) -> RowShardedModel:
@@ -159,7 +159,89 @@ def consolidated_state_dict(engine, sharded_dir: Path, tag: str) -> dict[str, to
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- the backend
+class DeepSpeedBackend:
+    """N ranks, ZeRO stage 0-3: :class:`DeepSpeedTrainer`, sharded checkpoints under ``sharded_dir``
+    and, at the end, the consolidated fp32 export at ``export_path`` (rank 0 writes it).
+
+    ``engine`` is the initialised engine after the stage (``engine.destroy()`` when done).
+    """
+
+    def __init__(self, ds_config: dict[str, Any], device: torch.device, sharded_dir: Path,
+                 export_path: Path | None = None, *, timeout_s: float | None = None):
+        self.ds_config = ds_config
+        self.device = device
+        self.sharded_dir = Path(sharded_dir)
+        self.export_path = export_path
+        self.timeout_s = timeout_s
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.engine = None
+        self.resumed_from = 0
+
+    def start(self, model, optimizer, scheduler, train_cfg, cfg) -> DeepSpeedTrainer:
+        deepspeed = require("deepspeed", "deepspeed")
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.ds_config)
+        # DeepSpeed's own groups too: a frozen peer fails the run
+        apply_group_timeout(self.timeout_s if self.timeout_s is not None else cfg.distributed.timeout_s)
+        return DeepSpeedTrainer(self.engine, device=self.device, grad_accum=train_cfg.grad_accum)
+
+    @property
+    def eval_model(self) -> RowShardedModel:
+        return RowShardedModel(self.engine.module)
+
+    def resume(self, meta) -> Resumed | None:
+        progress = read_progress(self.sharded_dir)
+        if not (progress and progress.get("config_hash") == meta.get("config_hash") and not progress.get("completed")
+                and (self.sharded_dir / progress["tag"]).is_dir()):
+            return None
+        self.engine.load_checkpoint(str(self.sharded_dir), tag=progress["tag"], load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        self.resumed_from = int(progress["epoch"])
+        return Resumed(self.resumed_from, list(progress.get("history", [])),
+                       float(progress.get("wall_seconds", 0.0)))
+
+    def sync(self) -> None:
+        broadcast_buffers(self.engine.module)  # one set of BatchNorm statistics for evaluating and saving
+
+    def _save(self, state: StageState) -> str:
+        engine, sharded_dir = self.engine, self.sharded_dir
+        tag = f"epoch{state.epoch:04d}"
+        engine.save_checkpoint(str(sharded_dir), tag=tag, save_latest=False,
+                               client_state={"epoch": state.epoch, "config_hash": state.meta.get("config_hash")})
+        # save_checkpoint ends with a barrier: every rank's shard is on disk; now commit
+        if self.rank == 0:
+            record = {"tag": tag, "epoch": state.epoch, "completed": state.completed, "history": state.history,
+                      "config_hash": state.meta.get("config_hash"), "world_size": self.world_size,
+                      "zero_stage": int(engine.zero_optimization_stage()), "wall_seconds": state.wall_seconds}
+            _write_atomic(sharded_dir / PROGRESS_FILE, json.dumps(record, indent=1))
+            _write_atomic(sharded_dir / "latest", tag)  # what DeepSpeed's own tools read
+            tags = sorted(p.name for p in sharded_dir.glob("epoch*") if p.is_dir())
+            for old in tags[:-KEEP_TAGS]:
+                shutil.rmtree(sharded_dir / old, ignore_errors=True)
+        barrier()
+        return tag
+
+    def save(self, state: StageState) -> None:
+        self._save(state)
+
+    def finish(self, state: StageState) -> Path | None:
+        final_tag = self._save(state)
+        if self.export_path is not None and self.rank == 0:
+            save_checkpoint(self.export_path, {
+                **state.meta,
+                "model": consolidated_state_dict(self.engine, self.sharded_dir, final_tag),
+                "epoch": state.epoch,
+                "completed": True,
+                "history": state.history,
+                "config": state.cfg.to_dict(),
+                "resumed_from": self.resumed_from,
+                "sharded_checkpoint": str(self.sharded_dir / final_tag),
+            })
+        barrier()
+        return self.export_path
+
+
 def run_deepspeed_stage(
     model: nn.Module,
     phases_fn: Callable[[int], list[Phase]],
@@ -181,103 +263,17 @@ def run_deepspeed_stage(
     description: str = "train",
     resume: bool = True,
 ) -> DeepSpeedStageResult:
-    """Train ``model`` under DeepSpeed for ``epochs`` epochs of ``phases_fn(epoch)`` (all ranks call this).
+    """:func:`~sharp_unlearn.engine.driver.run_epochs` on a :class:`DeepSpeedBackend` (all ranks call this).
 
-    ``evaluate(model, epoch)`` runs on every rank (use :func:`distributed_accuracy`);
+    ``evaluate(model, epoch)`` runs on every rank with a :class:`RowShardedModel`;
     ``on_epoch_end(epoch, record)`` too, after the epoch's checkpoint is committed
     (e.g. ``ray.train.report``, which every worker must call).
-    Returns the export path as ``checkpoint``; ``resumed_from`` is the epoch resumed at.
+    Returns the export path as ``checkpoint`` and the engine, still initialised.
     """
-    deepspeed = require("deepspeed", "deepspeed")
-    tracker = tracker or NullTracker()
-    apply_determinism(cfg)  # each worker is its own process: threads and kernels are fixed here too
-    meta = dict(checkpoint_meta or {})
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    sharded_dir = Path(sharded_dir)
-    global_batch = cfg.data.batch_size * world
-    seed = cfg.seed
-    model.to(device)
-
-    def stream_factory(name: str, salt: int, epoch: int):
-        dataset = datasets[name]
-        return lambda pass_no: make_loader(dataset, global_batch, shuffle=True, seed=seed,
-                                           epoch=epoch * 1000 + pass_no, salt=salt,
-                                           num_workers=cfg.data.num_workers)
-
-    first_phases = phases_fn(0) if epochs > 0 else []
-    steps_per_epoch = sum(
-        min(math.ceil(math.ceil(len(datasets[p.driver_stream]) / global_batch) / train_cfg.grad_accum),
-            p.max_steps or 10**12) for p in first_phases) if first_phases else 1
-    optimizer = build_base_optimizer(model.parameters(), optimizer_cfg)
-    scheduler = build_scheduler(optimizer, train_cfg, max(1, steps_per_epoch), epochs)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    apply_group_timeout(cfg.distributed.timeout_s)  # DeepSpeed's own groups too: a frozen peer fails the run
-    trainer = DeepSpeedTrainer(engine, device=device, grad_accum=train_cfg.grad_accum)
-
-    start_epoch, history = 0, []
-    progress = read_progress(sharded_dir) if resume else None
-    if (progress and progress.get("config_hash") == meta.get("config_hash") and not progress.get("completed")
-            and (sharded_dir / progress["tag"]).is_dir()):
-        engine.load_checkpoint(str(sharded_dir), tag=progress["tag"], load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
-        start_epoch = int(progress["epoch"])
-        history = list(progress.get("history", []))
-
-    def save(epoch: int, completed: bool) -> str:
-        tag = f"epoch{epoch:04d}"
-        engine.save_checkpoint(str(sharded_dir), tag=tag, save_latest=False,
-                               client_state={"epoch": epoch, "config_hash": meta.get("config_hash")})
-        # save_checkpoint ends with a barrier: every rank's shard is on disk; now commit
-        if rank == 0:
-            record = {"tag": tag, "epoch": epoch, "completed": completed, "history": history,
-                      "config_hash": meta.get("config_hash"), "world_size": world,
-                      "zero_stage": int(engine.zero_optimization_stage())}
-            _write_atomic(sharded_dir / PROGRESS_FILE, json.dumps(record, indent=1))
-            _write_atomic(sharded_dir / "latest", tag)  # what DeepSpeed's own tools read
-            tags = sorted(p.name for p in sharded_dir.glob("epoch*") if p.is_dir())
-            for old in tags[:-KEEP_TAGS]:
-                shutil.rmtree(sharded_dir / old, ignore_errors=True)
-        barrier()
-        return tag
-
-    timer = Timer()
-    stream_salts = {name: i + 1 for i, name in enumerate(sorted(datasets))}
-    with progress_bar(description, max(epochs - start_epoch, 0), quiet or rank != 0) as advance:
-        for epoch in range(start_epoch, epochs):
-            torch.manual_seed(epoch_seed(seed, epoch, 99))  # dropout / augmentation, resume-stable
-            record: dict[str, float] = {"epoch": epoch + 1}
-            phases = phases_fn(epoch)
-            for phase in phases:
-                streams = {name: stream_factory(name, stream_salts[name], epoch) for name in datasets}
-                losses = trainer.run_phase(phase, streams)
-                for key, value in losses.items():
-                    record[f"loss_{phase.name}_{key}" if len(phases) > 1 else f"loss_{key}"] = value
-            record["train_loss"] = float(sum(v for k, v in record.items() if k.startswith("loss_")))
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            broadcast_buffers(engine.module)  # before evaluating and saving: one set of BatchNorm statistics
-            last = epoch + 1 == epochs
-            if evaluate is not None and (last or (train_cfg.eval_every and (epoch + 1) % train_cfg.eval_every == 0)):
-                record.update(evaluate(trainer.proxy, epoch + 1))
-            history.append(record)
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-            if not last and train_cfg.checkpoint_every and (epoch + 1) % train_cfg.checkpoint_every == 0:
-                save(epoch + 1, completed=False)
-            if on_epoch_end is not None and not last:
-                on_epoch_end(epoch + 1, record)
-            advance(status=f"loss {record['train_loss']:.3f}")
-    final_tag = save(epochs, completed=True)
-    if on_epoch_end is not None and history and int(history[-1]["epoch"]) == epochs:
-        on_epoch_end(epochs, history[-1])
-    if export_path is not None and rank == 0:
-        save_checkpoint(export_path, {
-            **meta,
-            "model": consolidated_state_dict(engine, sharded_dir, final_tag),
-            "epoch": epochs,
-            "completed": True,
-            "history": history,
-            "config": cfg.to_dict(),
-            "resumed_from": start_epoch,
-            "sharded_checkpoint": str(sharded_dir / final_tag),
-        })
-    barrier()
-    return DeepSpeedStageResult(export_path, history, timer.seconds, start_epoch, engine=engine)
+    backend = DeepSpeedBackend(ds_config, device, sharded_dir, export_path)
+    result = run_epochs(model, phases_fn, datasets, backend=backend, cfg=cfg, optimizer_cfg=optimizer_cfg,
+                        train_cfg=train_cfg, epochs=epochs, checkpoint_meta=checkpoint_meta, evaluate=evaluate,
+                        tracker=tracker, quiet=quiet, description=description, resume=resume,
+                        on_epoch_end=on_epoch_end)
+    return DeepSpeedStageResult(result.checkpoint, result.history, result.wall_seconds, result.resumed_from,
+                                engine=backend.engine)
