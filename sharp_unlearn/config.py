@@ -95,13 +95,61 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """A built-in architecture (``small_cnn``, ``resnet18``, ...) or a model source:
+    ``torchvision:<arch>``, ``timm:<name>``, ``hf:<local dir>``, ``python:<module>:<callable>``.
+
+    ``options`` are the builder's keyword arguments. The fields below ``options`` serve external
+    models (sources); ``weights`` also loads a state dict into a built-in one.
+    """
+
     name: str = "small_cnn"
     options: dict[str, Any] = field(default_factory=dict)
+    #: starting weights: a state-dict file, or (torchvision:) a weights name such as IMAGENET1K_V1 read
+    #: from the local torch cache; a head of another size than the data's classes is replaced
+    weights: str | None = None
+    #: fetch a named torchvision weights file that is not cached yet (needs internet); off: never download
+    download: bool = False
+    #: module path of the classifier head, whose input are the penultimate features (entanglement, UMAP,
+    #: MIA); None: found automatically (fc, classifier, heads.head, timm's get_classifier(), ...)
+    feature_layer: str | None = None
+    #: resize images to input_size x input_size before an external model; None: the size the model
+    #: declares (ViTs), else the data's own
+    input_size: int | None = None
+    #: channels an external model takes; one-channel images are repeated to them; None: its first conv's
+    input_channels: int | None = None
 
     def __post_init__(self) -> None:
-        from sharp_unlearn.models import MODELS
+        from sharp_unlearn.models import check_model_name
 
-        MODELS.get(self.name)
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model.name={self.name!r} is not valid; expected a model name or <source>:<target>")
+        check_model_name(self.name)
+        external = ":" in self.name
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
+            raise ConfigError(f"model.weights={self.weights!r} is not valid; expected a state-dict path or a "
+                              "weights name")
+        for key in ("feature_layer", "input_size", "input_channels"):
+            value = getattr(self, key)
+            if value is not None and not external:
+                raise ConfigError(f"model.{key}={value!r} applies to external models only; expected model.name="
+                                  f"<source>:<target> (built-in {self.name!r} has its own features and input shape)")
+        if self.feature_layer is not None and (not self.feature_layer.strip() or " " in self.feature_layer):
+            raise ConfigError(f"model.feature_layer={self.feature_layer!r} is not valid; expected a module path "
+                              "such as fc or heads.head")
+        if self.input_size is not None:
+            _check_range("model.input_size", self.input_size, 1)
+        if self.input_channels is not None:
+            _check_range("model.input_channels", self.input_channels, 1)
+
+    @property
+    def external(self) -> bool:
+        """A model from a source (torchvision:, timm:, hf:, python:), not a built-in architecture."""
+        return ":" in self.name
+
+    @property
+    def pretrained(self) -> bool:
+        """Training starts from given weights: pretraining this model is fine-tuning."""
+        return bool(self.weights)
 
 
 @dataclass
@@ -256,6 +304,9 @@ class MethodConfig:
     forget_mask_scope: str = "update"
     #: Sharp MinMax forget side: SAM perturbation from the `masked` gradient, or the `full` one (all entries)
     forget_perturbation: str = "masked"
+    #: Sharp MinMax retain side: the same choice for the SAM-min perturbation (the released code builds
+    #: both sides' perturbations from the unmasked gradient)
+    retain_perturbation: str = "masked"
     #: Sharp MinMax: `joint` sums retain and forget into one step; `sequential` steps retain, then forget
     #: at the updated weights, each side with its own base-optimizer state (released code)
     update_order: str = "joint"
@@ -286,6 +337,7 @@ class MethodConfig:
         _check_choice("method.mask_order", self.mask_order, MASK_ORDERS)
         _check_choice("method.forget_mask_scope", self.forget_mask_scope, FORGET_MASK_SCOPES)
         _check_choice("method.forget_perturbation", self.forget_perturbation, FORGET_PERTURBATIONS)
+        _check_choice("method.retain_perturbation", self.retain_perturbation, FORGET_PERTURBATIONS)
         _check_choice("method.update_order", self.update_order, UPDATE_ORDERS)
         _check_range("method.l1_weight", self.l1_weight, 0.0)
         _check_range("method.temperature", self.temperature, 0.0, lo_open=True)

@@ -256,7 +256,12 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: t
     logits, labels, indices, feats = [], [], [], []
     for item in loader:
         batch = as_batch(item).to(device)
-        if with_features and hasattr(model, "features"):
+        if with_features and hasattr(model, "forward_with_features"):
+            # one pass: a model whose features come from a hook on its head (models/external.py) gives
+            # the logits of its own forward, whatever the head does with its input
+            out, f = model.forward_with_features(batch.x)
+            feats.append(f.float().cpu())
+        elif with_features and hasattr(model, "features"):
             f = model.features(batch.x)
             out = model.head(f)
             feats.append(f.cpu())

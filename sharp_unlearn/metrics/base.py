@@ -254,7 +254,8 @@ class EvalContext:
         feats = self.outputs(split).features
         if feats is None:
             raise ConfigError(f"model {type(self.model).__name__} has no features(x) (penultimate layer); "
-                              "entanglement and UMAP need a FeatureModel")
+                              "entanglement and UMAP need a FeatureModel (built-in, or model.name=<source>:<target> "
+                              "with the head found automatically or named by model.feature_layer)")
         return feats
 
     # -- sub-samples for model-based metrics -----------------------------------
