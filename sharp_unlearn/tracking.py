@@ -40,7 +40,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.errors import ConfigError, MissingExtra, Terminated, note_termination, termination_requested
+from sharp_unlearn.errors import (
+    ConfigError,
+    MissingExtra,
+    Terminated,
+    handle_sigterm,
+    note_termination,
+    termination_requested,
+)
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
@@ -595,19 +602,6 @@ def _on_sigterm(signum, frame):
     raise RunTerminated("SIGTERM")
 
 
-@contextlib.contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (e.g. a Ray Tune function trainable): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def standard_tags(kind: str) -> dict[str, Any]:
     """Tags every run carries, plus MLflow's own source tags so the UI shows them."""
     commit = git_commit()
@@ -642,7 +636,7 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
     run_id = run.info.run_id
     tracker = MlflowTracker(client, run_id, max_artifact_mb, uri=uri, experiment_id=experiment_id)
     status = "FAILED"
-    with _sigterm_as_exception():
+    with handle_sigterm(_on_sigterm):
         try:
             if params:
                 tracker.log_params(params)
@@ -676,22 +670,9 @@ def tracked_run(*, uri: str | None, experiment: str, kind: str, tags: Mapping[st
             # a second SIGTERM while the status is written would leave the run RUNNING forever
             # MLflow prints "View run at <url>" on stdout when a server-backed run ends;
             # stdout belongs to --json output, so the link goes to stderr
-            with _ignore_sigterm(), contextlib.redirect_stdout(sys.stderr):
+            with handle_sigterm(signal.SIG_IGN), contextlib.redirect_stdout(sys.stderr):
                 with contextlib.suppress(Exception):
                     _retry_locked(client.set_terminated, run_id, status=status)
-
-
-@contextlib.contextmanager
-def _ignore_sigterm() -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _default_tags(cfg, kind: str) -> dict[str, Any]:
