@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.markdown import fmt, markdown_table
+from sharp_unlearn.stats import mean_ci95
 
 #: identity columns, from run info and the contract tags (the README's "Names users query")
 ID_COLUMNS = ("run_id", "run_name", "status", "kind", "method", "optimizer", "pretrain_optimizer", "dataset", "model",
@@ -294,14 +296,6 @@ def build_comparison(runs: Iterable, *, metrics: Sequence[str] | None = None, pa
 
 
 # --------------------------------------------------------------------------- summary over seeds
-def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of the 95 % confidence interval (Student t); None for one value."""
-    from sharp_unlearn.metrics.tow import mean_ci95 as _mean_ci95
-
-    mean, half = _mean_ci95(values)
-    return mean, None if half != half else half
-
-
 def summary_keys(comparison: Comparison) -> list[str]:
     """Runs that differ only in seed form a group: contract keys plus the params that vary."""
     optional = [c for c in OPTIONAL_ID_COLUMNS if c in comparison.id_columns]
@@ -335,31 +329,6 @@ def _isnan(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- text formats
-def fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if value != value:
-            return "nan"
-        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.1f}"
-    return str(value)
-
-
-def _short(value: Any, column: str) -> str:
-    text = fmt(value)
-    return text[:8] if column in ("run_id", *LINEAGE_COLUMNS) and text else text
-
-
-def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], short_ids: bool = False) -> str:
-    def cell(value: Any, column: str) -> str:
-        text = _short(value, column) if short_ids else fmt(value)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c), c) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def summary_display(comparison: Comparison, summary: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict]]:
     """Summary rows with ``mean ± ci`` cells, for Markdown / HTML / terminal."""
     keys = summary_keys(comparison)

@@ -10,7 +10,7 @@ from sharp_unlearn.metrics import (
                                         landscape,  # noqa: F401,E402  (registers "landscape")
                                         mia,  # noqa: F401,E402  (registers "mia")
                                         sharpness,  # noqa: F401,E402  (registers "sharpness")
-                                        tow,  # noqa: F401,E402  (lead: tow, forget_gap, mean_ci95)
+                                        tow,  # noqa: F401,E402  (lead: tow, forget_gap)
                                         tow_accuracy,  # noqa: F401,E402  (registers "accuracy", "tow")
                                         umap_plot,  # noqa: F401,E402  (registers "umap")
 )

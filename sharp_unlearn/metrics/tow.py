@@ -7,8 +7,7 @@ offered alongside, never instead.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 SPLITS = ("retain", "forget", "test")
 
@@ -28,24 +27,3 @@ def forget_gap(unlearned: Mapping[str, float], reference: Mapping[str, float]) -
     ``forget_gap`` so it is never mistaken for ToW itself.
     """
     return unlearned["forget_acc"] - reference["forget_acc"]
-
-
-def t_critical_95(dof: int) -> float:
-    """Two-sided 95 % Student-t quantile (scipy comes with scikit-learn, a core dependency)."""
-    if dof <= 0:
-        return float("nan")
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95 % Student-t confidence interval (NaN width for one value)."""
-    values = [float(v) for v in values if v == v]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, t_critical_95(len(values) - 1) * math.sqrt(var / len(values))

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from sharp_unlearn.config import config_from_dict, merge
-from sharp_unlearn.recipes.grid import load_spec, markdown_table, model_evaluator, run_grid, write_long
+from sharp_unlearn.markdown import fmt_result, markdown_table
+from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
 
 DEFAULT_SPEC = "demo_digits"
 TABLE_COLUMNS = ["pretrain", "method", "unlearn_opt", "retain_acc", "forget_acc", "test_acc", "tow",
@@ -47,15 +48,21 @@ def run_demo(spec_path: str | None = None, overrides: Sequence[str] = (), *, out
                         evaluator=evaluator)
         results_path = write_long(grid.long_rows, out / "demo_results.parquet")
         markdown_path = out / "demo_results.md"
-        text = markdown_table(grid.rows, TABLE_COLUMNS)
-        if grid.evaluation:
-            columns = list(dict.fromkeys(k for row in grid.evaluation for k in row if k not in ("seed", "level")))
-            text += "\n" + markdown_table(grid.evaluation, columns)
-        markdown_path.write_text(text)
+        markdown_path.write_text(results_markdown(grid.rows, grid.evaluation))
         log_grid_summary(parent, grid.rows, grid.evaluation, "demo")
         parent.log_artifact(results_path, "results")
         parent.log_artifact(markdown_path, "results")
     return DemoResult(grid.rows, results_path, markdown_path, grid.long_rows, grid.evaluation)
+
+
+def results_markdown(rows: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any]] = ()) -> str:
+    """The ToW table (one row per pretraining x method x unlearning optimizer), then the evaluation
+    table when there is one (its columns in first-seen order, without seed and level)."""
+    text = markdown_table(TABLE_COLUMNS, rows, cell=fmt_result)
+    if evaluation:
+        columns = list(dict.fromkeys(k for row in evaluation for k in row if k not in ("seed", "level")))
+        text += "\n" + markdown_table(columns, evaluation, cell=fmt_result)
+    return text
 
 
 @contextlib.contextmanager

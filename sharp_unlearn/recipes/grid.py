@@ -201,17 +201,6 @@ def _log_to_run(cfg, run_id: str | None, metrics: dict[str, float]) -> None:
     client_for(cfg.tracking.uri).log_batch(run_id, metrics=values)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_long(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Long-format table with the grid's extra columns (seed is already in the schema)."""
     import pyarrow as pa

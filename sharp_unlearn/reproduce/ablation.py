@@ -33,8 +33,8 @@ from typing import Any
 
 from sharp_unlearn.config import apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.metrics.tow import mean_ci95
 from sharp_unlearn.progress import stage
+from sharp_unlearn.stats import mean_ci95
 
 #: the grid spec whose base (data, model, pretraining recipe) and method settings the ablation keeps
 DEMO_SPEC = "demo_digits"
@@ -246,9 +246,9 @@ def paired_effects(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) 
     return out
 
 
-def is_significant(mean: float, half: float) -> bool:
+def is_significant(mean: float, half: float | None) -> bool:
     """The 95 % CI of the mean paired difference excludes 0 (one seed: no CI, never significant)."""
-    return half == half and mean == mean and abs(mean) > half
+    return half is not None and half == half and mean == mean and abs(mean) > half
 
 
 def verdicts(effects: Sequence[dict[str, Any]], metric: str = "tow") -> list[str]:

@@ -22,9 +22,9 @@ from typing import Any
 
 from sharp_unlearn.config import config_from_dict, merge
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.metrics.tow import mean_ci95
 from sharp_unlearn.progress import stage
 from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
+from sharp_unlearn.stats import mean_ci95
 
 DEFAULT_SPEC = "reproduce_digits"
 CIFAR_SPEC = "reproduce_cifar"
@@ -116,6 +116,11 @@ def best_speedup(summary: Sequence[dict[str, Any]], tow_floor: float = 0.9) -> d
     return best
 
 
+def _signed(mean: float, half: float | None) -> str:
+    """A paired difference: ``+0.123 ± 0.045``, or ``+0.123`` when there is no interval (one seed)."""
+    return f"{mean:+.3f}" if half is None else f"{mean:+.3f} ± {half:.3f}"
+
+
 def _fmt(mean: float | None, half: float | None) -> str:
     if mean is None:
         return ""
@@ -175,7 +180,8 @@ def plot_summary(summary) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cells)), 4))
         labels = [f"{s['method']}\n{s['pretrain']}/{s['unlearn_opt']}" for s in cells]
         means = [s.get("tow", float("nan")) for s in cells]
-        errors = [0 if s.get("tow_ci95") != s.get("tow_ci95") else s.get("tow_ci95", 0) for s in cells]
+        errors = [0.0 if s.get("tow_ci95") is None or s["tow_ci95"] != s["tow_ci95"] else s["tow_ci95"]
+                  for s in cells]
         colors = ["tab:orange" if "sam" in s["unlearn_opt"] else "tab:blue" for s in cells]
         ax.bar(range(len(cells)), means, yerr=errors, color=colors, capsize=2)
         ax.set_xticks(range(len(cells)), labels, rotation=90, fontsize=7)
@@ -460,7 +466,7 @@ def sharp_minmax_standing(rows: Sequence[dict[str, Any]]) -> list[str]:
         mean, half = mean_ci95([arms[best][s] - arms[best_smm][s] for s in seeds])
         verdict = "significant" if is_significant(mean, half) else "not significant"
         lines.append(f"{where}: Sharp MinMax is NOT best: {best[0]} ({best[1]}) {_fmt(*means[best])} beats the best "
-                     f"Sharp MinMax cell, {best_smm[0]} ({best_smm[1]}), by {mean:+.3f} ± {half:.3f} ToW "
+                     f"Sharp MinMax cell, {best_smm[0]} ({best_smm[1]}), by {_signed(mean, half)} ToW "
                      f"(paired over {len(seeds)} seeds, {verdict}); Sharp MinMax cells: {named}")
     return lines
 

@@ -409,7 +409,7 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
                  best_checkpoint: Path | None = None):
     """``sweep_results.parquet`` (long format, the README's "Names users query"), ``sweep_results.md``,
     ``best_config.yaml`` (naming ``best_checkpoint`` when a sharded sweep exported one)."""
-    from sharp_unlearn.recipes.demo import markdown_table
+    from sharp_unlearn.markdown import fmt_result, markdown_table
     from sharp_unlearn.results import rows_from_metrics, write_results
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -432,7 +432,7 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
     shown = [{k: _fmt(v) for k, v in r.items()} for r in (*baseline_rows, *rows)]
     markdown_path = directory / "sweep_results.md"
     header = f"# sweep {spec.name}: {spec.objective.describe()}\n\n"
-    markdown_path.write_text(header + markdown_table(shown, columns))
+    markdown_path.write_text(header + markdown_table(columns, shown, cell=fmt_result))
     best_path = None
     if best is not None:
         params = {k: best[k] for k in spec.keys}
