@@ -16,7 +16,8 @@ this description): ``mask_order=smallest`` (M holds the smallest
 saliencies), ``forget_mask_scope=perturbed`` (only the forget gradient at
 ``w+e`` is masked: the update ``g + s*lamb*(M*g(w+e) - g)`` moves every
 entry), ``forget_perturbation=full`` (``e`` from the unmasked forget
-gradient, normed over all parameters) and ``update_order=sequential`` (a
+gradient, normed over all parameters; ``retain_perturbation=full`` likewise
+for the retain side) and ``update_order=sequential`` (a
 retain step, then a forget step at the updated weights, each with its own
 base-optimizer state, so weight decay applies twice per iteration; the lr
 schedule still advances once per iteration). The packaged config
@@ -77,7 +78,8 @@ class SharpMinMax(UnlearningMethod):
         objectives = []
         if alpha > 0:
             objectives.append(Objective("retain", "retain", scaled(cross_entropy, alpha), sam=self.min_spec,
-                                        mask=self.outside, step_group="retain" if sequential else None))
+                                        mask=self.outside, perturbation=cfg.retain_perturbation,
+                                        step_group="retain" if sequential else None))
         if alpha < 1:
             objectives.append(Objective("forget", "forget", scaled(cross_entropy, -(1.0 - alpha)),
                                         sam=self.max_spec, mask=self.mask, mask_scope=cfg.forget_mask_scope,

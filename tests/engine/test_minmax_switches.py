@@ -74,9 +74,10 @@ def _side(w, b, batch, scale, mask, rho, lamb, sign, *, scope="update", perturba
     return mw * (gw + sign * lamb * (g2w - gw)), mb * (gb + sign * lamb * (g2b - gb))
 
 
-def _retain(w, b, retain, mask, adaptive=False):
+def _retain(w, b, retain, mask, adaptive=False, perturbation="masked"):
     mw, mb = mask
-    return _side(w, b, retain, ALPHA, (1 - mw, 1 - mb), RHO_MIN, LAMB_MIN, 1.0, adaptive=adaptive)
+    return _side(w, b, retain, ALPHA, (1 - mw, 1 - mb), RHO_MIN, LAMB_MIN, 1.0, adaptive=adaptive,
+                 perturbation=perturbation)
 
 
 def _forget(w, b, forget, mask, rho=RHO_MAX, **kw):
@@ -160,7 +161,19 @@ def test_full_perturbation_is_built_from_the_unmasked_forget_gradient(adaptive_m
     torch.testing.assert_close(model.bias.detach(), b - LR * (rb + fb), rtol=1e-5, atol=1e-7)
     # and it differs from the masked perturbation's update (the switch changes something)
     mw, _ = _forget(w, b, forget, MASK, adaptive=adaptive_max)
-    assert (mw - fw).abs().max() > 1e-6
+    assert (mw - fw).abs().max() > 1e-4
+
+
+def test_full_retain_perturbation_is_built_from_the_unmasked_retain_gradient():
+    model, w, b = _start()
+    _engine_step(_method(retain_perturbation="full"), model)
+    retain, forget = _data()
+    rw, rb = _retain(w, b, retain, MASK, perturbation="full")
+    fw, fb = _forget(w, b, forget, MASK)
+    torch.testing.assert_close(model.weight.detach(), w - LR * (rw + fw), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.bias.detach(), b - LR * (rb + fb), rtol=1e-5, atol=1e-7)
+    masked_w, _ = _retain(w, b, retain, MASK)
+    assert (masked_w - rw).abs().max() > 1e-4  # the switch changes the update
 
 
 def test_sequential_steps_forget_at_the_weights_the_retain_step_left():
@@ -315,7 +328,7 @@ def test_mask_files_record_their_order(tmp_path):
 # ------------------------------------------------------------------ config
 def test_switch_values_are_validated():
     for key, bad in (("mask_order", "top"), ("forget_mask_scope", "all"), ("forget_perturbation", "none"),
-                     ("update_order", "alternate")):
+                     ("retain_perturbation", "none"), ("update_order", "alternate")):
         with pytest.raises(ConfigError, match=f"method.{key}='{bad}'"):
             load_config([], ["method.name=sharp_minmax", f"method.{key}={bad}"])
 
@@ -323,8 +336,8 @@ def test_switch_values_are_validated():
 def test_packaged_paper_code_config_sets_every_switch_the_released_way():
     cfg = load_config(["sharp_minmax_paper_code"])
     m, o = cfg.method, cfg.optimizer
-    assert (m.name, m.mask_order, m.forget_mask_scope, m.forget_perturbation, m.update_order) == (
-        "sharp_minmax", "smallest", "perturbed", "full", "sequential")
+    assert (m.name, m.mask_order, m.forget_mask_scope, m.forget_perturbation, m.retain_perturbation,
+            m.update_order) == ("sharp_minmax", "smallest", "perturbed", "full", "full", "sequential")
     assert (m.alpha, o.base_name, o.lr, o.weight_decay, o.rho, o.lamb) == (0.99, "adamw", 0.01, 5e-4, 0.1, 1.0)
     # ASAM on both sides when asked
     asked = load_config(["sharp_minmax_paper_code"], ["optimizer.name=asam"])

@@ -24,7 +24,7 @@ pytest.importorskip("deepspeed")  # the `deepspeed` extra
 
 TOLERANCE = 1e-5
 STAGES = (0, 1, 2, 3)
-#: case -> (forget mask_scope, forget perturbation, sequential, forget adaptive, base optimizer)
+#: case -> (forget mask_scope, perturbation of both sides, sequential, forget adaptive, base optimizer)
 CASES = {
     "scope-perturbed": ("perturbed", "masked", False, False, "sgd"),
     "perturb-full": ("update", "full", False, True, "sgd"),
@@ -55,7 +55,7 @@ def _objectives(case: str, named_params):
     mask = {n: (torch.rand(p.shape, generator=gen) < 0.5).float() for n, p in named_params}
     other = {n: 1.0 - m for n, m in mask.items()}
     return [Objective("retain", "retain", ce, sam=SamSpec(rho=0.05, lamb=1.0), mask=other,
-                      step_group="retain" if sequential else None),
+                      perturbation=perturbation, step_group="retain" if sequential else None),
             Objective("forget", "forget", neg_ce, sam=SamSpec(rho=0.1, lamb=0.5, sign="max", adaptive=adaptive),
                       mask=mask, mask_scope=scope, perturbation=perturbation,
                       step_group="forget" if sequential else None)]
