@@ -218,9 +218,9 @@ def train_subset_model(cfg: ExperimentConfig, model_id: int, fraction: float, bu
 
     from sharp_unlearn.engine.objective import Objective, Phase
     from sharp_unlearn.engine.runner import resolve_device, run_stage
+    from sharp_unlearn.losses import cross_entropy
     from sharp_unlearn.models import build_model
     from sharp_unlearn.optim.factory import sam_spec
-    from sharp_unlearn.recipes.pretrain import cross_entropy_loss
 
     previous_threads = torch.get_num_threads()
     if threads:
@@ -238,7 +238,7 @@ def train_subset_model(cfg: ExperimentConfig, model_id: int, fraction: float, bu
         device = resolve_device(cfg.device)
         torch.manual_seed(model_cfg.seed)
         model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
-        phase = Phase("memorization-model", [Objective("ce", "train", cross_entropy_loss,
+        phase = Phase("memorization-model", [Objective("ce", "train", cross_entropy,
                                                        sam=sam_spec(cfg.optimizer))])
         subset = Subset(bundle.train, np.flatnonzero(mask).tolist())
         run_stage(model, lambda epoch: [phase], {"train": subset}, cfg=model_cfg, optimizer_cfg=cfg.optimizer,

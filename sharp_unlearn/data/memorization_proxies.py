@@ -69,9 +69,9 @@ def record_training(cfg: ExperimentConfig, bundle=None, *, quiet: bool = True) -
     from sharp_unlearn.engine.loop import predict
     from sharp_unlearn.engine.objective import Objective, Phase
     from sharp_unlearn.engine.runner import resolve_device, run_stage
+    from sharp_unlearn.losses import cross_entropy
     from sharp_unlearn.models import build_model
     from sharp_unlearn.optim.factory import sam_spec
-    from sharp_unlearn.recipes.pretrain import cross_entropy_loss
 
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs={cfg.train.epochs} leaves nothing to record; proxies need >= 1 epoch")
@@ -79,7 +79,7 @@ def record_training(cfg: ExperimentConfig, bundle=None, *, quiet: bool = True) -
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
-    phase = Phase("proxy", [Objective("ce", "train", cross_entropy_loss, sam=sam_spec(cfg.optimizer))])
+    phase = Phase("proxy", [Objective("ce", "train", cross_entropy, sam=sam_spec(cfg.optimizer))])
     records: dict[str, list[np.ndarray]] = {"prob_label": [], "loss": [], "correct": []}
 
     def evaluate(model, epoch):

@@ -176,10 +176,6 @@ class SplitOutputs:
                             None if self.features is None else self.features[pos])
 
 
-def cross_entropy_mean(model: nn.Module, batch) -> torch.Tensor:
-    return F.cross_entropy(model(batch.x), batch.y)
-
-
 def sample_positions(n: int, cap: int | None, seed: int, salt: int = 0) -> np.ndarray:
     """Sorted seeded sub-sample of ``range(n)`` of size ``min(n, cap)`` (all of it when it fits)."""
     if cap is None or n <= cap:

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from sharp_unlearn.metrics.base import EvalContext, MetricResult, cross_entropy_mean, eval_mode, register_metric
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.metrics.base import EvalContext, MetricResult, eval_mode, register_metric
 from sharp_unlearn.progress import sub_progress
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -42,13 +43,13 @@ def _weights(batches: Sequence) -> list[float]:
     return [s / total for s in sizes]
 
 
-def mean_loss(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy_mean) -> float:
+def mean_loss(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy) -> float:
     """Example-weighted mean of ``loss_fn`` over the batches (no graph)."""
     with torch.no_grad():
         return float(sum(w * float(loss_fn(model, b)) for w, b in zip(_weights(batches), batches, strict=True)))
 
 
-def loss_gradient(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy_mean) -> list[torch.Tensor]:
+def loss_gradient(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy) -> list[torch.Tensor]:
     params = _trainable(model)
     total = [torch.zeros_like(p) for p in params]
     for w, batch in zip(_weights(batches), batches, strict=True):
@@ -60,7 +61,7 @@ def loss_gradient(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_e
 
 
 def hessian_vector_product(model: nn.Module, batches: Sequence, vector: Sequence[torch.Tensor],
-                           loss_fn: LossFn = cross_entropy_mean) -> list[torch.Tensor]:
+                           loss_fn: LossFn = cross_entropy) -> list[torch.Tensor]:
     """``H v`` of the mean loss over the batches, by double backward (one pass per batch)."""
     params = _trainable(model)
     total = [torch.zeros_like(p) for p in params]
@@ -82,7 +83,7 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
-def top_hessian_eigenvalue(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy_mean, *,
+def top_hessian_eigenvalue(model: nn.Module, batches: Sequence, loss_fn: LossFn = cross_entropy, *,
                            iters: int = 20, tol: float = 1e-3, seed: int = 0) -> tuple[float, int]:
     """Largest-magnitude Hessian eigenvalue by power iteration; returns (eigenvalue, products used)."""
     if iters < 1:
@@ -109,7 +110,7 @@ def top_hessian_eigenvalue(model: nn.Module, batches: Sequence, loss_fn: LossFn 
     return eigenvalue, used
 
 
-def sam_sharpness(model: nn.Module, batches: Sequence, rho: float, loss_fn: LossFn = cross_entropy_mean
+def sam_sharpness(model: nn.Module, batches: Sequence, rho: float, loss_fn: LossFn = cross_entropy
                   ) -> tuple[float, float]:
     """``L(w + rho g/||g||) - L(w)`` and ``L(w)``; the weights are restored afterwards."""
     if rho <= 0:
