@@ -125,12 +125,13 @@ def test_defaults_are_one_summed_masked_step(optimizer_name):
     torch.testing.assert_close(model.bias.detach(), b - LR * (rb + fb), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("adaptive_max", [False, True])
-def test_perturbed_scope_keeps_the_clean_forget_gradient_unmasked(adaptive_max):
+@pytest.mark.parametrize("optimizer_name,adaptive_max", [("sgd", False), ("sam", True), ("asam", None)])
+def test_perturbed_scope_keeps_the_clean_forget_gradient_unmasked(optimizer_name, adaptive_max):
     model, w, b = _start()
-    _engine_step(_method(forget_mask_scope="perturbed", adaptive_max=adaptive_max), model)
+    _engine_step(_method(optimizer_name, forget_mask_scope="perturbed", adaptive_max=adaptive_max), model)
     retain, forget = _data()
-    rw, rb = _retain(w, b, retain, MASK)
+    rw, rb = _retain(w, b, retain, MASK, adaptive=optimizer_name == "asam")
+    adaptive_max = optimizer_name == "asam" if adaptive_max is None else adaptive_max  # None: like the min side
     fw, fb = _forget(w, b, forget, MASK, scope="perturbed", adaptive=adaptive_max)
     torch.testing.assert_close(model.weight.detach(), w - LR * (rw + fw), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(model.bias.detach(), b - LR * (rb + fb), rtol=1e-5, atol=1e-7)
@@ -176,11 +177,12 @@ def test_full_retain_perturbation_is_built_from_the_unmasked_retain_gradient():
     assert (masked_w - rw).abs().max() > 1e-4  # the switch changes the update
 
 
-def test_sequential_steps_forget_at_the_weights_the_retain_step_left():
+@pytest.mark.parametrize("optimizer_name", ["sgd", "asam"])
+def test_sequential_steps_forget_at_the_weights_the_retain_step_left(optimizer_name):
     model, w, b = _start()
-    _engine_step(_method(update_order="sequential"), model)
+    _engine_step(_method(optimizer_name, update_order="sequential"), model)
     retain, forget = _data()
-    rw, rb = _retain(w, b, retain, MASK)
+    rw, rb = _retain(w, b, retain, MASK, adaptive=optimizer_name == "asam")
     w1, b1 = w - LR * rw, b - LR * rb
     fw, fb = _forget(w1, b1, forget, MASK)
     torch.testing.assert_close(model.weight.detach(), w1 - LR * fw, rtol=1e-5, atol=1e-7)
