@@ -21,11 +21,7 @@ from one device:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +29,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sharp_unlearn.config import ExperimentConfig, OptimizerConfig, TrainConfig
 from sharp_unlearn.engine.checkpoint import save_checkpoint
 from sharp_unlearn.engine.deepspeed_engine import (
     DeepSpeedTrainer,
@@ -42,20 +37,13 @@ from sharp_unlearn.engine.deepspeed_engine import (
     barrier,
     split_rows,
 )
-from sharp_unlearn.engine.driver import Resumed, StageResult, StageState, run_epochs
+from sharp_unlearn.engine.driver import Resumed, StageState
 from sharp_unlearn.engine.loop import accuracy
-from sharp_unlearn.engine.objective import Phase
 from sharp_unlearn.errors import require
-from sharp_unlearn.tracking import NullTracker
+from sharp_unlearn.files import atomic_write
 
 PROGRESS_FILE = "progress.json"
 KEEP_TAGS = 2
-
-
-@dataclass
-class DeepSpeedStageResult(StageResult):
-    #: the engine, still initialised: evaluate with ``distributed_accuracy(engine.module, ...)``
-    engine: Any = None
 
 
 # ---------------------------------------------------------------- evaluation
@@ -138,14 +126,8 @@ def read_progress(sharded_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+#: the launcher (recipes/distributed.launch_torchrun) still imports it under this name
+_write_atomic = atomic_write
 
 
 def consolidated_state_dict(engine, sharded_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -214,8 +196,8 @@ class DeepSpeedBackend:
             record = {"tag": tag, "epoch": state.epoch, "completed": state.completed, "history": state.history,
                       "config_hash": state.meta.get("config_hash"), "world_size": self.world_size,
                       "zero_stage": int(engine.zero_optimization_stage()), "wall_seconds": state.wall_seconds}
-            _write_atomic(sharded_dir / PROGRESS_FILE, json.dumps(record, indent=1))
-            _write_atomic(sharded_dir / "latest", tag)  # what DeepSpeed's own tools read
+            atomic_write(sharded_dir / PROGRESS_FILE, json.dumps(record, indent=1))
+            atomic_write(sharded_dir / "latest", tag)  # what DeepSpeed's own tools read
             tags = sorted(p.name for p in sharded_dir.glob("epoch*") if p.is_dir())
             for old in tags[:-KEEP_TAGS]:
                 shutil.rmtree(sharded_dir / old, ignore_errors=True)
@@ -240,40 +222,3 @@ class DeepSpeedBackend:
             })
         barrier()
         return self.export_path
-
-
-def run_deepspeed_stage(
-    model: nn.Module,
-    phases_fn: Callable[[int], list[Phase]],
-    datasets: Mapping[str, Dataset],
-    *,
-    cfg: ExperimentConfig,
-    optimizer_cfg: OptimizerConfig,
-    train_cfg: TrainConfig,
-    epochs: int,
-    ds_config: dict[str, Any],
-    device: torch.device,
-    sharded_dir: Path,
-    export_path: Path | None,
-    checkpoint_meta: Mapping[str, Any] | None = None,
-    evaluate: Callable[[Any, int], dict[str, float]] | None = None,
-    tracker: NullTracker | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    quiet: bool = False,
-    description: str = "train",
-    resume: bool = True,
-) -> DeepSpeedStageResult:
-    """:func:`~sharp_unlearn.engine.driver.run_epochs` on a :class:`DeepSpeedBackend` (all ranks call this).
-
-    ``evaluate(model, epoch)`` runs on every rank with a :class:`RowShardedModel`;
-    ``on_epoch_end(epoch, record)`` too, after the epoch's checkpoint is committed
-    (e.g. ``ray.train.report``, which every worker must call).
-    Returns the export path as ``checkpoint`` and the engine, still initialised.
-    """
-    backend = DeepSpeedBackend(ds_config, device, sharded_dir, export_path)
-    result = run_epochs(model, phases_fn, datasets, backend=backend, cfg=cfg, optimizer_cfg=optimizer_cfg,
-                        train_cfg=train_cfg, epochs=epochs, checkpoint_meta=checkpoint_meta, evaluate=evaluate,
-                        tracker=tracker, quiet=quiet, description=description, resume=resume,
-                        on_epoch_end=on_epoch_end)
-    return DeepSpeedStageResult(result.checkpoint, result.history, result.wall_seconds, result.resumed_from,
-                                engine=backend.engine)

@@ -105,26 +105,13 @@ def validate_launch(cfg: ExperimentConfig, address: str | None = None) -> dict[s
 
 
 # ---------------------------------------------------------------- worker side
-def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
-    """One rank of a sharded pretraining run (all ranks call this; rank 0 returns the outcome)."""
+def _join(spec: Mapping[str, Any]):
+    """Join the process group as one rank of the run in ``spec``; returns (cfg, out_dir, device, rank)."""
     import torch
-    from torch.utils.data import Subset
 
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
-    from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_runner import distributed_accuracy, run_deepspeed_stage
-    from sharp_unlearn.engine.objective import Objective, Phase
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.optim.factory import sam_spec
-    from sharp_unlearn.recipes.pretrain import cross_entropy_loss
-    from sharp_unlearn.tracking import open_run
+    from sharp_unlearn.engine.deepspeed_engine import init_distributed
 
-    if spec.get("kind") == "unlearn":
-        return run_unlearn_worker(spec)
     cfg = config_from_dict(spec["cfg"])
-    kind = spec.get("kind", "pretrain")
     out_dir = Path(spec["out_dir"])
     _stdout_to_stderr()  # DeepSpeed prints to stdout; the driver's stdout may be --json
     device = init_distributed(cfg)
@@ -132,98 +119,79 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     (out_dir / "launch").mkdir(parents=True, exist_ok=True)
     # which process is which rank: for operators (and the fault test) to find a worker
     (out_dir / "launch" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    return cfg, out_dir, device, rank
 
+
+def _backend(cfg: ExperimentConfig, device, out_dir: Path, export_path: Path):
+    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.ds_runner import DeepSpeedBackend
+
+    return DeepSpeedBackend(resolve_deepspeed_config(cfg), device, out_dir / "deepspeed", export_path,
+                            timeout_s=cfg.distributed.timeout_s)
+
+
+def _finish(backend, out_dir: Path, outcome: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Rank 0 leaves the outcome for the launcher; every rank releases the engine together."""
+    from sharp_unlearn.engine.deepspeed_engine import barrier
+    from sharp_unlearn.files import atomic_write
+
+    if outcome is not None:
+        atomic_write(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
+    backend.engine.destroy()
+    barrier()
+    return outcome
+
+
+def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One rank of a sharded pretraining run (all ranks call this; rank 0 returns the outcome).
+
+    The single-device recipe (:func:`~sharp_unlearn.recipes.pretrain.train_stage`) on the
+    DeepSpeed backend; rank 0 alone logs to MLflow (``open_run`` checks ``RANK``).
+    """
+    from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.recipes.pretrain import stage_meta, train_stage
+
+    if spec.get("kind") == "unlearn":
+        return run_unlearn_worker(spec)
+    cfg, out_dir, device, rank = _join(spec)
+    kind = spec.get("kind", "pretrain")
     bundle = build_dataset(cfg.data, cfg.seed)
-    indices = spec.get("train_indices")
-    train = bundle.train if indices is None else Subset(bundle.train, list(indices))
-    train_eval = bundle.train_eval if indices is None else Subset(bundle.train_eval, list(indices))
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as a single process
-    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
-    phase = Phase(kind, [Objective("ce", "train", cross_entropy_loss, sam=sam_spec(cfg.optimizer))])
-    eval_bs = cfg.data.eval_batch_size
     split_hash = spec.get("split_hash")
-    meta = {"config_hash": distributed_config_hash(cfg), "split_hash": split_hash or "full", "kind": kind,
-            "model_name": cfg.model.name, "dataset": cfg.data.name, "num_classes": bundle.num_classes,
-            "input_shape": list(bundle.input_shape),
+    meta = {**stage_meta(cfg, bundle, kind, split_hash, distributed_config_hash(cfg)),
             "distributed": {"zero_stage": cfg.distributed.zero_stage, "num_workers": cfg.distributed.num_workers}}
     ckpt_path = out_dir / "checkpoint.pt"
-
-    def evaluate(model, epoch):
-        return {"val_acc": distributed_accuracy(model, bundle.val, eval_bs, device)}
-
-    on_epoch_end = _epoch_reporter(spec)
-    tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash,
-            "distributed": f"deepspeed-zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}",
+    backend = _backend(cfg, device, out_dir, ckpt_path)
+    tags = {"distributed": f"deepspeed-zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}",
             **(spec.get("tags") or {})}
+    result = train_stage(cfg, bundle, backend, out_dir=out_dir, checkpoint_path=ckpt_path, meta=meta,
+                         train_indices=spec.get("train_indices"), split_hash=split_hash, kind=kind, tags=tags,
+                         quiet=bool(spec.get("quiet")), resume=bool(spec.get("resume", True)),
+                         epoch_callback=_epoch_reporter(spec))
+    outcome = None
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    with open_run(cfg, kind=kind, tags=tags, run_name=f"{kind}-{cfg.optimizer.tag}") as tracker:
-        meta["run_id"] = tracker.run_id
-        result = run_deepspeed_stage(
-            model, lambda epoch: [phase], {"train": train}, cfg=cfg, optimizer_cfg=cfg.optimizer,
-            train_cfg=cfg.train, epochs=cfg.train.epochs, ds_config=resolve_deepspeed_config(cfg),
-            device=device, sharded_dir=out_dir / "deepspeed", export_path=ckpt_path, checkpoint_meta=meta,
-            evaluate=evaluate, tracker=tracker, on_epoch_end=on_epoch_end, quiet=bool(spec.get("quiet")),
-            description=f"{kind} {cfg.model.name}/{cfg.optimizer.tag} zero{cfg.distributed.zero_stage}",
-            resume=bool(spec.get("resume", True)))
-        module = result.engine.module
-        metrics = {
-            "train_acc": distributed_accuracy(module, train_eval, eval_bs, device),
-            "val_acc": distributed_accuracy(module, bundle.val, eval_bs, device),
-            "test_acc": distributed_accuracy(module, bundle.test, eval_bs, device),
-            "train_loss": result.history[-1]["train_loss"] if result.history else float("nan"),
-            "wall_seconds": result.wall_seconds,
-        }
-        tracker.log_metrics(metrics)
-        outcome = None
-        if rank == 0:
-            state = load_checkpoint(ckpt_path)
-            state.update(final_metrics=metrics, wall_seconds=result.wall_seconds, run_id=tracker.run_id)
-            save_checkpoint(ckpt_path, {k: v for k, v in state.items() if k != "format_version"})
-            tracker.log_artifact(out_dir / "config.yaml")
-            tracker.log_artifact(ckpt_path, "checkpoint")
-            outcome = {"checkpoint": str(ckpt_path), "metrics": metrics, "run_id": tracker.run_id,
-                       "wall_seconds": result.wall_seconds, "history": result.history,
-                       "resumed_from": result.resumed_from}
-            from sharp_unlearn.engine.ds_runner import _write_atomic
-
-            _write_atomic(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
-        result.engine.destroy()
-        barrier()
-    return outcome
+        outcome = {"checkpoint": str(ckpt_path), "metrics": result.metrics, "run_id": result.run_id,
+                   "wall_seconds": result.wall_seconds, "history": result.history,
+                   "resumed_from": result.resumed_from}
+    return _finish(backend, out_dir, outcome)
 
 
 def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     """One rank of a sharded unlearning stage (spec from :func:`make_unlearn_spec`).
 
     The driver (``run_unlearning``) selected the split, trained the reference and
-    keeps measuring; each rank rebuilds the pretrained model and the *same* split
-    from the positions in the spec (never reselecting), prepares the method on the
-    full model before DeepSpeed partitions it (saliency masks, SCRUB's teacher),
-    runs the phases, and rank 0 exports the consolidated fp32 weights.
+    keeps measuring the final model; each rank rebuilds the pretrained model and the
+    *same* split from the positions in the spec (never reselecting) and runs the
+    single-device recipe's stage (:func:`~sharp_unlearn.recipes.unlearn.unlearn_stage`)
+    on the DeepSpeed backend; rank 0 exports the consolidated fp32 weights.
     """
-    import torch
-
     from sharp_unlearn.data.forget import ForgetSplit
     from sharp_unlearn.engine.checkpoint import load_model_state
-    from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_runner import _write_atomic, run_deepspeed_stage
-    from sharp_unlearn.methods import METHODS, UnlearnContext
-    from sharp_unlearn.metrics.accuracy import subset
+    from sharp_unlearn.methods import METHODS
     from sharp_unlearn.models import build_model
     from sharp_unlearn.optim.factory import sam_spec
-    from sharp_unlearn.recipes.unlearn import load_pretrained
+    from sharp_unlearn.recipes.unlearn import epoch_evaluator, load_pretrained, unlearn_stage
 
-    cfg = config_from_dict(spec["cfg"])
-    out_dir = Path(spec["out_dir"])
-    _stdout_to_stderr()
-    device = init_distributed(cfg)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    (out_dir / "launch").mkdir(parents=True, exist_ok=True)
-    (out_dir / "launch" / f"rank{rank}.pid").write_text(str(os.getpid()))
-
+    cfg, out_dir, device, rank = _join(spec)
     pretrained = load_pretrained(spec["checkpoint"])
     bundle = pretrained.bundle
     s = spec["split"]
@@ -234,73 +202,37 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
                         None if s["scores"] is None else np.asarray(s["scores"], dtype=np.float64))
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
     load_model_state(model, pretrained.state["model"], f"checkpoint {spec['checkpoint']!r}")
-    model.to(device)
     method = METHODS.get(cfg.method.name)(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
-    retain_ds = subset(bundle.train, split.retain_positions)
-    forget_ds = subset(bundle.train, split.forget_positions)
-    # the same context as the single-device recipe; batch_size is the global batch it sees
-    ctx = UnlearnContext(model=model, retain=retain_ds, forget=forget_ds, num_classes=bundle.num_classes,
-                         device=device, seed=cfg.seed, batch_size=cfg.data.batch_size * world,
-                         extras={"forget_scores": None if split.scores is None
-                                 else split.scores[split.forget_positions],
-                                 "bundle": bundle, "split": split, "config": cfg},
-                         forget_eval=subset(bundle.train_eval, split.forget_positions))
-    datasets = {"retain": retain_ds, "forget": forget_ds}
-    extra_streams = method.prepare(ctx)  # on the full model: DeepSpeed has not partitioned it yet
-    if isinstance(extra_streams, dict):
-        datasets.update(extra_streams)
-
+    # with the reference's accuracies (the driver holds them) every epoch is measured as a single
+    # process measures it (ToW etc.), on the sharded model: the backend's eval model splits the rows
     evaluate = None
     if spec.get("reference_metrics") is not None:
-        # the single-process recipe's per-epoch metrics (ToW against the driver's reference), computed
-        # on the sharded model: each rank runs its rows of every batch, the logits are gathered
-        from sharp_unlearn.engine.ds_runner import RowShardedModel
-        from sharp_unlearn.recipes.unlearn import epoch_evaluator
-
-        evaluator = epoch_evaluator(bundle, split, dict(spec["reference_metrics"]), device,
-                                    cfg.data.eval_batch_size)
-
-        def evaluate(model, epoch):
-            return evaluator(RowShardedModel(model), epoch)
-
-    on_epoch_end = _epoch_reporter(spec)
+        evaluate = epoch_evaluator(bundle, split, dict(spec["reference_metrics"]), device, cfg.data.eval_batch_size)
     export_path = out_dir / "unlearned_fp32.pt"
+    backend = _backend(cfg, device, out_dir, export_path)
     # the driver holds the MLflow run; workers log nothing (it logs the history afterwards)
-    result = run_deepspeed_stage(
-        model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer, train_cfg=cfg.train,
-        epochs=method.epochs, ds_config=resolve_deepspeed_config(cfg), device=device,
-        sharded_dir=out_dir / "deepspeed", export_path=export_path,
-        checkpoint_meta={"config_hash": spec["config_hash"], "kind": "unlearn", "split_hash": split.split_hash,
-                         "model_name": cfg.model.name, "dataset": cfg.data.name},
-        evaluate=evaluate, on_epoch_end=on_epoch_end, quiet=bool(spec.get("quiet")),
-        description=f"unlearn {cfg.method.name}/{method.optimizer_tag} zero{cfg.distributed.zero_stage}",
-        resume=bool(spec.get("resume", True)))
+    result = unlearn_stage(cfg, model, bundle, split, method, backend,
+                           checkpoint_meta={"config_hash": spec["config_hash"], "kind": "unlearn",
+                                            "split_hash": split.split_hash, "model_name": cfg.model.name,
+                                            "dataset": cfg.data.name},
+                           evaluate=evaluate, quiet=bool(spec.get("quiet")), resume=bool(spec.get("resume", True)),
+                           on_epoch_end=_epoch_reporter(spec))
     outcome = None
     if rank == 0:
         outcome = {"checkpoint": str(export_path), "wall_seconds": result.wall_seconds,
                    "history": result.history, "resumed_from": result.resumed_from}
-        _write_atomic(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
-    result.engine.destroy()
-    barrier()
-    return outcome
+    return _finish(backend, out_dir, outcome)
 
 
 def _epoch_reporter(spec: Mapping[str, Any]):
     """``on_epoch_end`` of a worker under Ray Train (``spec["report"] == "ray"``): ``ray.train.report``
-    of the epoch's record, on every worker (each must call report the same number of times).
-
-    ``spec["report_transform"]`` (optional, Ray only: the spec is pickled, not JSON) maps
-    ``(epoch, record)`` to what is reported, e.g. a sweep's objective added to the record.
-    """
+    of the epoch's record, on every worker (each must call report the same number of times)."""
     if spec.get("report") != "ray":
         return None
     from ray import train as ray_train
 
-    transform = spec.get("report_transform")
-
     def on_epoch_end(epoch: int, record: dict[str, float]) -> None:
-        metrics = {k: float(v) for k, v in record.items()}
-        ray_train.report(transform(epoch, metrics) if transform is not None else metrics)
+        ray_train.report({k: float(v) for k, v in record.items()})
 
     return on_epoch_end
 
@@ -461,6 +393,19 @@ def _failure_message(spec: Mapping[str, Any], what: str) -> str:
     return f"sharded run failed: {what}; {where}rerun the same command to resume"
 
 
+def _resolve_launch(cfg: ExperimentConfig, address: str | None,
+                    launcher: str | None) -> tuple[ExperimentConfig, str | None]:
+    """The launcher and Ray address a launch uses (arguments, then the config, then ``RAY_ADDRESS``
+    for Ray), validated before any worker starts."""
+    address = address or cfg.distributed.address or (
+        os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
+    if launcher is not None and launcher != cfg.distributed.launcher:
+        cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
+                                                                 "launcher": launcher}})
+    validate_launch(cfg, address)
+    return cfg, address
+
+
 def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: str | None = None,
                      kind: str = "pretrain", tags: Mapping[str, Any] | None = None, quiet: bool = False,
                      resume: bool = True, use_cache: bool = True, address: str | None = None,
@@ -473,12 +418,7 @@ def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: s
     """
     from sharp_unlearn.engine.checkpoint import load_checkpoint
 
-    address = address or cfg.distributed.address or (
-        os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
-    if launcher is not None and launcher != cfg.distributed.launcher:
-        cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
-                                                                 "launcher": launcher}})
-    validate_launch(cfg, address)
+    cfg, address = _resolve_launch(cfg, address, launcher)
     spec = make_spec(cfg, kind=kind, train_indices=train_indices, split_hash=split_hash, tags=tags,
                      quiet=quiet, resume=resume)
     ckpt_path = Path(spec["out_dir"]) / "checkpoint.pt"
@@ -538,12 +478,7 @@ def launch_deepspeed_unlearn(cfg: ExperimentConfig, checkpoint: str | Path, spli
     ``reference_metrics``, each evaluated epoch's accuracies and ``tow``, measured sharded);
     ``metrics`` is empty: the driver measures the final model on its own copy.
     """
-    address = address or cfg.distributed.address or (
-        os.environ.get("RAY_ADDRESS") if (launcher or cfg.distributed.launcher) == "ray" else None)
-    if launcher is not None and launcher != cfg.distributed.launcher:
-        cfg = config_from_dict({**cfg.to_dict(), "distributed": {**cfg.to_dict()["distributed"],
-                                                                 "launcher": launcher}})
-    validate_launch(cfg, address)
+    cfg, address = _resolve_launch(cfg, address, launcher)
     spec = make_unlearn_spec(cfg, checkpoint, split, out_dir, config_hash=config_hash, quiet=quiet, resume=resume,
                              reference_metrics=reference_metrics)
     outcome = launch_ray(spec, address) if cfg.distributed.launcher == "ray" else launch_torchrun(spec)

@@ -30,9 +30,9 @@ from sharp_unlearn.data import DatasetBundle, build_dataset
 from sharp_unlearn.data.forget import ForgetSplit, memorization_groups, select_forget_set
 from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from sharp_unlearn.engine.determinism import apply_determinism
-from sharp_unlearn.engine.runner import resolve_device, run_stage
+from sharp_unlearn.engine.driver import Backend, LocalBackend, StageResult, resolve_device, run_epochs
 from sharp_unlearn.errors import ConfigError, TrainingDiverged
-from sharp_unlearn.methods import METHODS, UnlearnContext
+from sharp_unlearn.methods import METHODS, UnlearnContext, UnlearningMethod
 from sharp_unlearn.metrics.accuracy import split_accuracies, subset
 from sharp_unlearn.metrics.tow import forget_gap, tow
 from sharp_unlearn.models import build_model
@@ -171,6 +171,33 @@ def _log_previews(tracker, results_path: Path, split_path: Path, history: list[d
     tracker.log_figure(fig, "forgetting_curve.png")
 
 
+def unlearn_stage(cfg: ExperimentConfig, model: torch.nn.Module, bundle: DatasetBundle, split: ForgetSplit,
+                  method: UnlearningMethod, backend: Backend, *, checkpoint_meta: dict[str, Any],
+                  evaluate: Callable[[Any, int], dict[str, float]] | None = None, tracker=None,
+                  quiet: bool = False, resume: bool = True,
+                  on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> StageResult:
+    """Prepare ``method`` on the whole model (saliency masks, SCRUB's teacher: before a sharded
+    backend partitions it), then run its phases on ``backend``; every rank of a sharded run calls this."""
+    retain_ds = subset(bundle.train, split.retain_positions)
+    forget_ds = subset(bundle.train, split.forget_positions)
+    # batch_size is the global batch the phases see (each rank of a sharded run trains on its slice)
+    ctx = UnlearnContext(model=model, retain=retain_ds, forget=forget_ds, num_classes=bundle.num_classes,
+                         device=backend.device, seed=cfg.seed, batch_size=cfg.data.batch_size * backend.world_size,
+                         extras={"forget_scores": None if split.scores is None
+                                 else split.scores[split.forget_positions],
+                                 "bundle": bundle, "split": split, "config": cfg},
+                         forget_eval=subset(bundle.train_eval, split.forget_positions))
+    datasets = {"retain": retain_ds, "forget": forget_ds}
+    prepare_streams = method.prepare(ctx)
+    if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
+        datasets.update(prepare_streams)
+    return run_epochs(model, method.phases, datasets, backend=backend, cfg=cfg, optimizer_cfg=cfg.optimizer,
+                      train_cfg=cfg.train, epochs=method.epochs, checkpoint_meta=checkpoint_meta,
+                      evaluate=evaluate, tracker=tracker, quiet=quiet,
+                      description=f"unlearn {cfg.method.name}/{method.optimizer_tag}", resume=resume,
+                      on_epoch_end=on_epoch_end)
+
+
 def epoch_evaluator(bundle: DatasetBundle, split: ForgetSplit, reference_metrics: dict[str, float],
                     device, eval_batch_size: int) -> Callable[[Any, int], dict[str, float]]:
     """``evaluate(model, epoch)`` for the engine: retain/forget/val/test accuracy (and per memorization
@@ -282,29 +309,14 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
                 if epoch_callback is not None:  # after the run (live reports go to Ray Tune from the workers)
                     epoch_callback(int(record["epoch"]), record)
         else:
-            retain_ds = subset(bundle.train, split.retain_positions)
-            forget_ds = subset(bundle.train, split.forget_positions)
-            ctx = UnlearnContext(model=model, retain=retain_ds, forget=forget_ds, num_classes=bundle.num_classes,
-                                 device=device, seed=cfg.seed, batch_size=cfg.data.batch_size,
-                                 extras={"forget_scores": None if split.scores is None
-                                         else split.scores[split.forget_positions],
-                                         "bundle": bundle, "split": split, "config": cfg},
-                                 forget_eval=subset(bundle.train_eval, split.forget_positions))
-            datasets = {"retain": retain_ds, "forget": forget_ds}
-            prepare_streams = method.prepare(ctx)
-            if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
-                datasets.update(prepare_streams)
             evaluate = None
             if per_epoch_tow:
                 evaluate = epoch_evaluator(bundle, split, reference.metrics, device, eval_bs)
             stage_meta = {"config_hash": _output_dir(cfg, split, pretrained).name}
             try:
-                result = run_stage(model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer,
-                                   train_cfg=cfg.train, epochs=method.epochs, device=device,
-                                   checkpoint_path=stage_checkpoint, checkpoint_meta=stage_meta,
-                                   evaluate=evaluate, tracker=tracker, quiet=quiet,
-                                   description=f"unlearn {cfg.method.name}/{method.optimizer_tag}",
-                                   resume=True, on_epoch_end=epoch_callback)
+                result = unlearn_stage(cfg, model, bundle, split, method, LocalBackend(device, stage_checkpoint),
+                                       checkpoint_meta=stage_meta, evaluate=evaluate, tracker=tracker, quiet=quiet,
+                                       resume=True, on_epoch_end=epoch_callback)
             except TrainingDiverged:
                 shutil.rmtree(out_dir, ignore_errors=True)  # no half result; the input checkpoint is untouched
                 raise

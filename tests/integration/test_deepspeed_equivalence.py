@@ -158,15 +158,16 @@ def _deepspeed_run(case: str, stage: int, persistent: bool, device="cpu", bf16: 
 
 def _runner_sharp_minmax(stage: int, workdir: Path) -> dict | None:
     """The real Sharp MinMax method (saliency mask from the forget set, SAM-min outside it,
-    SAM-max inside) for 2 epochs through the DeepSpeed stage runner on digits, against
-    the single-device runner (``run_stage``) on the same global batches."""
+    SAM-max inside) for 2 epochs through the epoch driver on the DeepSpeed backend on digits,
+    against the same driver on one device (``run_stage``) with the same global batches."""
     import torch
     from torch.utils.data import Subset
 
     from sharp_unlearn.config import load_config
     from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.engine.driver import run_epochs
     from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_runner import run_deepspeed_stage
+    from sharp_unlearn.engine.ds_runner import DeepSpeedBackend
     from sharp_unlearn.engine.ds_shards import gather_full_params
     from sharp_unlearn.engine.runner import run_stage
     from sharp_unlearn.methods import METHODS, UnlearnContext
@@ -194,14 +195,13 @@ def _runner_sharp_minmax(stage: int, workdir: Path) -> dict | None:
         return model, method
 
     model, method = prepared(cfg_ds)  # the mask is computed on the full model, before sharding
-    result = run_deepspeed_stage(model, method.phases, datasets, cfg=cfg_ds, optimizer_cfg=cfg_ds.optimizer,
-                                 train_cfg=cfg_ds.train, epochs=2, ds_config=resolve_deepspeed_config(cfg_ds),
-                                 device=torch.device("cpu"), sharded_dir=workdir / f"runner-zero{stage}",
-                                 export_path=None, resume=False, quiet=True)
-    named = [(n, p) for n, p in result.engine.module.named_parameters()]
-    full = gather_full_params(result.engine, named)
+    backend = DeepSpeedBackend(resolve_deepspeed_config(cfg_ds), torch.device("cpu"), workdir / f"runner-zero{stage}")
+    result = run_epochs(model, method.phases, datasets, backend=backend, cfg=cfg_ds, optimizer_cfg=cfg_ds.optimizer,
+                        train_cfg=cfg_ds.train, epochs=2, resume=False, quiet=True)
+    named = [(n, p) for n, p in backend.engine.module.named_parameters()]
+    full = gather_full_params(backend.engine, named)
     losses = [r["train_loss"] for r in result.history]
-    result.engine.destroy()
+    backend.engine.destroy()
     if torch.distributed.get_rank() != 0:
         return None
     ref_model, ref_method = prepared(cfg_ref)
