@@ -358,11 +358,23 @@ def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dic
     "sweep": sweep name}}``: each cell's best from its own sweep (a cell whose trials all failed is
     absent and keeps the spec's settings). Each sweep is an MLflow parent run of its own.
     """
-    from sharp_unlearn.recipes.grid import method_of
-    from sharp_unlearn.tune import parse_sweep, run_sweep
+    import logging
+
+    from sharp_unlearn.ray_cluster import ray_session
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"--trials={num_samples!r} is not valid; expected an integer >= 1")
+    # one Ray session for every cell's sweep (each sweep reuses it): starting Ray once per cell cost
+    # ~10 s each, and on a busy machine every start is a chance of Ray's 30 s node-startup timeout
+    with ray_session(log_to_driver=False, logging_level=logging.WARNING if quiet else logging.INFO):
+        return _tune_cells(spec, seed, output_dir, tracking, quiet, num_samples)
+
+
+def _tune_cells(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool,
+                num_samples: int) -> dict[str, dict[str, Any]]:
+    from sharp_unlearn.recipes.grid import method_of
+    from sharp_unlearn.tune import parse_sweep, run_sweep
+
     level = (spec.get("levels") or [spec["forget"].get("level", "high")])[-1]
     per_cell: dict[str, dict[str, Any]] = {}
     for entry, over in (spec.get("methods") or {}).items():

@@ -2,6 +2,7 @@
 the paper-code Sharp MinMax as a cell of its own, and where Sharp MinMax stands."""
 from __future__ import annotations
 
+import contextlib
 import random
 from types import SimpleNamespace
 
@@ -47,6 +48,7 @@ def fake_sweeps(monkeypatch):
 
     monkeypatch.setattr(tune_module, "parse_sweep", parse_sweep)
     monkeypatch.setattr(tune_module, "run_sweep", run_sweep)
+    monkeypatch.setattr("sharp_unlearn.ray_cluster.ray_session", lambda **kwargs: contextlib.nullcontext())
     return seen
 
 
