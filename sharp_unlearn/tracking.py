@@ -48,6 +48,7 @@ from sharp_unlearn.errors import (
     note_termination,
     termination_requested,
 )
+from sharp_unlearn.files import atomic_path
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
@@ -229,13 +230,11 @@ def _create_store(db: Path, artifact_root: str, store_class) -> None:
     command in a folder) would otherwise leave a half-migrated database that every later command
     refuses. The rename makes the store appear complete or not at all.
     """
-    building = db.with_name(f".{db.name}.creating-{os.getpid()}")
-    try:
-        store_class("sqlite:///" + str(building), artifact_root).engine.dispose()
-        os.replace(building, db)
-    finally:
-        for leftover in (building, building.with_name(building.name + "-journal")):
-            leftover.unlink(missing_ok=True)
+    with atomic_path(db) as building:
+        try:
+            store_class("sqlite:///" + str(building), artifact_root).engine.dispose()
+        finally:  # SQLite's rollback journal of a side file interrupted mid-migration
+            building.with_name(building.name + "-journal").unlink(missing_ok=True)
 
 
 #: tries and first pause for a write SQLite refuses with "database is locked" (another process's transaction)
