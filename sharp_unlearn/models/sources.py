@@ -35,8 +35,8 @@ class Source:
     usage: str
     #: config-time validation of the target (cheap: no model is built)
     check: Callable[[str], None]
-    #: ``build(target, cfg, num_classes)``: the bare module; ``num_classes`` is a hint for sources that
-    #: build a fresh head of that size when no weights are loaded
+    #: ``build(target, cfg, num_classes)``: the bare module, its head built for ``num_classes`` where the
+    #: builder takes that argument and ``model.options`` do not set it
     build: Callable[[str, Any, int | None], nn.Module]
     #: ``named_weights(target, name, download)``: a state dict for a weights *name* (not a file); None:
     #: this source takes files only
@@ -93,8 +93,10 @@ def build_external(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_
 
     source, target = split_name(cfg.name)
     weights = cfg.weights if load_weights else None
-    # without weights to load, a source that can builds the head at the data's size directly
-    module = source.build(target, cfg, None if weights else num_classes)
+    # the head is built at the data's size; weights with another head size resize it to load (load_into),
+    # then it is refitted (fit_head): the same result as building at the weights' size, and a user's
+    # callable that requires num_classes gets it either way
+    module = source.build(target, cfg, num_classes)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.name={cfg.name!r} returned a {type(module).__name__}; expected a torch.nn.Module")
     head_path = find_head(module, cfg.feature_layer, cfg.name)
@@ -117,8 +119,7 @@ def build_external(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_
 
 
 def options_with_classes(options: dict[str, Any], num_classes: int | None) -> dict[str, Any]:
-    """``model.options`` plus ``num_classes`` when a fresh head of the data's size is wanted and the user did
-    not set one."""
+    """``model.options`` plus ``num_classes`` unless the user set it."""
     if num_classes is None or "num_classes" in options:
         return dict(options)
     return {**options, "num_classes": num_classes}
