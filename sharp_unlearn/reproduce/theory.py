@@ -26,10 +26,11 @@ Two regimes test prediction 3 over alpha:
   ascent is strong enough to erode the learned signal when the retain weight
   alpha is low, so SGD's error depends on alpha (measured on seeds 0-2: 75-78 %
   at alpha 0.1, 66-72 % at 0.3, 10-42 % at 0.5, 0.4-1.2 % at 0.7 and 0.9; SAM
-  0 % at every alpha), and the prediction is actually tested. At alpha 0 NegGrad+ is plain gradient ascent
-  driven by the forget stream alone (a quarter of the steps, and the ascent's
-  gradient vanishes on examples fitted with a large margin): it barely moves
-  the model, which is why "low error" is read as "from this alpha *up*".
+  0 % at every alpha on seeds 0 and 1), and the prediction is actually tested.
+  At alpha 0 NegGrad+ is plain gradient ascent driven by the forget stream
+  alone (a quarter of the steps, and the ascent's gradient vanishes on examples
+  fitted with a large margin): it barely moves the model, which is why "low
+  error" is read as "from this alpha *up*".
 """
 from __future__ import annotations
 
