@@ -130,16 +130,19 @@ def handle_sigterm(handler=raise_terminated) -> Iterator[None]:
     so ``finally`` blocks shut Ray down and end MLflow runs); ``signal.SIG_IGN`` holds it off while
     something must finish. The previous handler comes back on exit; one installed from C (Ray's)
     reads back as None and is replaced by the default. Outside the main thread (a Ray Tune function
-    trainable) signals cannot be set, and it does nothing."""
+    trainable) signals cannot be set, and it does nothing.
+
+    Yields the handler it replaced (None outside the main thread), for a handler that hands a second
+    SIGTERM on to it."""
     import signal
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
-        yield
+        yield None
         return
     try:
-        yield
+        yield previous if previous is not None else signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

@@ -12,6 +12,14 @@ from sharp_unlearn.errors import Terminated
 from sharp_unlearn.ray_cluster import ray_session
 
 
+@pytest.fixture(autouse=True)
+def _forget_termination(monkeypatch):
+    """A SIGTERM noted here must not read as an interruption in later tests (init_ray checks it)."""
+    from sharp_unlearn import errors
+
+    monkeypatch.setitem(errors._termination, "requested", False)
+
+
 class FakeRay:
     def __init__(self, initialized=False):
         self.initialized = initialized
