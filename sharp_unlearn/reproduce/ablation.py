@@ -192,8 +192,8 @@ def check_arms(spec: dict[str, Any], output_dir: str, tracking: dict[str, Any]) 
 
 # ----------------------------------------------------------------------------- statistics
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and 95 % CI half-width over seeds per (level, pretrain, method, variant)."""
-    keys = ("level", "pretrain", "method", "variant")
+    """Mean and 95 % CI half-width over seeds per (level, pretrain, method, variant, unlearn optimizer)."""
+    keys = ("level", "pretrain", "method", "variant", "unlearn_opt")
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         for metric in (*METRICS, "retain_acc", "forget_acc", "wall_seconds"):
@@ -213,36 +213,53 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _order(entry: dict[str, Any]) -> tuple:
     head = {"original": 0, "retrain": 1}
     return (LEVEL_ORDER.get(entry["level"], 9), entry["pretrain"], head.get(entry["method"], 2), entry["method"],
-            entry["variant"] != "project", entry["variant"])
+            entry["unlearn_opt"], entry["variant"] != "project", entry["variant"])
 
 
 def paired_effects(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> list[dict[str, Any]]:
-    """Per variant with a baseline, cell (level, pretrain) and metric: the mean paired difference
-    (variant - baseline, same seed) with its 95 % CI, and whether the CI excludes 0."""
-    by_entry: dict[tuple, float] = {}
+    """Per variant with a baseline, cell and metric: the mean paired difference (variant - baseline,
+    same seed) with its 95 % CI, and whether the CI excludes 0.
+
+    A cell is (level, pretraining optimizer) and, for an arm run with several unlearning optimizers
+    (SalUn with SGD and SAM), the unlearning optimizer too: each is paired with the baseline's run
+    on the same optimizer. An arm with one optimizer (Sharp MinMax's SAM pair, whose tag changes with
+    the preset's base optimizer) pairs with the baseline's only run.
+    """
+    tags: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        tags[row["entry"]].add(row["unlearn_opt"])
+    several = {entry for entry, found in tags.items() if len(found) > 1}
+
+    def opt_key(entry: str, tag: str) -> str:
+        return tag if entry in several else ""
+
+    values: dict[tuple, float] = {}
     for row in rows:
         for metric in METRICS:
             value = row.get(metric)
             if isinstance(value, (int, float)) and value == value:
-                by_entry[(row["entry"], row["level"], row["pretrain"], row["seed"], metric)] = float(value)
-    cells = sorted({(r["level"], r["pretrain"]) for r in rows}, key=lambda c: (LEVEL_ORDER.get(c[0], 9), c[1]))
+                values[(row["entry"], row["level"], row["pretrain"], opt_key(row["entry"], row["unlearn_opt"]),
+                        row["seed"], metric)] = float(value)
     seeds = sorted({r["seed"] for r in rows})
     out = []
     for variant in variants:
         if variant.baseline is None:
             continue
-        for level, pretrain in cells:
+        cells = sorted({(r["level"], r["pretrain"], r["unlearn_opt"]) for r in rows if r["entry"] == variant.entry},
+                       key=lambda c: (LEVEL_ORDER.get(c[0], 9), c[1], c[2]))
+        for level, pretrain, tag in cells:
+            arm = (variant.entry, level, pretrain, opt_key(variant.entry, tag))
+            base = (variant.baseline, level, pretrain, opt_key(variant.baseline, tag))
             for metric in METRICS:
-                diffs = [by_entry[(variant.entry, level, pretrain, s, metric)]
-                         - by_entry[(variant.baseline, level, pretrain, s, metric)]
-                         for s in seeds if (variant.entry, level, pretrain, s, metric) in by_entry
-                         and (variant.baseline, level, pretrain, s, metric) in by_entry]
+                diffs = [values[(*arm, s, metric)] - values[(*base, s, metric)]
+                         for s in seeds if (*arm, s, metric) in values and (*base, s, metric) in values]
                 if not diffs:
                     continue
                 mean, half = mean_ci95(diffs)
                 out.append({"method": variant.method, "variant": variant.name, "baseline": variant.baseline,
-                            "level": level, "pretrain": pretrain, "metric": metric, "diff": mean, "ci95": half,
-                            "seeds": len(diffs), "significant": is_significant(mean, half)})
+                            "level": level, "pretrain": pretrain, "unlearn_opt": tag,
+                            "per_optimizer": variant.entry in several, "metric": metric, "diff": mean,
+                            "ci95": half, "seeds": len(diffs), "significant": is_significant(mean, half)})
     return out
 
 
@@ -258,7 +275,7 @@ def verdicts(effects: Sequence[dict[str, Any]], metric: str = "tow") -> list[str
     arms = list(dict.fromkeys((e["method"], e["variant"]) for e in effects if e["metric"] == metric))
     for method, name in arms:
         cells = [e for e in effects if e["metric"] == metric and (e["method"], e["variant"]) == (method, name)]
-        changed = [f"{e['diff']:+.3f} ± {e['ci95']:.3f} on {_cell(e)}" for e in cells if e["significant"]]
+        changed = [f"{_signed(e['diff'], e['ci95'])} on {_cell(e)}" for e in cells if e["significant"]]
         unchanged = [_cell(e) for e in cells if not e["significant"]]
         parts = []
         if changed:
@@ -271,7 +288,12 @@ def verdicts(effects: Sequence[dict[str, Any]], metric: str = "tow") -> list[str
 
 
 def _cell(effect: dict[str, Any]) -> str:
-    return f"{effect['level']} ({effect['pretrain'].upper()}-pretrained)"
+    unlearn = f", unlearning with {effect['unlearn_opt'].upper()}" if effect.get("per_optimizer") else ""
+    return f"{effect['level']} ({effect['pretrain'].upper()}-pretrained{unlearn})"
+
+
+def _signed(mean: float, half: float | None) -> str:
+    return f"{mean:+.3f}" if half is None or half != half else f"{mean:+.3f} ± {half:.3f}"
 
 
 # ----------------------------------------------------------------------------- report
@@ -294,25 +316,25 @@ def render_markdown(summary, effects, lines, seeds: Sequence[int], preset_name: 
     out += [f"- {line}" for line in lines] + [""]
     for level in dict.fromkeys(s["level"] for s in summary):
         out += [f"## Forget set: memorization {level}", "",
-                "| pretrain | method | variant | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
-                "|---|---|---|" + "---|" * len(METRICS)]
+                "| pretrain | method | variant | unlearn | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+                "|---|---|---|---|" + "---|" * len(METRICS)]
         for s in summary:
             if s["level"] == level:
-                out.append(f"| {s['pretrain']} | {s['method']} | {s['variant']} | "
+                out.append(f"| {s['pretrain']} | {s['method']} | {s['variant']} | {s['unlearn_opt']} | "
                            + " | ".join(_fmt(s.get(m), s.get(f"{m}_ci95")) for m in METRICS) + " |")
         out.append("")
     out += ["## Paired differences against the baseline (mean ± 95 % CI; * = CI excludes 0)", "",
-            "| level | pretrain | method | variant | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
-            "|---|---|---|---|" + "---|" * len(METRICS)]
+            "| level | pretrain | method | variant | unlearn | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+            "|---|---|---|---|---|" + "---|" * len(METRICS)]
     cells: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
     for e in effects:
-        cells[(e["level"], e["pretrain"], e["method"], e["variant"])][e["metric"]] = e
-    for (level, pretrain, method, name), metrics in cells.items():
+        cells[(e["level"], e["pretrain"], e["method"], e["variant"], e["unlearn_opt"])][e["metric"]] = e
+    for (level, pretrain, method, name, tag), metrics in cells.items():
         values = []
         for m in METRICS:
             e = metrics.get(m)
-            values.append("" if e is None else f"{e['diff']:+.3f} ± {e['ci95']:.3f}{' *' if e['significant'] else ''}")
-        out.append(f"| {level} | {pretrain} | {method} | {name} | " + " | ".join(values) + " |")
+            values.append("" if e is None else f"{_signed(e['diff'], e['ci95'])}{' *' if e['significant'] else ''}")
+        out.append(f"| {level} | {pretrain} | {method} | {name} | {tag} | " + " | ".join(values) + " |")
     return "\n".join(out) + "\n"
 
 

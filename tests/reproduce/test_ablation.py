@@ -1,6 +1,7 @@
 """`reproduce ablation`: its arms, the paired-difference verdicts, the CLI wiring and (slow) a tiny real run."""
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -79,13 +80,13 @@ def test_the_default_spec_is_the_demos_setting_at_three_levels_and_seeds():
     assert ablation_spec(["seeds=[4, 5]", "levels=[high]"])["seeds"] == [4, 5]
 
 
-def _rows(arm_tow: dict[str, list[float]], level="high", pretrain="sgd") -> list[dict]:
+def _rows(arm_tow: dict[str, list[float]], level="high", pretrain="sgd", opt="sam-min/sam-max") -> list[dict]:
     rows = []
     for entry, values in arm_tow.items():
         for seed, value in enumerate(values):
             rows.append({"seed": seed, "pretrain": pretrain, "level": level, "method": entry.split("@")[0],
-                         "entry": entry, "variant": entry.split("@")[1], "tow": value, "test_acc": 90.0,
-                         "forget_gap": 10.0 * (1 - value), "mia_efficacy": 0.5})
+                         "entry": entry, "variant": entry.split("@")[1], "unlearn_opt": opt, "tow": value,
+                         "test_acc": 90.0, "forget_gap": 10.0 * (1 - value), "mia_efficacy": 0.5})
     return rows
 
 
@@ -115,6 +116,24 @@ def test_verdicts_from_the_paired_difference_ci():
     assert "changes" not in lines["sharp_minmax update_order=sequential"]
     assert "not significant on high (SGD-pretrained)" in lines["sharp_minmax update_order=sequential"]
     assert "sharp_minmax forget_perturbation=full" not in lines  # an arm without runs says nothing
+
+
+def test_an_arm_run_with_two_optimizers_pairs_each_with_its_own_baseline_run():
+    arms = build_variants(METHODS, PRESET)
+    rows = (_rows({"salun@project": [0.8, 0.8, 0.8], "salun@mask_order=smallest": [0.5, 0.5, 0.5]}, opt="sgd")
+            + _rows({"salun@project": [0.6, 0.7, 0.8], "salun@mask_order=smallest": [0.6, 0.7, 0.8]}, opt="sam")
+            # Sharp MinMax: one optimizer per arm, whose tag changes with the preset's optimizer
+            + _rows({"sharp_minmax@project": [0.9, 0.9, 0.9]})
+            + _rows({"sharp_minmax@paper_code": [0.2, 0.3, 0.1]}, opt="adamw-sam-min/adamw-sam-max"))
+    tow = {(e["variant"], e["unlearn_opt"]): e for e in paired_effects(rows, arms) if e["metric"] == "tow"}
+    assert tow[("mask_order=smallest", "sgd")]["diff"] == pytest.approx(-0.3)
+    assert tow[("mask_order=smallest", "sam")]["diff"] == pytest.approx(0.0)
+    assert tow[("paper_code", "adamw-sam-min/adamw-sam-max")]["diff"] == pytest.approx(-0.7)
+    assert tow[("paper_code", "adamw-sam-min/adamw-sam-max")]["significant"]
+    line = next(v for v in verdicts(list(paired_effects(rows, arms))) if v.startswith("salun"))
+    assert "changes ToW by -0.300 ± 0.000 on high (SGD-pretrained, unlearning with SGD)" in line
+    assert "not significant on high (SGD-pretrained, unlearning with SAM)" in line
+    assert len(summarize(rows)) == 6  # SalUn's two optimizers stay apart
 
 
 def test_one_seed_is_never_significant():
@@ -179,7 +198,9 @@ def test_tiny_ablation_end_to_end(tmp_path):
                           overrides=overrides)
     runs = pq.read_table(result["runs"]).to_pylist()
     arms = [v.entry for v in build_variants(METHODS, PRESET)]
-    assert sorted(r["entry"] for r in runs if r["entry"] not in ("original", "retrain")) == sorted(arms * 2)
+    # SalUn runs with both unlearning optimizers of the demo's spec, Sharp MinMax with its SAM pair
+    per_seed = [e for e in arms for _ in range(2 if e.startswith("salun") else 1)] + ["original", "retrain"]
+    assert Counter((r["seed"], r["entry"]) for r in runs) == Counter((s, e) for s in (0, 1) for e in per_seed)
     assert all(0.0 <= r["tow"] <= 1.0 and r["mia_efficacy"] == r["mia_efficacy"] for r in runs
                if r["entry"] not in ("original", "retrain"))
     effects = pq.read_table(result["effects"]).to_pylist()
@@ -195,6 +216,7 @@ def test_tiny_ablation_end_to_end(tmp_path):
     assert len(parent) == 1 and parent[0].data.tags["reproduce"] == "ablation"
     children = client.search_runs([parent[0].info.experiment_id],
                                   f"tags.mlflowParentRunId = '{parent[0].info.run_id}' and tags.kind = 'unlearn'")
-    assert sorted(c.data.tags["ablation_variant"] for c in children) == sorted(arms * 2)
+    assert Counter(c.data.tags["ablation_variant"] for c in children) == Counter(
+        e for e in per_seed * 2 if "@" in e)
     paper = [c for c in children if c.data.tags["ablation_variant"] == "sharp_minmax@paper_code"]
     assert all(c.data.params["method.update_order"] == "sequential" for c in paper)
