@@ -167,8 +167,8 @@ PAPER_SCALE_SCORES = ("variance_bounded", "variance_classwise_weighted", "varian
 
 
 @register_metric("entanglement", needs=("retain", "forget"), needs_features=True,
-                 description="variance ratio and Wasserstein score of retain vs forget features, global and class-wise, "
-                             "raw and on the paper code's scale (bounded, size-weighted)")
+                 description="variance ratio and Wasserstein score of retain vs forget features, global and "
+                             "class-wise, raw and on the paper code's scale (bounded, size-weighted)")
 def entanglement_metric(ctx: EvalContext) -> MetricResult:
     retain, forget = ctx.outputs("retain"), ctx.outputs("forget")
     scores = entanglement(ctx.features("retain"), retain.labels, ctx.features("forget"), forget.labels,
