@@ -6,10 +6,20 @@ from sharp_unlearn.report_console import print_rows
 
 
 def _load(args):
+    from sharp_unlearn.errors import ConfigError
     from sharp_unlearn.model_store import resolve_checkpoint
+    from sharp_unlearn.models.imported import import_checkpoint
     from sharp_unlearn.recipes.unlearn import load_pretrained, unlearn_config
 
-    pretrained = load_pretrained(resolve_checkpoint(args.checkpoint, args.tracking_uri))
+    path = resolve_checkpoint(args.checkpoint, args.tracking_uri)
+    try:
+        pretrained = load_pretrained(path)
+    except ConfigError:
+        # a state dict saved outside this tool: the command line declares its model, data and recipe
+        imported = import_checkpoint(path, config_from_args(args))
+        if imported is None:
+            raise
+        pretrained = load_pretrained(imported)
     cfg = config_from_args(args, base=unlearn_config(pretrained))
     return pretrained, cfg
 
@@ -21,7 +31,8 @@ class Unlearn(Command):
     def add_arguments(self, parser):
         parser.add_argument("--checkpoint", required=True,
                             help="pretrained checkpoint (from `pretrain`): a file, runs:/<run id>/model or "
-                                 "models:/<name>/<version>")
+                                 "models:/<name>/<version>; or a state dict saved outside this tool, with "
+                                 "its model.name=..., data and pretraining recipe given as overrides")
         parser.add_argument("--register", default=None, metavar="NAME",
                             help="register the unlearned model in MLflow's model registry as a new version of "
                                  "NAME, with lineage tags (needs tracking)")

@@ -1,0 +1,115 @@
+"""A ``torchvision:`` model unlearned with Sharp MinMax + SAM under ZeRO-3 (2 gloo ranks) equals the same
+unlearning in one process on the same global batches (fp32, 1e-5).
+
+The model is torchvision's SqueezeNet 1.1, unmodified (``dropout=0``: both runs must draw no random
+masks) and without BatchNorm (each rank would normalise its half-batch with its own statistics, a
+data-parallel difference, not a sharding one). Its head is a convolution, so the features come
+from ``model.feature_layer=classifier``; digits are resized to 24x24 (``model.input_size``).
+
+Run by hand: ``torchrun --nproc_per_node 2 --master_addr 127.0.0.1
+tests/integration/test_zero3_own_model.py OUT.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOLERANCE = 1e-5
+PER_RANK = 16
+MODEL = ["model.name=torchvision:squeezenet1_1", "model.options={dropout: 0.0}", "model.feature_layer=classifier",
+         "model.input_size=24"]
+
+
+def worker(out_path: str) -> None:
+    import gc
+
+    import deepspeed
+    import torch
+    from torch.utils.data import Subset
+
+    from sharp_unlearn.config import load_config
+    from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.engine.driver import run_epochs
+    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.ds_runner import DeepSpeedBackend
+    from sharp_unlearn.engine.ds_shards import gather_full_params
+    from sharp_unlearn.engine.runner import run_stage
+    from sharp_unlearn.methods import METHODS, UnlearnContext
+    from sharp_unlearn.models import build_model
+    from sharp_unlearn.optim.factory import sam_spec
+
+    torch.set_num_threads(1)
+    gc.freeze()  # ZeRO-3 init calls gc.collect(); freezing what is imported so far makes it cheaper
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    world = torch.distributed.get_world_size()
+    common = MODEL + ["train.epochs=1", "train.checkpoint_every=0", "optimizer.name=sam", "optimizer.lr=0.01",
+                      "optimizer.rho=0.05", "optimizer.weight_decay=0.0", "method.name=sharp_minmax",
+                      "method.alpha=0.9", "method.mask_fraction=0.5", "method.rho_max=0.1", "tracking.enabled=false",
+                      "data.augment=false"]
+    cfg_ds = load_config([], common + [f"data.batch_size={PER_RANK}", "distributed.backend=deepspeed",
+                                       "distributed.zero_stage=3", f"distributed.num_workers={world}"])
+    cfg_ref = load_config([], common + [f"data.batch_size={PER_RANK * world}"])
+    bundle = build_dataset(cfg_ds.data, cfg_ds.seed)
+    datasets = {"retain": Subset(bundle.train, list(range(0, 64))), "forget": Subset(bundle.train, list(range(64, 96)))}
+
+    def prepared(cfg):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+        method = METHODS.get("sharp_minmax")(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
+        method.prepare(UnlearnContext(model, datasets["retain"], datasets["forget"], bundle.num_classes,
+                                      torch.device("cpu"), cfg.seed, batch_size=PER_RANK * world))
+        return model, method
+
+    model, method = prepared(cfg_ds)
+    backend = DeepSpeedBackend(resolve_deepspeed_config(cfg_ds), torch.device("cpu"), Path(out_path).parent / "zero3")
+    result = run_epochs(model, method.phases, datasets, backend=backend, cfg=cfg_ds, optimizer_cfg=cfg_ds.optimizer,
+                        train_cfg=cfg_ds.train, epochs=1, resume=False, quiet=True)
+    named = list(backend.engine.module.named_parameters())
+    partition = sum(int(p.ds_tensor.numel()) for _, p in named)
+    total = sum(int(p.ds_numel) for _, p in named)
+    full = gather_full_params(backend.engine, named)
+    losses = [r["train_loss"] for r in result.history]
+    backend.engine.destroy()
+    if torch.distributed.get_rank() == 0:
+        ref_model, ref_method = prepared(cfg_ref)
+        initial = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+        ref = run_stage(ref_model, ref_method.phases, datasets, cfg=cfg_ref, optimizer_cfg=cfg_ref.optimizer,
+                        train_cfg=cfg_ref.train, epochs=1, device=torch.device("cpu"), quiet=True)
+        final = dict(ref_model.named_parameters())
+        row = {"max_abs_diff": max(float((full[n] - final[n].detach()).abs().max()) for n in final),
+               "moved": max(float((final[n].detach() - initial[n]).abs().max()) for n in final),
+               "loss_diff": max(abs(a - b["train_loss"]) for a, b in zip(losses, ref.history)),
+               "partition_numel": partition, "total_numel": total, "names": sorted(final)[:3]}
+        Path(out_path).write_text(json.dumps(row))
+    torch.distributed.barrier()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero3_unlearning_of_a_torchvision_model_matches_one_process(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "result.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = json.loads(out.read_text())
+    assert all(name.startswith("module.") for name in row["names"])  # the user's module, wrapped as it is
+    assert row["partition_numel"] <= row["total_numel"] // 2 + 64  # each rank holds about half, never all
+    assert row["moved"] > 1e-4  # the unlearning changed the weights, so equality means something
+    assert row["max_abs_diff"] < TOLERANCE, row
+    assert row["loss_diff"] < 1e-5, row
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
