@@ -362,7 +362,7 @@ def plot_theory(rows, spec: TheorySpec, path: Path) -> str | None:
             for opt in spec.optimizers:
                 axes[2, col].plot(xs, [_mean(discriminating, key, optimizer=opt, alpha=x) for x in xs], marker="o",
                                   label=opt.upper())
-            axes[2, col].set(title=f"{title} vs alpha (||mu||={norm:g}, unlearn lr {lr:g})", xlabel="alpha")
+            axes[2, col].set(title=f"{title} vs alpha\n(||mu||={norm:g}, unlearn lr {lr:g})", xlabel="alpha")
             axes[2, col].legend()
         for opt in spec.optimizers:
             xs = sorted({r["alpha"] for r in rows if r["signal_norm"] == float(spec.alpha_signal_norm)})
