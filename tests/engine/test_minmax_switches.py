@@ -365,3 +365,51 @@ def test_sweep_files_accept_the_switches_and_refuse_bad_values():
     raw["search"] = {"method.update_order": {"grid": ["joint", "alternate"]}}
     with pytest.raises(ConfigError, match="update_order"):
         parse_sweep(raw, source="inline")
+
+
+class _Killed(Exception):
+    """Stands in for the process dying between two epochs."""
+
+
+def _paper_code_stage(cfg, checkpoint, kill_after=None):
+    from torch.utils.data import Subset
+
+    from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.engine.runner import run_stage
+    from sharp_unlearn.methods import UnlearnContext
+    from sharp_unlearn.models import build_model
+
+    bundle = build_dataset(cfg.data, cfg.seed)
+    datasets = {"retain": Subset(bundle.train, range(0, 192)), "forget": Subset(bundle.train, range(192, 224))}
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    method = METHODS.get("sharp_minmax")(cfg.method, cfg.optimizer, None)
+    method.prepare(UnlearnContext(model, datasets["retain"], datasets["forget"], bundle.num_classes,
+                                  torch.device("cpu"), cfg.seed))
+
+    def evaluate(model, epoch):  # dying here keeps the checkpoint of epoch `kill_after`
+        if kill_after is not None and epoch == kill_after + 1:
+            raise _Killed
+        return {}
+
+    run_stage(model, method.phases, datasets, cfg=cfg, optimizer_cfg=cfg.optimizer, train_cfg=cfg.train,
+              epochs=cfg.method.epochs, device=torch.device("cpu"), checkpoint_path=checkpoint,
+              checkpoint_meta={"config_hash": "paper-code"}, evaluate=evaluate, quiet=True)
+    return model
+
+
+def test_paper_code_stage_resumes_bit_exactly_through_the_runner(small_cfg, tmp_path):
+    """Both sides' AdamW states are in the stage checkpoint: a run killed after epoch 1 and
+    resumed ends with the weights of a run that never stopped."""
+    from sharp_unlearn.engine.checkpoint import load_checkpoint
+
+    cfg = load_config(["sharp_minmax_paper_code"], [f"output_dir={tmp_path}", "tracking.enabled=false",
+                                                    "model.name=mlp", "method.epochs=2", "data.batch_size=64",
+                                                    "optimizer.lr=0.001", "threads=1"])
+    straight = _paper_code_stage(cfg, tmp_path / "straight.pt")
+    with pytest.raises(_Killed):
+        _paper_code_stage(cfg, tmp_path / "resumed.pt", kill_after=1)
+    assert set(load_checkpoint(tmp_path / "resumed.pt")["optimizer"]["side_states"]) == {"forget"}
+    resumed = _paper_code_stage(cfg, tmp_path / "resumed.pt")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
