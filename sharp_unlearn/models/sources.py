@@ -127,3 +127,22 @@ def options_with_classes(options: dict[str, Any], num_classes: int | None) -> di
 
 def rejected_options(name: str, options: dict[str, Any], exc: Exception) -> ConfigError:
     return ConfigError(f"model {name!r} rejected its options {options}: {str(exc).splitlines()[0][:200]}")
+
+
+def model_tags(cfg, kind: str = "pretrain") -> dict[str, str]:
+    """Run tags saying where a trained model starts (``cfg`` is a ModelConfig).
+
+    ``init``: ``pretrained`` (``model.weights`` loaded: training is fine-tuning) or ``scratch``;
+    ``init_weights``: the file or weights name; ``model_source``: ``builtin`` or the source. A retrained
+    reference (``kind="retrain"``) from given weights fine-tunes those same weights on the retain set,
+    and ``reference_recipe`` says so.
+    """
+    source = cfg.name.partition(":")[0] if is_external(cfg.name) else "builtin"
+    tags = {"model_source": source, "init": "pretrained" if cfg.weights else "scratch"}
+    if cfg.weights:
+        tags["init_weights"] = str(cfg.weights)
+        if kind == "retrain":
+            tags["reference_recipe"] = "fine-tuned from init_weights on the retain set"
+    elif kind == "retrain":
+        tags["reference_recipe"] = "trained from scratch on the retain set"
+    return tags

@@ -260,3 +260,13 @@ def test_external_checkpoint_keeps_its_head(user_module):
 def test_config_errors(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         model_cfg(*overrides)
+
+
+def test_model_tags_say_fine_tuning():
+    from sharp_unlearn.models.sources import model_tags
+
+    assert model_tags(model_cfg()) == {"model_source": "builtin", "init": "scratch"}
+    tuned = model_cfg("model.name=torchvision:resnet18", "model.weights=IMAGENET1K_V1")
+    assert model_tags(tuned) == {"model_source": "torchvision", "init": "pretrained", "init_weights": "IMAGENET1K_V1"}
+    assert model_tags(tuned, "retrain")["reference_recipe"] == "fine-tuned from init_weights on the retain set"
+    assert model_tags(model_cfg(), "retrain")["reference_recipe"] == "trained from scratch on the retain set"
