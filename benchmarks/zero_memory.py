@@ -120,7 +120,8 @@ def measure_stage(args, stage: int, baseline: int) -> dict:
 
     world = torch.distributed.get_world_size()
     torch.manual_seed(0)
-    options = {"hidden": list(args.hidden)} if args.model == "mlp" else {}
+    options = {"hidden": list(args.hidden)} if args.model == "mlp" else json.loads(args.options)
+    # a model source (timm:, torchvision:, ...) gets the 3x32x32 batch resized to the size it declares
     model = build_model(ModelConfig(args.model, options), 10, (3, 32, 32))
     numel = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
@@ -197,7 +198,11 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--model", default="vit_s", help="a registered model (default vit_s)")
+    parser.add_argument("--model", default="vit_s",
+                        help="a registered model (default vit_s) or a source: timm:vit_large_patch16_224, "
+                             "torchvision:vit_l_16, ...")
+    parser.add_argument("--options", default="{}", metavar="JSON",
+                        help="model.options as JSON, e.g. '{\"depth\": 4}' for a ViT-L cut to 4 blocks")
     parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 4096],
                         help="widths for --model mlp on 3x32x32 inputs ([4096, 4096]: 29.4M parameters)")
     parser.add_argument("--batch", type=int, default=2, help="per-rank batch")
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "memory.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker-out", str(out),
-               "--model", args.model, "--hidden", *map(str, args.hidden), "--batch", str(args.batch),
+               "--model", args.model, "--options", args.options, "--hidden", *map(str, args.hidden),
+               "--batch", str(args.batch),
                "--bucket", str(args.bucket),
                "--stages", *map(str, args.stages)]
         proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"world": world, "numel": ref["numel"], "rows": rows}, indent=2))
     else:
         mb = 2**20
-        name = f"MLP {args.hidden}" if args.model == "mlp" else args.model
+        name = f"MLP {args.hidden}" if args.model == "mlp" else args.model + (
+            f" {args.options}" if args.options != "{}" else "")
         print(f"{name} on 3x32x32: {ref['numel'] / 1e6:.1f}M parameters, {world} ranks, fp32, "
               f"SGD+momentum; per-rank MiB (worst rank)")
         print(f"{'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'sum':>8} {'ratio':>6} {'x(1/N)':>7} "

@@ -146,3 +146,12 @@ def model_tags(cfg, kind: str = "pretrain") -> dict[str, str]:
     elif kind == "retrain":
         tags["reference_recipe"] = "trained from scratch on the retain set"
     return tags
+
+
+def path_safe_name(name: str) -> str:
+    """``model.name`` as one path component: a source's target may hold ``/`` and ``:``
+    (``hf:/models/vit``), which would nest folders or be refused by some file systems."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_")
+    return safe[-80:] or "model"
