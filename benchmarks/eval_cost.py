@@ -35,10 +35,10 @@ from sharp_unlearn.data import IndexedTensorDataset
 from sharp_unlearn.engine.loop import Trainer, make_loader
 from sharp_unlearn.engine.objective import Objective, Phase
 from sharp_unlearn.evaluation import run_metrics
+from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.metrics import EvalContext, EvalOptions
 from sharp_unlearn.models import build_model
 from sharp_unlearn.optim.factory import build_base_optimizer
-from sharp_unlearn.recipes.pretrain import cross_entropy_loss
 
 FULL = ["accuracy", "tow", "mia", "entanglement", "sharpness"]
 TARGET = 2.0
@@ -70,7 +70,7 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def time_epoch(trainer: Trainer, train, batch_size: int, epoch: int, clock) -> float:
-    phase = Phase("train", [Objective("ce", "train", cross_entropy_loss)])
+    phase = Phase("train", [Objective("ce", "train", cross_entropy)])
     streams = {"train": lambda pass_no: make_loader(train, batch_size, shuffle=True, seed=0,
                                                     epoch=epoch * 1000 + pass_no)}
     start = clock()

@@ -126,10 +126,6 @@ def read_progress(sharded_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-#: the launcher (recipes/distributed.launch_torchrun) still imports it under this name
-_write_atomic = atomic_write
-
-
 def consolidated_state_dict(engine, sharded_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights (and buffers) from the sharded checkpoint ``tag`` (rank 0 only)."""
     if int(engine.zero_optimization_stage()) == 0:

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
@@ -94,10 +93,6 @@ class UnlearningMethod:
     @property
     def epochs(self) -> int:
         return self.cfg.epochs
-
-
-def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return F.cross_entropy(model(batch.x), batch.y)
 
 
 def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@ catastrophic forgetting of what only the forget set supported."""
 from __future__ import annotations
 
 from sharp_unlearn.engine.objective import Objective, Phase
-from sharp_unlearn.methods.base import METHODS, UnlearningMethod, cross_entropy
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.methods.base import METHODS, UnlearningMethod
 
 
 @METHODS.register("finetune")

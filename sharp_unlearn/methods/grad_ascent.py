@@ -7,7 +7,8 @@ keep epochs and lr small (it is the lower baseline of the family).
 from __future__ import annotations
 
 from sharp_unlearn.engine.objective import Objective, Phase
-from sharp_unlearn.methods.base import METHODS, UnlearningMethod, cross_entropy, scaled
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.methods.base import METHODS, UnlearningMethod, scaled
 
 
 @METHODS.register("grad_ascent")

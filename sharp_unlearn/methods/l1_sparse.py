@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from sharp_unlearn.engine.objective import Objective, Phase
-from sharp_unlearn.methods.base import METHODS, UnlearningMethod, cross_entropy
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.methods.base import METHODS, UnlearningMethod
 
 
 def l1_penalty(weight: float):

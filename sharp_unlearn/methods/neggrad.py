@@ -6,7 +6,8 @@ streams, both with the run's optimizer (SGD, or SAM with its sign/radius).
 from __future__ import annotations
 
 from sharp_unlearn.engine.objective import Objective, Phase
-from sharp_unlearn.methods.base import METHODS, UnlearningMethod, cross_entropy, scaled
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.methods.base import METHODS, UnlearningMethod, scaled
 
 
 @METHODS.register("neggrad")

@@ -19,7 +19,8 @@ import torch
 from torch.nn import functional as F
 
 from sharp_unlearn.engine.objective import Batch, Objective, Phase
-from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod, cross_entropy
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
 
 #: 2^31 - 1 (prime): products of two residues stay below 2^62, so the hash never overflows int64
 _PRIME = 2_147_483_647

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
 from sharp_unlearn.engine.objective import Objective, Phase, SamSpec
+from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.methods.base import (
     METHODS,
     UnlearnContext,
     UnlearningMethod,
-    cross_entropy,
     saliency_mask_for,
     scaled,
 )

@@ -47,7 +47,9 @@ import numpy as np
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, load_config, stable_hash
 from sharp_unlearn.engine.ds_config import check_worker_resources, local_resources, validate_distributed
-from sharp_unlearn.errors import ConfigError, init_ray, require
+from sharp_unlearn.errors import ConfigError, require
+from sharp_unlearn.files import atomic_write
+from sharp_unlearn.ray_cluster import ray_session, resolve_address
 from sharp_unlearn.recipes.pretrain import TrainOutcome, stage_dir
 
 OUTCOME_FILE = "outcome.json"
@@ -298,27 +300,20 @@ def build_torch_trainer(spec: dict[str, Any], run_config=None, cpus_per_worker: 
 
 
 def launch_ray(spec: dict[str, Any], address: str | None = None) -> dict[str, Any]:
-    ray = require("ray", "tune")
     cfg = config_from_dict(spec["cfg"])
-    started = False
-    if not ray.is_initialized():
-        if address:
-            init_ray(ray, address=address, log_to_driver=True)
-        else:
-            init_ray(ray, num_cpus=local_resources()["CPU"], num_gpus=local_resources()["GPU"],
-                     include_dashboard=False, log_to_driver=True)
-        started = True
-    try:
-        if address:  # the cluster's totals: a request it can never satisfy would wait forever
-            check_worker_resources(cfg, ray.cluster_resources(), where=f"the Ray cluster at {address}")
-        result = build_torch_trainer(spec).fit()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise RuntimeError(_failure_message(spec, f"Ray Train: {type(exc).__name__}: {exc}")) from None
-    finally:
-        if started:
-            ray.shutdown()
+    joined = resolve_address(address)
+    # the one Ray session helper: a caller's session is reused, a cluster joined (loopback heads
+    # from cluster/start-local.sh included), else a private local Ray sized to this machine
+    with ray_session(address=address, num_cpus=local_resources()["CPU"], num_gpus=local_resources()["GPU"],
+                     log_to_driver=True) as ray:
+        try:
+            if joined:  # the cluster's totals: a request it can never satisfy would wait forever
+                check_worker_resources(cfg, ray.cluster_resources(), where=f"the Ray cluster at {joined}")
+            result = build_torch_trainer(spec).fit()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(_failure_message(spec, f"Ray Train: {type(exc).__name__}: {exc}")) from None
     if getattr(result, "error", None) is not None:
         raise RuntimeError(_failure_message(spec, f"Ray Train: {result.error}"))
     outcome = getattr(result, "return_value", None)
@@ -358,12 +353,10 @@ def _stderr_fd():
 
 def launch_torchrun(spec: dict[str, Any]) -> dict[str, Any]:
     """N processes on this machine; a dead worker makes torchrun stop the rest and exit non-zero."""
-    from sharp_unlearn.engine.ds_runner import _write_atomic
-
     cfg = config_from_dict(spec["cfg"])
     out_dir = Path(spec["out_dir"])
     spec_path = out_dir / "launch" / "spec.json"
-    _write_atomic(spec_path, json.dumps(spec))
+    atomic_write(spec_path, json.dumps(spec))
     (out_dir / OUTCOME_FILE).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc_per_node", str(cfg.distributed.num_workers), "--max_restarts", "0",

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.utils.data import Subset
 
 from sharp_unlearn.config import ExperimentConfig
@@ -17,6 +16,7 @@ from sharp_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
 from sharp_unlearn.engine.driver import Backend, LocalBackend, resolve_device, run_epochs
 from sharp_unlearn.engine.loop import accuracy
 from sharp_unlearn.engine.objective import Objective, Phase
+from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.models import build_model
 from sharp_unlearn.optim.factory import sam_spec
 from sharp_unlearn.tracking import open_run
@@ -32,10 +32,6 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     #: the epoch a resumed stage continued from (0: trained from the start)
     resumed_from: int = 0
-
-
-def cross_entropy_loss(model, batch):
-    return F.cross_entropy(model(batch.x), batch.y)
 
 
 def stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | None = None) -> Path:
@@ -120,7 +116,7 @@ def train_stage(cfg: ExperimentConfig, bundle: DatasetBundle, backend: Backend, 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as a single process
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
     spec = sam_spec(cfg.optimizer)
-    phase = Phase(kind, [Objective("ce", "train", cross_entropy_loss, sam=spec)])
+    phase = Phase(kind, [Objective("ce", "train", cross_entropy, sam=spec)])
     eval_bs = cfg.data.eval_batch_size
     device = backend.device
 

@@ -19,7 +19,7 @@ def memorized_digits(tmp_path_factory):
     from sharp_unlearn.data import build_dataset
     from sharp_unlearn.engine.objective import Objective, Phase
     from sharp_unlearn.engine.runner import run_stage
-    from sharp_unlearn.methods.base import cross_entropy
+    from sharp_unlearn.losses import cross_entropy
     from sharp_unlearn.models import build_model
 
     out = tmp_path_factory.mktemp("digits")
