@@ -18,6 +18,7 @@ from sharp_unlearn.engine.loop import accuracy
 from sharp_unlearn.engine.objective import Objective, Phase
 from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.models import build_model
+from sharp_unlearn.models.sources import model_tags, path_safe_name
 from sharp_unlearn.optim.factory import sam_spec
 from sharp_unlearn.tracking import open_run
 
@@ -35,7 +36,7 @@ class TrainOutcome:
 
 
 def stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | None = None) -> Path:
-    name = f"{cfg.data.name}-{cfg.model.name}-{cfg.optimizer.tag}-s{cfg.seed}-{cfg.training_hash()}"
+    name = f"{cfg.data.name}-{path_safe_name(cfg.model.name)}-{cfg.optimizer.tag}-s{cfg.seed}-{cfg.training_hash()}"
     if split_hash:
         name += f"-{split_hash}"
     return Path(cfg.output_dir) / kind / name
@@ -123,7 +124,8 @@ def train_stage(cfg: ExperimentConfig, bundle: DatasetBundle, backend: Backend, 
     def evaluate(model, epoch):
         return {"val_acc": accuracy(model, bundle.val, eval_bs, device)}
 
-    run_tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash, **(tags or {})}
+    run_tags = {"optimizer": cfg.optimizer.tag, "split_hash": split_hash, **model_tags(cfg.model, kind),
+                **(tags or {})}
 
     def on_epoch_end(epoch: int, record: dict[str, float]) -> None:
         # the run folder appears with the first checkpoint (something to resume), not before:
