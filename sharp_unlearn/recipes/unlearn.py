@@ -36,6 +36,7 @@ from sharp_unlearn.methods import METHODS, UnlearnContext, UnlearningMethod
 from sharp_unlearn.metrics.accuracy import split_accuracies, subset
 from sharp_unlearn.metrics.tow import forget_gap, tow
 from sharp_unlearn.models import build_model
+from sharp_unlearn.models.imported import checkpoint_origin
 from sharp_unlearn.optim.factory import sam_spec
 from sharp_unlearn.recipes.pretrain import train_from_scratch
 from sharp_unlearn.results import rows_from_metrics, write_results
@@ -270,7 +271,8 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
     method = method_cls(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer))
     tags = {"method": cfg.method.name, "optimizer": method.optimizer_tag, "forget_set": split.label,
             "split_hash": split.split_hash, "pretrain_run_id": pretrained.run_id,
-            "reference_run_id": reference.run_id, "pretrain_optimizer": pretrained.cfg.optimizer.tag}
+            "reference_run_id": reference.run_id, "pretrain_optimizer": pretrained.cfg.optimizer.tag,
+            **checkpoint_origin(pretrained.state)}  # a checkpoint made outside this tool: where it came from
     out_dir = _output_dir(cfg, split, pretrained)
     # An interrupted stage leaves resumable state or nothing: the run folder appears with the
     # stage's first checkpoint (rerunning the same command resumes from it) and the outputs come
