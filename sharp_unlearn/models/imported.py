@@ -31,7 +31,8 @@ def _read(path: Path) -> Any:
     except Exception as exc:  # noqa: BLE001 - unreadable input is the user's
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"checkpoint {str(path)!r} cannot be read as a state dict ({first[:200]}); expected "
-                          "a file written by torch.save of tensors") from None
+                          "a checkpoint written by sharp-unlearn, or a state dict of tensors saved with torch.save"
+                          ) from None
 
 
 def file_sha256(path: Path) -> str:
