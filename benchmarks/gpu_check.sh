@@ -33,7 +33,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=4 NCCL_DEBUG
 } > "$OUT/environment.txt" 2>&1
 say "GPUs: $NGPU; $(tail -1 "$OUT/environment.txt")"
 
-port() { python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
+# the rendezvous store binds port 0 itself (no port picked here that another process could take)
+TORCHRUN="python -m torch.distributed.run --nnodes 1 --max_restarts 0 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 --local-addr 127.0.0.1"
 run() {  # name, timeout seconds, command...
     local name=$1 limit=$2; shift 2
     say "start $name"
@@ -47,10 +48,8 @@ run() {  # name, timeout seconds, command...
 : > "$OUT/steps.txt"
 
 EQ=tests/integration/test_deepspeed_equivalence.py
-run equivalence_fp32 420 python -m torch.distributed.run --nproc_per_node "$NGPU" --master_addr 127.0.0.1 \
-    --master_port "$(port)" "$EQ" "$OUT/equivalence_fp32.json" 0,1,2,3 --device cuda
-run equivalence_bf16 420 python -m torch.distributed.run --nproc_per_node "$NGPU" --master_addr 127.0.0.1 \
-    --master_port "$(port)" "$EQ" "$OUT/equivalence_bf16.json" 1,2,3 --device cuda --bf16
+run equivalence_fp32 420 $TORCHRUN --nproc_per_node "$NGPU" "$EQ" "$OUT/equivalence_fp32.json" 0,1,2,3 --device cuda
+run equivalence_bf16 420 $TORCHRUN --nproc_per_node "$NGPU" "$EQ" "$OUT/equivalence_bf16.json" 1,2,3 --device cuda --bf16
 
 REPS=30; [ "${QUICK:-0}" = 1 ] && REPS=10
 TP="python benchmarks/zero_sam_throughput.py --device cuda --nproc $NGPU --hidden 4096 4096 4096 --batch 256 --reps $REPS --json"

@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import torch
 from torch.nn import functional as F
 
 from sharp_unlearn.engine.objective import Batch, Objective, SamSpec
+from sharp_unlearn.recipes.distributed import torchrun_command
 
 
 def ce(model, batch: Batch) -> torch.Tensor:
@@ -189,12 +189,6 @@ def worker(args, out_path: str) -> None:
     torch.distributed.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
@@ -218,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         args.stages = [0, *args.stages]  # the unsharded reference
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker-out", str(out),
+        cmd = [*torchrun_command(args.nproc), __file__, "--worker-out", str(out),
                "--model", args.model, "--options", args.options, "--hidden", *map(str, args.hidden),
                "--batch", str(args.batch),
                "--bucket", str(args.bucket),

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from sharp_unlearn.engine.objective import Batch, Objective, SamSpec
+from sharp_unlearn.recipes.distributed import torchrun_command
 
 
 def ce(model, batch: Batch) -> torch.Tensor:
@@ -143,12 +143,6 @@ def worker(args, clock, out_path: str) -> None:
     engine.destroy()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -181,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     single = single_process(args, clock)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "zero.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
+        cmd = [*torchrun_command(args.nproc), __file__,
                "--worker-out", str(out), *(argv if argv is not None else sys.argv[1:])]
         env = {**os.environ, "OMP_NUM_THREADS": "1" if args.device == "cpu" else os.environ.get("OMP_NUM_THREADS", "4")}
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if args.json else None)

@@ -351,6 +351,18 @@ def _stderr_fd():
         return None
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """``torchrun`` for ``nproc`` processes on this machine, without restarts; append the program.
+
+    The rendezvous store binds port 0 itself (and the workers share it): a port picked beforehand
+    and bound later by torchrun can be taken in between (a busy machine, Ray's sockets), which
+    killed launches under load. Loopback only.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(int(nproc)),
+            "--max_restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+            "--rdzv-id", uuid.uuid4().hex, "--local-addr", "127.0.0.1"]
+
+
 def launch_torchrun(spec: dict[str, Any]) -> dict[str, Any]:
     """N processes on this machine; a dead worker makes torchrun stop the rest and exit non-zero."""
     cfg = config_from_dict(spec["cfg"])
@@ -358,14 +370,8 @@ def launch_torchrun(spec: dict[str, Any]) -> dict[str, Any]:
     spec_path = out_dir / "launch" / "spec.json"
     atomic_write(spec_path, json.dumps(spec))
     (out_dir / OUTCOME_FILE).unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", str(cfg.distributed.num_workers), "--max_restarts", "0",
-           # the rendezvous store binds port 0 itself (and the workers share it): a port picked here
-           # and bound later by torchrun could be taken in between (a busy machine, Ray's sockets),
-           # which killed the launch; loopback only
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex,
-           "--local-addr", "127.0.0.1",
-           "-m", "sharp_unlearn.recipes.distributed", "worker", "--spec", str(spec_path)]
+    cmd = [*torchrun_command(cfg.distributed.num_workers), "-m", "sharp_unlearn.recipes.distributed", "worker",
+           "--spec", str(spec_path)]
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker unless told otherwise
     # workers' stdout (DeepSpeed's chatter) goes to stderr: stdout stays the caller's (e.g. --json)

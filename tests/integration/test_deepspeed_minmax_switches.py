@@ -182,15 +182,10 @@ def worker(out_path: str, stages: list[int]) -> None:
 @pytest.fixture(scope="module")
 def switches(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds-switches") / "results.json"
-    import socket
+    from sharp_unlearn.recipes.distributed import torchrun_command
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, str(out),
-           ",".join(map(str, STAGES))]
+    cmd = [*torchrun_command(2), __file__, str(out), ",".join(map(str, STAGES))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,12 +94,10 @@ def worker(out_path: str) -> None:
 def test_zero3_unlearning_of_a_torchvision_model_matches_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "result.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from sharp_unlearn.recipes.distributed import torchrun_command
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, str(out)]
+    cmd = [*torchrun_command(2), __file__, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = json.loads(out.read_text())
