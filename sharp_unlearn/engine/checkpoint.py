@@ -16,6 +16,7 @@ import torch
 
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.files import atomic_path
+from sharp_unlearn.models.base import load_model_state  # noqa: F401  (its home is the model layer)
 
 FORMAT_VERSION = 1
 
@@ -50,22 +51,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(payload, dict) or "model" not in payload:
         raise ConfigError(f"checkpoint {str(path)!r} is not a sharp-unlearn checkpoint (no 'model' entry)")
     return payload
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load weights, turning an architecture mismatch into a one-line ConfigError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}")
-        if unexpected:
-            detail.append(f"unexpected {unexpected[:3]}")
-        if mismatched:
-            k = mismatched[0]
-            detail.append(f"shape of {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise ConfigError(f"{source} does not match the model architecture ({'; '.join(detail)})")
-    model.load_state_dict(state)

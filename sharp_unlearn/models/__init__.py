@@ -15,7 +15,7 @@ from sharp_unlearn.models import (  # noqa: F401  (register members)  # noqa: F4
     vgg,
     vit,
 )
-from sharp_unlearn.models.base import MODELS, FeatureModel
+from sharp_unlearn.models.base import MODELS, FeatureModel, load_model_state
 from sharp_unlearn.models.sources import SOURCES, build_external, is_external
 
 __all__ = ["MODELS", "SOURCES", "FeatureModel", "build_model", "check_model_name"]
@@ -52,7 +52,6 @@ def build_model(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_wei
     except TypeError as exc:
         raise ConfigError(f"model {cfg.name!r} rejected its options {cfg.options}: {exc}") from None
     if cfg.weights and load_weights:
-        from sharp_unlearn.engine.checkpoint import load_model_state
         from sharp_unlearn.models.external import load_weights_file
 
         load_model_state(model, load_weights_file(cfg.weights, cfg.name), f"model.weights={cfg.weights!r}")

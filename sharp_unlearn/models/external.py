@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.models.base import FeatureModel
+from sharp_unlearn.models.base import FeatureModel, load_model_state
 
 #: attribute paths of classifier heads, in the order they are tried (torchvision, Hugging Face
 #: and most hand-written models); timm models answer ``get_classifier()`` first
@@ -298,21 +298,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], head_path: str,
     own = module.state_dict()
     if weight_key in state and weight_key in own and state[weight_key].shape != own[weight_key].shape:
         replace_head(module, head_path, int(state[weight_key].shape[0]), source)
-        own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}")
-        if unexpected:
-            detail.append(f"unexpected {unexpected[:3]}")
-        if mismatched:
-            k = mismatched[0]
-            detail.append(f"shape of {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise ConfigError(f"{source} does not fit the model ({'; '.join(detail)})")
-    module.load_state_dict(state)
+    load_model_state(module, state, source)
 
 
 def import_state_dict(model: nn.Module, state: Any, source: str) -> dict[str, torch.Tensor]:

@@ -234,7 +234,7 @@ def test_weights_file_errors(tmp_path, user_module):
         build_model(cfg, 10, DIGITS)
     torch.save({"body.1.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     cfg = model_cfg(f"model.name=python:{user_module}:Net", f"model.weights={tmp_path}/other.pt")
-    with pytest.raises(ConfigError, match="does not fit the model"):
+    with pytest.raises(ConfigError, match="does not match the model architecture"):
         build_model(cfg, 10, DIGITS)
 
 
