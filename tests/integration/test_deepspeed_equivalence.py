@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torchrun_script import run_script
 
 pytest.importorskip("deepspeed")  # the `deepspeed` extra
 
@@ -258,13 +258,7 @@ def worker(out_path: str, stages: list[int], device: str = "cpu", bf16: bool = F
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds-equivalence") / "results.json"
-    from sharp_unlearn.recipes.distributed import torchrun_command
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [*torchrun_command(2), __file__, str(out), ",".join(map(str, STAGES))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_script(__file__, out, ",".join(map(str, STAGES)), timeout=600)
 
 
 @pytest.mark.distributed

@@ -13,12 +13,11 @@ tests/integration/test_deepspeed_minmax_switches.py OUT.json 0,1,2,3``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torchrun_script import run_script
 
 pytest.importorskip("deepspeed")  # the `deepspeed` extra
 
@@ -182,13 +181,7 @@ def worker(out_path: str, stages: list[int]) -> None:
 @pytest.fixture(scope="module")
 def switches(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds-switches") / "results.json"
-    from sharp_unlearn.recipes.distributed import torchrun_command
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [*torchrun_command(2), __file__, str(out), ",".join(map(str, STAGES))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_script(__file__, out, ",".join(map(str, STAGES)), timeout=900)
 
 
 @pytest.mark.distributed

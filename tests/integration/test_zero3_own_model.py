@@ -12,12 +12,11 @@ tests/integration/test_zero3_own_model.py OUT.json``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torchrun_script import run_script
 
 TOLERANCE = 1e-5
 PER_RANK = 16
@@ -94,13 +93,7 @@ def worker(out_path: str) -> None:
 def test_zero3_unlearning_of_a_torchvision_model_matches_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "result.json"
-    from sharp_unlearn.recipes.distributed import torchrun_command
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [*torchrun_command(2), __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    row = json.loads(out.read_text())
+    row = run_script(__file__, out, timeout=900)
     assert all(name.startswith("module.") for name in row["names"])  # the user's module, wrapped as it is
     assert row["partition_numel"] <= row["total_numel"] // 2 + 64  # each rank holds about half, never all
     assert row["moved"] > 1e-4  # the unlearning changed the weights, so equality means something
