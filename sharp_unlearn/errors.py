@@ -6,7 +6,7 @@ It subclasses ``ValueError`` so library users can catch either.
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 
 class ConfigError(ValueError):
@@ -182,3 +182,21 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingExtra(module.split(".")[0], extra) from exc
+
+
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What differs between two name -> shape tables (a model's and a file's), for a one-line
+    error: up to three missing and unexpected names and the first shape that differs; None if
+    they agree."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [k for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
+    detail = []
+    if missing:
+        detail.append(f"missing {missing[:3]}")
+    if unexpected:
+        detail.append(f"unexpected {unexpected[:3]}")
+    if mismatched:
+        k = mismatched[0]
+        detail.append(f"shape of {k}: {tuple(given[k])} vs model {tuple(expected[k])}")
+    return "; ".join(detail) or None

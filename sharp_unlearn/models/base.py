@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.errors import ConfigError, shape_mismatch
 from sharp_unlearn.registry import Registry
 
 #: name -> builder(num_classes: int, input_shape: tuple, **params) -> FeatureModel
@@ -30,18 +30,8 @@ class FeatureModel(nn.Module):
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load weights, turning an architecture mismatch into a one-line ConfigError naming ``source``."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}")
-        if unexpected:
-            detail.append(f"unexpected {unexpected[:3]}")
-        if mismatched:
-            k = mismatched[0]
-            detail.append(f"shape of {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise ConfigError(f"{source} does not match the model architecture ({'; '.join(detail)})")
+    detail = shape_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                            {k: tuple(v.shape) for k, v in state.items()})
+    if detail:
+        raise ConfigError(f"{source} does not match the model architecture ({detail})")
     model.load_state_dict(state)

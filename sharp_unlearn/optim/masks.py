@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.errors import ConfigError, shape_mismatch
 
 Mask = dict[str, torch.Tensor]
 MASK_FORMAT = "sharp-unlearn-mask"
@@ -197,19 +197,10 @@ def check_mask(mask: Mapping[str, torch.Tensor], model: nn.Module, source: str =
     input errors.
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    unknown = sorted(set(mask) - set(params))
-    missing = sorted(set(params) - set(mask))
-    mismatched = [n for n in params if n in mask and tuple(mask[n].shape) != tuple(params[n].shape)]
-    if unknown or missing or mismatched:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}")
-        if unknown:
-            detail.append(f"unexpected {unknown[:3]}")
-        if mismatched:
-            n = mismatched[0]
-            detail.append(f"shape of {n}: {tuple(mask[n].shape)} vs model {tuple(params[n].shape)}")
-        raise ConfigError(f"{source} does not match the model's parameters ({'; '.join(detail)})")
+    detail = shape_mismatch({n: tuple(p.shape) for n, p in params.items()},
+                            {n: tuple(m.shape) for n, m in mask.items()})
+    if detail:
+        raise ConfigError(f"{source} does not match the model's parameters ({detail})")
     out: Mask = {}
     for name, p in params.items():
         m = mask[name].to(p.device, torch.float32)
