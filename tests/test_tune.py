@@ -119,10 +119,14 @@ def test_relative_paths_are_resolved_for_trials_in_other_directories(tmp_path, m
     assert parse_sweep(raw, tracking={"enabled": False}).unlearn_tree["forget"]["scores"] == "flipped"
 
 
-def test_sharded_trials_are_refused(tmp_path):
+def test_sharded_trials_are_accepted_and_bad_sharding_is_refused(tmp_path):
     raw = sweep(tmp_path)
     raw["unlearn"]["distributed"] = {"backend": "deepspeed", "zero_stage": 2, "num_workers": 2}
-    with pytest.raises(ConfigError, match="not supported inside sweep trials"):
+    spec = parse_sweep(raw, tracking={"enabled": False})
+    assert spec.unlearn_tree["distributed"]["backend"] == "deepspeed"
+    assert spec.unlearn_tree["distributed"]["zero_stage"] == 2
+    raw["unlearn"]["distributed"]["zero_stage"] = 5
+    with pytest.raises(ConfigError, match="zero_stage"):
         parse_sweep(raw, tracking={"enabled": False})
 
 
