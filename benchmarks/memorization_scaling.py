@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from sharp_unlearn.config import load_config
-from sharp_unlearn.data.memorization_heldout import HeldoutSettings, _run_ray, ray_session
+from sharp_unlearn.data.memorization_heldout import HeldoutSettings, _run_ray, heldout_ray_session
 
 CIFAR100_TRAIN = 50_000
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     per_setting: dict[int, dict[str, list[float]]] = {1: {"wall": [], "models": [], "task": []},
                                                        2: {"wall": [], "models": [], "task": []}}
     t0 = time.perf_counter()
-    with ray_session(HeldoutSettings(num_models=2, workers=2)) as ray:
+    with heldout_ray_session(HeldoutSettings(num_models=2, workers=2)) as ray:
         started = time.perf_counter() - t0
         warm_start = time.perf_counter()
         warm_workers(ray, cfg)

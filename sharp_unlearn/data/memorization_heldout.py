@@ -272,7 +272,7 @@ def _run_serial(cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings
                                  threads=_threads(settings))
 
 
-def _ray_session(settings: HeldoutSettings):
+def heldout_ray_session(settings: HeldoutSettings):
     """The run's Ray session (see :func:`sharp_unlearn.ray_cluster.ray_session`): a caller's, the
     cluster at ``settings.address`` / $RAY_ADDRESS, or a local Ray sized to the run."""
     from sharp_unlearn.ray_cluster import ray_session
@@ -373,7 +373,7 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
         with contextlib.ExitStack() as stack:
             if settings.executor == "ray":
                 callers_session = require("ray", "tune").is_initialized()
-                ray = stack.enter_context(_ray_session(settings))
+                ray = stack.enter_context(heldout_ray_session(settings))
                 results = _run_ray(ray, cfg, missing, settings, cancel_on_exit=callers_session)
             else:
                 results = _run_serial(cfg, missing, settings, bundle)
