@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from sharp_unlearn.config import config_from_dict, stable_hash
-from sharp_unlearn.errors import ConfigError, init_ray, note_termination, require
+from sharp_unlearn.errors import ConfigError, handle_sigterm, note_termination, require
+from sharp_unlearn.ray_cluster import ray_session
 from sharp_unlearn.tuning.spec import SweepSpec
 from sharp_unlearn.tuning.trainables import TrialInputs
 
@@ -207,41 +208,6 @@ def sharded_concurrency(spec: SweepSpec, cluster: dict[str, float]) -> int | Non
     return min(fits, spec.max_concurrent) if spec.max_concurrent else fits
 
 
-def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
-    """Start (or connect to) Ray; True when this call started it (and must shut it down)."""
-    ray = require("ray", "tune")
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    # trial output stays in each trial's log (Ray prints the path of a failed trial's error file)
-    common = {"log_to_driver": False, "logging_level": logging.WARNING if quiet else logging.INFO}
-    if address:
-        init_ray(ray, address=address, **common)
-    else:
-        # a private instance sized to this machine; only loopback, no dashboard
-        init_ray(ray, num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
-    return True
-
-
-def _loopback_connect_settings(address: str) -> None:
-    """Let a driver join a Ray head on this machine's loopback address (e.g. cluster/start-local.sh).
-
-    Ray (2.60) rewrites a 127.0.0.1 bootstrap address to the node's outward IP,
-    where a loopback-only head does not listen, unless clusters are marked
-    unsupported for this platform; and a driver joining an existing instance
-    only sends the token ``ray start`` keeps in ~/.ray/auth_token when token
-    auth is switched on explicitly. Both are read when Ray is imported, so
-    this runs before the first Ray import (as the CLI does); both settings
-    stay in this process.
-    """
-    host = address.split("://")[-1].rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def _what_a_trial_takes(spec: SweepSpec, kind: str = "CPU") -> str:
     key = "cpu" if kind == "CPU" else "gpu"
     per = getattr(spec.resources, key)
@@ -286,22 +252,18 @@ def _check_fit(spec: SweepSpec) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_stops_gracefully() -> Iterator[None]:
-    """SIGTERM during the sweep = Ctrl-C: Ray Tune saves the experiment and stops (it listens to SIGUSR1)."""
+def _sigterm_stops_tune() -> Iterator[None]:
+    """SIGTERM during the sweep = Ctrl-C: Ray Tune saves the experiment and stops (it listens to SIGUSR1);
+    a second SIGTERM gets the handler that was there before."""
+    replaced = {}
+
     def handler(signum, frame):
         note_termination()  # whatever Tune raises while it stops is part of the interruption
-        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the process the usual way
+        signal.signal(signal.SIGTERM, replaced["handler"])
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+    with handle_sigterm(handler) as replaced["handler"]:
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- results
@@ -451,8 +413,6 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
 # --------------------------------------------------------------------------- the sweep
 def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = False, num_cpus: int | None = None,
               quiet: bool = False) -> SweepOutcome:
-    if address or os.environ.get("RAY_ADDRESS"):
-        _loopback_connect_settings(address or os.environ["RAY_ADDRESS"])
     require("ray.tune", "tune")
     from sharp_unlearn.tracking import open_run, preflight
 
@@ -512,17 +472,13 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
         state_file.write_text(json.dumps(state, indent=1))
         if not resume:
             parent.log_text(yaml.safe_dump(spec.raw, sort_keys=False), "sweep.yaml")
-        started = _start_ray(address, num_cpus, quiet)
-        try:
+        # trial output stays in each trial's log (Ray prints the path of a failed trial's error file)
+        with ray_session(address=address, num_cpus=num_cpus, log_to_driver=False,
+                         logging_level=logging.WARNING if quiet else logging.INFO):
             _check_fit(spec)
             result_grid = _fit(spec, inputs, resume=resume, quiet=quiet, parent_id=parent_id, uri=uri,
                                experiment_id=getattr(parent, "experiment_id", None), context=context,
                                map_file=meta / "mlflow_runs.json")
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
         run_ids = _read_json(meta / "mlflow_runs.json")
         rows = collect_rows(spec, result_grid, run_ids, _read_json(meta / "trial_status.json"))
         interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows) or \
@@ -573,7 +529,7 @@ def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, par
 
         concurrency = sharded_concurrency(spec, ray.cluster_resources())
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, inputs=inputs), resources)
-    with _sigterm_stops_gracefully():
+    with _sigterm_stops_tune():
         if resume:
             path = experiment_dir(spec)
             tuner = tune.Tuner.restore(str(path) if path else f"{spec.storage.rstrip('/')}/{spec.name}",
