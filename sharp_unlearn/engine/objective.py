@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sharp_unlearn.optim.sam import validate_sam_args
+# SamSpec lives with SAM in optim (the layer below); objectives name it, so it is importable from here too
+from sharp_unlearn.optim.sam import SamSpec
 
 
 class Batch(NamedTuple):
@@ -32,21 +33,6 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 MASK_SCOPES = ("update", "perturbed")
 PERTURBATIONS = ("masked", "full")
-
-
-@dataclass(frozen=True)
-class SamSpec:
-    rho: float
-    lamb: float = 1.0
-    sign: str = "min"
-    adaptive: bool = False
-
-    def __post_init__(self) -> None:
-        validate_sam_args(self.rho, self.sign, self.lamb)
-
-    @property
-    def tag(self) -> str:
-        return f"{'asam' if self.adaptive else 'sam'}-{self.sign}"
 
 
 @dataclass

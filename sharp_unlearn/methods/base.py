@@ -36,7 +36,9 @@ from torch.utils.data import Dataset
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
 from sharp_unlearn.engine.objective import Batch, Phase, SamSpec
+from sharp_unlearn.engine.saliency import forget_gradient_saliency
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.optim.saliency import check_mask, load_mask, saliency_mask
 from sharp_unlearn.registry import Registry
 
 #: name -> UnlearningMethod subclass
@@ -103,8 +105,6 @@ def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch
     the current weights. A mask file must have been made for the same fraction,
     the same order (``method.mask_order``) and the same forget split.
     """
-    from sharp_unlearn.optim.masks import check_mask, forget_gradient_saliency, load_mask, saliency_mask
-
     split = ctx.extras.get("split")
     split_hash = getattr(split, "split_hash", None)
     if ctx.mask is not None:

@@ -44,7 +44,7 @@ from sharp_unlearn.methods.base import (
     saliency_mask_for,
     scaled,
 )
-from sharp_unlearn.optim.masks import complement
+from sharp_unlearn.optim.saliency import complement
 
 
 def _pick(value: float | None, default: float) -> float:

@@ -6,7 +6,7 @@ import math
 import torch
 
 from sharp_unlearn.config import OptimizerConfig, TrainConfig
-from sharp_unlearn.engine.objective import SamSpec
+from sharp_unlearn.optim.sam import SamSpec
 from sharp_unlearn.optim.side_states import side_states_of
 
 

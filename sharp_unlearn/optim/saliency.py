@@ -10,12 +10,10 @@ where the forget loss is most sensitive::
 MinMax paper's released mask generator does (it ranks ascending although its
 comment says "top"), kept as a switch so the two can be compared.
 
-``L_F`` is the mean cross-entropy over the forget set; its gradient is
-accumulated batch by batch (sum-reduced, divided by the set size, so the
-scores do not depend on the batch size) and the absolute value is taken at
-the end, as in SalUn's definition. BatchNorm layers run in eval mode, so the
-running statistics of the checkpoint are neither used from the batch nor
-updated.
+This module is pure functions of the scores (the absolute forget-loss
+gradients): ranking, selection, complements, validation and mask files. The
+pass that runs a model over the forget set to get those gradients is
+:func:`sharp_unlearn.engine.saliency.forget_gradient_saliency`.
 
 Masks are ``{parameter name: 0/1 float tensor}`` (the shape the engine's
 ``Objective.mask`` takes). On disk they are stored as booleans with their
@@ -31,14 +29,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from sharp_unlearn.errors import ConfigError, shape_mismatch
+from sharp_unlearn.files import atomic_path
 
 Mask = dict[str, torch.Tensor]
 MASK_FORMAT = "sharp-unlearn-mask"
 MASK_FORMAT_VERSION = 1
+#: the checkpoint layout version every file of this tool carries (the same key as engine checkpoints)
+FILE_FORMAT_VERSION = 1
 #: which end of the saliency ranking a mask keeps
 MASK_ORDERS = ("largest", "smallest")
 
@@ -47,42 +46,6 @@ def _check_fraction(fraction: float) -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
         raise ConfigError(f"mask fraction {fraction!r} is out of range; expected a value in (0, 1)")
     return float(fraction)
-
-
-# ------------------------------------------------------------------ scores
-def forget_gradient_saliency(model: nn.Module, forget_dataset: Dataset, device: torch.device | str = "cpu",
-                             batch_size: int = 256) -> Mask:
-    """``|grad of the mean forget cross-entropy|`` per trainable parameter (same shapes).
-
-    The model is put in eval mode for the pass (BatchNorm uses and keeps its
-    running statistics) and restored to its previous mode afterwards; its
-    ``.grad`` fields are not touched.
-    """
-    from sharp_unlearn.engine.loop import as_batch, make_loader
-
-    total = len(forget_dataset)
-    if total == 0:
-        raise ConfigError("the forget set is empty; a saliency mask needs at least one forget example")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    accumulated = [torch.zeros_like(p) for p in params]
-    was_training = model.training
-    model.eval()
-    try:
-        for item in make_loader(forget_dataset, batch_size, shuffle=False):
-            batch = as_batch(item).to(device)
-            # sum-reduced / |D_F|: the accumulated gradient is that of the mean over the whole set
-            loss = F.cross_entropy(model(batch.x), batch.y, reduction="sum") / total
-            if not torch.isfinite(loss):
-                raise ConfigError("the forget loss is not finite at these weights; the checkpoint is "
-                                  "unusable for a saliency mask")
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(accumulated, grads):
-                if g is not None:
-                    acc.add_(g)
-    finally:
-        model.train(was_training)
-    return {name: acc.abs_() for (name, _), acc in zip(named, accumulated)}
 
 
 # ------------------------------------------------------------------ selection
@@ -228,14 +191,18 @@ def _plain(value: Any) -> Any:
 
 def save_mask(path: str | os.PathLike, mask: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
     """Write a mask (booleans) and its metadata atomically (temp file + rename)."""
-    from sharp_unlearn.engine.checkpoint import save_checkpoint
-
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
+        "format_version": FILE_FORMAT_VERSION,
         "format": MASK_FORMAT,
         "mask": {name: m.detach().to("cpu") != 0 for name, m in mask.items()},
         "meta": _plain(dict(meta or {})),
     }
-    return save_checkpoint(path, payload)
+    # an interrupted write leaves the old mask file (or none), never half of one
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+    return path
 
 
 def load_mask(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Mask, dict[str, Any]]:
@@ -260,6 +227,6 @@ def mask_file_name(label: str, fraction: float, order: str = "largest") -> str:
 
 
 __all__: Sequence[str] = (
-    "Mask", "forget_gradient_saliency", "saliency_mask", "masks_for_fractions", "complement", "mask_fraction",
+    "Mask", "saliency_mask", "masks_for_fractions", "complement", "mask_fraction",
     "check_mask", "save_mask", "load_mask", "mask_file_name",
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,6 +34,23 @@ def validate_sam_args(rho: float, sign: str, lamb: float) -> None:
         raise ValueError(f"SAM sign={sign!r} is invalid; expected 'min' or 'max'")
     if not isinstance(lamb, (int, float)) or not (0 <= lamb < math.inf):
         raise ValueError(f"SAM lamb={lamb!r} is invalid; expected a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    """The SAM semantics one objective gets (what the engine's loop and the :class:`SAM` helpers apply)."""
+
+    rho: float
+    lamb: float = 1.0
+    sign: str = "min"
+    adaptive: bool = False
+
+    def __post_init__(self) -> None:
+        validate_sam_args(self.rho, self.sign, self.lamb)
+
+    @property
+    def tag(self) -> str:
+        return f"{'asam' if self.adaptive else 'sam'}-{self.sign}"
 
 
 def scaled_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

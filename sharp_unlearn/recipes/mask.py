@@ -9,12 +9,21 @@ MLflow artifacts of a ``kind=mask`` run.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sharp_unlearn.config import ExperimentConfig
+from sharp_unlearn.data.forget import select_forget_set
+from sharp_unlearn.engine.checkpoint import load_model_state
+from sharp_unlearn.engine.runner import resolve_device
+from sharp_unlearn.engine.saliency import forget_gradient_saliency
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.metrics.accuracy import subset
+from sharp_unlearn.models import build_model
+from sharp_unlearn.optim.saliency import mask_file_name, masks_for_fractions, save_mask
+from sharp_unlearn.tracking import open_run
 
 
 @dataclass
@@ -60,21 +69,6 @@ def default_mask_dir(cfg: ExperimentConfig, pretrained, split_hash: str) -> Path
 def make_masks(cfg: ExperimentConfig, pretrained, fractions: Sequence[float], *, out_dir: str | Path | None = None,
                quiet: bool = False) -> MaskOutcome:
     """Compute and save one saliency mask per fraction for ``cfg.forget`` on ``pretrained``."""
-    import time
-
-    from sharp_unlearn.data.forget import select_forget_set
-    from sharp_unlearn.engine.checkpoint import load_model_state
-    from sharp_unlearn.engine.runner import resolve_device
-    from sharp_unlearn.metrics.accuracy import subset
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.optim.masks import (
-        forget_gradient_saliency,
-        mask_file_name,
-        masks_for_fractions,
-        save_mask,
-    )
-    from sharp_unlearn.tracking import open_run
-
     if cfg.forget is None:
         raise ConfigError("a mask needs a forget set: set forget.kind and forget.size (or forget.classes)")
     fractions = [float(f) for f in fractions]

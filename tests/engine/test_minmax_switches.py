@@ -18,7 +18,7 @@ from sharp_unlearn.engine.loop import Trainer
 from sharp_unlearn.engine.objective import Batch
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods import METHODS
-from sharp_unlearn.optim.masks import load_mask, masks_for_fractions, saliency_mask
+from sharp_unlearn.optim.saliency import load_mask, masks_for_fractions, saliency_mask
 
 ALPHA, RHO_MIN, RHO_MAX, LAMB_MIN, LAMB_MAX, LR = 0.7, 0.05, 0.2, 1.0, 0.5, 0.1
 
@@ -286,8 +286,9 @@ def test_mask_order_smallest_nests_and_breaks_ties_by_position():
 
 def test_mask_order_reaches_the_method_mask_and_rejects_a_mismatched_file(tmp_path):
     from sharp_unlearn.data.base import IndexedTensorDataset
+    from sharp_unlearn.engine.saliency import forget_gradient_saliency
     from sharp_unlearn.methods.base import UnlearnContext, saliency_mask_for
-    from sharp_unlearn.optim.masks import forget_gradient_saliency, save_mask
+    from sharp_unlearn.optim.saliency import save_mask
 
     model = _model()
     retain, forget = _data()

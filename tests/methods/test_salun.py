@@ -9,8 +9,9 @@ import torch
 from method_helpers import make_method, tiny_bn_net, tiny_context
 
 from sharp_unlearn.engine.runner import run_stage
+from sharp_unlearn.engine.saliency import forget_gradient_saliency
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.optim.masks import forget_gradient_saliency, saliency_mask, save_mask
+from sharp_unlearn.optim.saliency import saliency_mask, save_mask
 
 
 def flat(tensors):

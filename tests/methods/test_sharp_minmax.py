@@ -8,7 +8,8 @@ import torch
 from method_helpers import full_batch, make_method, tiny_bn_net, tiny_context
 
 from sharp_unlearn.engine.loop import Trainer
-from sharp_unlearn.optim.masks import forget_gradient_saliency, mask_fraction, saliency_mask
+from sharp_unlearn.engine.saliency import forget_gradient_saliency
+from sharp_unlearn.optim.saliency import mask_fraction, saliency_mask
 
 NO_MOMENTUM = {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "rho": 0.05}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sharp_unlearn.cli import main
-from sharp_unlearn.optim.masks import load_mask, mask_fraction
+from sharp_unlearn.optim.saliency import load_mask, mask_fraction
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,9 @@ def test_mask_command_writes_and_logs_masks(checkpoint, tmp_path, capsys):
 
     # the same masks as a direct computation on the same split
     from sharp_unlearn.data.forget import select_forget_set
+    from sharp_unlearn.engine.saliency import forget_gradient_saliency
     from sharp_unlearn.metrics.accuracy import subset
-    from sharp_unlearn.optim.masks import forget_gradient_saliency, saliency_mask
+    from sharp_unlearn.optim.saliency import saliency_mask
     from sharp_unlearn.recipes.unlearn import load_pretrained
 
     pretrained = load_pretrained(checkpoint)

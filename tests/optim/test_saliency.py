@@ -9,11 +9,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharp_unlearn.data.base import IndexedTensorDataset
+from sharp_unlearn.engine.saliency import forget_gradient_saliency
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.optim.masks import (
+from sharp_unlearn.optim.saliency import (
     check_mask,
     complement,
-    forget_gradient_saliency,
     load_mask,
     mask_fraction,
     masks_for_fractions,
