@@ -121,7 +121,8 @@ def _tracking(tracking: bool | str) -> list[str]:
 
 def _resolve(config: Any, settings: Mapping[str, Any], tracking: bool | str, base: dict | None = None):
     """An ExperimentConfig from ``base``, then ``config``, then ``settings``, then the tracking choice."""
-    from sharp_unlearn.config import ExperimentConfig, load_config, merge
+    from sharp_unlearn.config import ExperimentConfig, merge
+    from sharp_unlearn.validation import load_config
 
     files: list[str] = []
     tree = dict(base or {})
@@ -153,7 +154,7 @@ def _checkpoint_path(checkpoint: Any) -> str:
 def _load_model(checkpoint: Path | None, cfg):
     if checkpoint is None:
         return None
-    from sharp_unlearn.recipes.pretrain import load_trained_model
+    from sharp_unlearn.stage_checkpoints import load_trained_model
 
     model, _, _ = load_trained_model(checkpoint, cfg, "cpu")
     return model.eval()

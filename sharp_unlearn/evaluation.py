@@ -37,6 +37,7 @@ from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.metrics import METRICS, EvalContext, EvalOptions, MetricValue
 from sharp_unlearn.metrics.base import check_requirements
 from sharp_unlearn.model_store import is_model_uri
+from sharp_unlearn.stage_checkpoints import load_trained_model, stage_dir
 
 #: the order metrics run and print in; ``all`` means every registered metric
 METRIC_ORDER = ("accuracy", "tow", "mia", "entanglement", "sharpness", "landscape", "umap")
@@ -184,14 +185,14 @@ def _check_shape(state: dict[str, Any], bundle, what: str) -> None:
 def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), overrides: Sequence[str] = (),
                    reference: str | Path | None = None) -> EvaluationTarget:
     """Rebuild what a checkpoint needs for evaluation; every mismatch is a ConfigError."""
-    from sharp_unlearn.config import config_from_dict, load_config
+    from sharp_unlearn.config import config_from_dict
     from sharp_unlearn.data import build_dataset
     from sharp_unlearn.data.forget import select_forget_set, train_stable_indices
     from sharp_unlearn.engine.checkpoint import load_checkpoint
     from sharp_unlearn.engine.determinism import apply_determinism
     from sharp_unlearn.engine.runner import resolve_device
     from sharp_unlearn.model_store import resolve_checkpoint
-    from sharp_unlearn.recipes.pretrain import load_trained_model
+    from sharp_unlearn.validation import load_config
 
     if is_model_uri(checkpoint):  # runs:/<id>/model or models:/<name>/<version>, from the store the overrides name
         uris = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "tracking.uri"]
@@ -276,7 +277,6 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
 def cached_reference(pretrain_cfg, split_hash: str) -> Path | None:
     """The retrained reference ``unlearn`` cached for this pretraining recipe and split, if there is one."""
     from sharp_unlearn.engine.checkpoint import load_checkpoint
-    from sharp_unlearn.recipes.pretrain import stage_dir
 
     path = stage_dir(pretrain_cfg, "retrain", split_hash) / "checkpoint.pt"
     if not path.is_file():

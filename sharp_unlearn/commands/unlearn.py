@@ -8,7 +8,7 @@ from sharp_unlearn.report_console import print_rows
 def _load(args):
     from sharp_unlearn.errors import ConfigError
     from sharp_unlearn.model_store import resolve_checkpoint
-    from sharp_unlearn.models.imported import import_checkpoint
+    from sharp_unlearn.recipes.imported import import_checkpoint
     from sharp_unlearn.recipes.unlearn import load_pretrained, unlearn_config
 
     path = resolve_checkpoint(args.checkpoint, args.tracking_uri)

@@ -10,7 +10,7 @@ distributed.num_workers=N`` lands in :func:`launch_deepspeed`, which
 3. starts N workers: Ray Train's ``TorchTrainer`` (``distributed.launcher=ray``,
    local Ray or ``distributed.address``/``RAY_ADDRESS``) or ``torchrun`` on this
    machine (``distributed.launcher=torchrun``);
-4. returns the same :class:`~sharp_unlearn.recipes.pretrain.TrainOutcome` as
+4. returns the same :class:`~sharp_unlearn.recipes.stages.TrainOutcome` as
    single-device pretraining, pointing at a consolidated fp32 checkpoint that
    ``evaluate``/``unlearn`` load on one device.
 
@@ -44,13 +44,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from sharp_unlearn.config import ExperimentConfig, config_from_dict, load_config, stable_hash
-from sharp_unlearn.engine.ds_config import check_worker_resources, local_resources, validate_distributed
+from sharp_unlearn.config import ExperimentConfig, stable_hash
+from sharp_unlearn.data import build_dataset
+from sharp_unlearn.data.forget import ForgetSplit
+from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state
+from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
+from sharp_unlearn.engine.ds_config import (
+    check_worker_resources,
+    local_resources,
+    resolve_deepspeed_config,
+    validate_distributed,
+)
+from sharp_unlearn.engine.ds_runner import DeepSpeedBackend, read_progress
 from sharp_unlearn.errors import ConfigError, require
 from sharp_unlearn.files import atomic_write
+from sharp_unlearn.methods import METHODS
+from sharp_unlearn.models import build_model
+from sharp_unlearn.optim.factory import sam_spec
 from sharp_unlearn.ray_cluster import ray_session, resolve_address
-from sharp_unlearn.recipes.pretrain import TrainOutcome, stage_dir
+from sharp_unlearn.recipes.stages import (
+    TrainOutcome,
+    epoch_evaluator,
+    load_pretrained,
+    stage_meta,
+    train_stage,
+    unlearn_stage,
+)
+from sharp_unlearn.stage_checkpoints import stage_dir
+from sharp_unlearn.tracking import preflight, resolve_uri
+from sharp_unlearn.validation import config_from_dict, load_config
 
 OUTCOME_FILE = "outcome.json"
 
@@ -70,8 +94,6 @@ def distributed_stage_dir(cfg: ExperimentConfig, kind: str, split_hash: str | No
 
 def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
     """Workers may run in another directory (Ray): pin relative paths and the tracking URI."""
-    from sharp_unlearn.tracking import preflight, resolve_uri
-
     tree = cfg.to_dict()
     tree["output_dir"] = str(Path(cfg.output_dir).resolve())
     if cfg.data.root:
@@ -109,10 +131,6 @@ def validate_launch(cfg: ExperimentConfig, address: str | None = None) -> dict[s
 # ---------------------------------------------------------------- worker side
 def _join(spec: Mapping[str, Any]):
     """Join the process group as one rank of the run in ``spec``; returns (cfg, out_dir, device, rank)."""
-    import torch
-
-    from sharp_unlearn.engine.deepspeed_engine import init_distributed
-
     cfg = config_from_dict(spec["cfg"])
     out_dir = Path(spec["out_dir"])
     _stdout_to_stderr()  # DeepSpeed prints to stdout; the driver's stdout may be --json
@@ -125,18 +143,12 @@ def _join(spec: Mapping[str, Any]):
 
 
 def _backend(cfg: ExperimentConfig, device, out_dir: Path, export_path: Path):
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_runner import DeepSpeedBackend
-
     return DeepSpeedBackend(resolve_deepspeed_config(cfg), device, out_dir / "deepspeed", export_path,
                             timeout_s=cfg.distributed.timeout_s)
 
 
 def _finish(backend, out_dir: Path, outcome: dict[str, Any] | None) -> dict[str, Any] | None:
     """Rank 0 leaves the outcome for the launcher; every rank releases the engine together."""
-    from sharp_unlearn.engine.deepspeed_engine import barrier
-    from sharp_unlearn.files import atomic_write
-
     if outcome is not None:
         atomic_write(out_dir / OUTCOME_FILE, json.dumps(outcome, indent=1, default=float))
     backend.engine.destroy()
@@ -147,12 +159,9 @@ def _finish(backend, out_dir: Path, outcome: dict[str, Any] | None) -> dict[str,
 def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     """One rank of a sharded pretraining run (all ranks call this; rank 0 returns the outcome).
 
-    The single-device recipe (:func:`~sharp_unlearn.recipes.pretrain.train_stage`) on the
+    The single-device recipe (:func:`~sharp_unlearn.recipes.stages.train_stage`) on the
     DeepSpeed backend; rank 0 alone logs to MLflow (``open_run`` checks ``RANK``).
     """
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.recipes.pretrain import stage_meta, train_stage
-
     if spec.get("kind") == "unlearn":
         return run_unlearn_worker(spec)
     cfg, out_dir, device, rank = _join(spec)
@@ -183,16 +192,9 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     The driver (``run_unlearning``) selected the split, trained the reference and
     keeps measuring the final model; each rank rebuilds the pretrained model and the
     *same* split from the positions in the spec (never reselecting) and runs the
-    single-device recipe's stage (:func:`~sharp_unlearn.recipes.unlearn.unlearn_stage`)
+    single-device recipe's stage (:func:`~sharp_unlearn.recipes.stages.unlearn_stage`)
     on the DeepSpeed backend; rank 0 exports the consolidated fp32 weights.
     """
-    from sharp_unlearn.data.forget import ForgetSplit
-    from sharp_unlearn.engine.checkpoint import load_model_state
-    from sharp_unlearn.methods import METHODS
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.optim.factory import sam_spec
-    from sharp_unlearn.recipes.unlearn import epoch_evaluator, load_pretrained, unlearn_stage
-
     cfg, out_dir, device, rank = _join(spec)
     pretrained = load_pretrained(spec["checkpoint"])
     bundle = pretrained.bundle
@@ -383,8 +385,6 @@ def launch_torchrun(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _failure_message(spec: Mapping[str, Any], what: str) -> str:
-    from sharp_unlearn.engine.ds_runner import read_progress
-
     sharded = Path(spec["out_dir"]) / "deepspeed"
     progress = read_progress(sharded)
     where = (f"the last sharded checkpoint is {sharded / progress['tag']} (epoch {progress['epoch']}); "
@@ -415,8 +415,6 @@ def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: s
     workers cannot reach the caller's process); live per-epoch reports to Ray Tune
     come from :func:`build_torch_trainer` with a ``TuneReportCallback``.
     """
-    from sharp_unlearn.engine.checkpoint import load_checkpoint
-
     cfg, address = _resolve_launch(cfg, address, launcher)
     spec = make_spec(cfg, kind=kind, train_indices=train_indices, split_hash=split_hash, tags=tags,
                      quiet=quiet, resume=resume)

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.config import apply_overrides, config_from_dict, load_yaml, merge
+from sharp_unlearn.config import apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.files import atomic_path
 from sharp_unlearn.methods import METHODS
 from sharp_unlearn.progress import stage
+from sharp_unlearn.validation import config_from_dict
 
 REQUIRED = ("base", "forget", "pretrain_optimizers", "unlearn_optimizers")
 
@@ -76,9 +77,10 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
              evaluator: Callable[..., dict[str, float]] | None = None,
              on_run: Callable[[dict[str, Any]], None] | None = None) -> GridResult:
     """Run the grid; ``evaluator(model, pretrained, split, reference_checkpoint)`` adds metrics per run."""
-    from sharp_unlearn.recipes.pretrain import load_trained_model, train_from_scratch
+    from sharp_unlearn.recipes.pretrain import train_from_scratch
     from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
     from sharp_unlearn.results import read_results
+    from sharp_unlearn.stage_checkpoints import load_trained_model
     from sharp_unlearn.tracking import check_tracking
 
     tracking = dict(tracking or {})
@@ -165,7 +167,7 @@ def model_evaluator(metric_names: Sequence[str], out_dir: Path, seed: int = 0):
 
     from sharp_unlearn.evaluation import parse_metrics, run_metrics
     from sharp_unlearn.metrics import EvalContext, EvalOptions
-    from sharp_unlearn.recipes.pretrain import load_trained_model
+    from sharp_unlearn.stage_checkpoints import load_trained_model
 
     names = parse_metrics(list(metric_names))
     references: dict[str, Any] = {}

@@ -20,46 +20,28 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
-from sharp_unlearn.data import DatasetBundle, build_dataset
+from sharp_unlearn.config import ExperimentConfig, stable_hash
 from sharp_unlearn.data.forget import ForgetSplit, memorization_groups, select_forget_set
 from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from sharp_unlearn.engine.determinism import apply_determinism
-from sharp_unlearn.engine.driver import Backend, LocalBackend, StageResult, resolve_device, run_epochs
+from sharp_unlearn.engine.driver import LocalBackend, resolve_device
 from sharp_unlearn.errors import ConfigError, TrainingDiverged
-from sharp_unlearn.methods import METHODS, UnlearnContext, UnlearningMethod
-from sharp_unlearn.metrics.accuracy import split_accuracies, subset
+from sharp_unlearn.methods import METHODS
+from sharp_unlearn.metrics.accuracy import split_accuracies
 from sharp_unlearn.metrics.tow import forget_gap, tow
+from sharp_unlearn.model_store import log_model
 from sharp_unlearn.models import build_model
-from sharp_unlearn.models.imported import checkpoint_origin
+from sharp_unlearn.recipes.imported import checkpoint_origin
 from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn, validate_launch
 from sharp_unlearn.recipes.pretrain import train_from_scratch
+from sharp_unlearn.recipes.stages import Pretrained, epoch_evaluator, load_pretrained, unlearn_stage
 from sharp_unlearn.results import rows_from_metrics, write_results
 from sharp_unlearn.tracking import open_run
-
-
-@dataclass
-class Pretrained:
-    """A pretrained checkpoint, its config, and the data it was trained on."""
-
-    path: Path
-    cfg: ExperimentConfig
-    state: dict[str, Any]
-    bundle: DatasetBundle
-
-    @property
-    def run_id(self) -> str | None:
-        return self.state.get("run_id")
-
-    def model(self, device) -> torch.nn.Module:
-        model = build_model(self.cfg.model, self.bundle.num_classes, self.bundle.input_shape)
-        load_model_state(model, self.state["model"], f"checkpoint {str(self.path)!r}")
-        return model.to(device)
 
 
 @dataclass
@@ -83,19 +65,6 @@ class UnlearnOutcome:
     optimizer_tag: str
     results_path: Path | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def load_pretrained(path: str | Path, bundle: DatasetBundle | None = None) -> Pretrained:
-    from sharp_unlearn.model_store import is_model_uri, resolve_checkpoint
-
-    if is_model_uri(path):  # runs:/<id>/model or models:/<name>/<version>: from $MLFLOW_TRACKING_URI's store
-        path = resolve_checkpoint(path)
-    state = load_checkpoint(path)
-    if "config" not in state:
-        raise ConfigError(f"checkpoint {str(path)!r} carries no config; expected a sharp-unlearn checkpoint")
-    cfg = config_from_dict(state["config"])
-    bundle = bundle or build_dataset(cfg.data, cfg.seed)
-    return Pretrained(Path(path), cfg, state, bundle)
 
 
 def unlearn_config(pretrained: Pretrained) -> dict:
@@ -172,53 +141,6 @@ def _log_previews(tracker, results_path: Path, split_path: Path, history: list[d
     tracker.log_figure(fig, "forgetting_curve.png")
 
 
-def unlearn_stage(cfg: ExperimentConfig, model: torch.nn.Module, bundle: DatasetBundle, split: ForgetSplit,
-                  method: UnlearningMethod, backend: Backend, *, checkpoint_meta: dict[str, Any],
-                  evaluate: Callable[[Any, int], dict[str, float]] | None = None, tracker=None,
-                  quiet: bool = False, resume: bool = True,
-                  on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> StageResult:
-    """Prepare ``method`` on the whole model (saliency masks, SCRUB's teacher: before a sharded
-    backend partitions it), then run its phases on ``backend``; every rank of a sharded run calls this."""
-    retain_ds = subset(bundle.train, split.retain_positions)
-    forget_ds = subset(bundle.train, split.forget_positions)
-    # batch_size is the global batch the phases see (each rank of a sharded run trains on its slice)
-    ctx = UnlearnContext(model=model, retain=retain_ds, forget=forget_ds, num_classes=bundle.num_classes,
-                         device=backend.device, seed=cfg.seed, batch_size=cfg.data.batch_size * backend.world_size,
-                         extras={"forget_scores": None if split.scores is None
-                                 else split.scores[split.forget_positions],
-                                 "bundle": bundle, "split": split, "config": cfg},
-                         forget_eval=subset(bundle.train_eval, split.forget_positions))
-    datasets = {"retain": retain_ds, "forget": forget_ds}
-    prepare_streams = method.prepare(ctx)
-    if isinstance(prepare_streams, dict):  # a method may add streams (e.g. RUM's groups)
-        datasets.update(prepare_streams)
-    return run_epochs(model, method.phases, datasets, backend=backend, cfg=cfg, optimizer_cfg=cfg.optimizer,
-                      train_cfg=cfg.train, epochs=method.epochs, checkpoint_meta=checkpoint_meta,
-                      evaluate=evaluate, tracker=tracker, quiet=quiet,
-                      description=f"unlearn {cfg.method.name}/{method.optimizer_tag}", resume=resume,
-                      on_epoch_end=on_epoch_end)
-
-
-def epoch_evaluator(bundle: DatasetBundle, split: ForgetSplit, reference_metrics: dict[str, float],
-                    device, eval_batch_size: int) -> Callable[[Any, int], dict[str, float]]:
-    """``evaluate(model, epoch)`` for the engine: retain/forget/val/test accuracy (and per memorization
-    level), ``tow`` and ``forget_gap`` against the reference.
-
-    A sharded stage passes a model that splits each batch's rows over the ranks
-    (``RowShardedModel``): the same code then gives the same numbers on every rank.
-    """
-    groups = memorization_groups(split.scores, split.forget_positions) if split.scores is not None else None
-
-    def evaluate(model, epoch: int) -> dict[str, float]:
-        record = split_accuracies(model, bundle, split.forget_positions, split.retain_positions,
-                                  device, eval_batch_size, groups)
-        record["tow"] = tow(record, reference_metrics)
-        record["forget_gap"] = forget_gap(record, reference_metrics)
-        return record
-
-    return evaluate
-
-
 def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretrained) -> Path:
     key = stable_hash({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "output_dir")},
                        "pretrain": pretrained.state.get("config_hash"), "split": split.split_hash})
@@ -248,8 +170,6 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
         raise ConfigError("unlearning needs a forget set: set forget.kind and forget.size (or forget.classes)")
     method_cls = METHODS.get(cfg.method.name)
     if cfg.distributed.backend == "deepspeed":  # bad stage/workers/JSON fail before any training
-        from sharp_unlearn.recipes.distributed import validate_launch
-
         validate_launch(cfg)
     pretrained = pretrained or load_pretrained(checkpoint)
     bundle = pretrained.bundle
@@ -298,8 +218,6 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             # only the phases run ZeRO-sharded (recipes/distributed.py); the workers rebuild this
             # split from its positions and measure each epoch sharded (given the reference's
             # accuracies); the final measurement stays here, on the consolidated fp32 weights
-            from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn
-
             out_dir.mkdir(parents=True, exist_ok=True)
             sharded = launch_deepspeed_unlearn(cfg, pretrained.path, split, out_dir, config_hash=out_dir.name,
                                                quiet=quiet,
@@ -370,8 +288,6 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
             _log_previews(tracker, results_path, split_path, history,
                           f"{cfg.method.name}/{method.optimizer_tag} on {split.label}", original)
             if ckpt_path is not None:
-                from sharp_unlearn.model_store import log_model
-
                 log_model(tracker, model, ckpt_path, cfg, bundle.test)
     if own_stage:
         stage_checkpoint.unlink(missing_ok=True)  # the final checkpoint and results supersede it

@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sharp_unlearn.config import config_from_dict, merge
+from sharp_unlearn.config import merge
 from sharp_unlearn.data import build_dataset
 from sharp_unlearn.data.forget import ForgetSplit
 from sharp_unlearn.progress import stage
+from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_BASE: dict[str, Any] = {
     "seed": 0,
@@ -125,8 +126,8 @@ def _pretrain(spec: TheorySpec, seed: int, opt: str, signal_norm: float, out: Pa
 def _unlearn(spec: TheorySpec, pretrained, pre, split: ForgetSplit, opt: str, alpha: float, lr: float, out: Path,
              tracking: dict, quiet: bool):
     """NegGrad+ at this alpha and learning rate for ``spec.unlearn_epochs``; returns (outcome, unlearned model)."""
-    from sharp_unlearn.recipes.pretrain import load_trained_model
     from sharp_unlearn.recipes.unlearn import run_unlearning, unlearn_config
+    from sharp_unlearn.stage_checkpoints import load_trained_model
 
     utree = merge(unlearn_config(pretrained), {
         "tracking": tracking, "output_dir": str(out),

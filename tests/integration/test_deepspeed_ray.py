@@ -37,7 +37,7 @@ def test_ray_train_run_logs_once_and_its_checkpoint_evaluates(ray_cluster, tmp_p
     from sharp_unlearn.cli import main
     from sharp_unlearn.data import build_dataset
     from sharp_unlearn.engine.loop import accuracy
-    from sharp_unlearn.recipes.pretrain import load_trained_model
+    from sharp_unlearn.stage_checkpoints import load_trained_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = main(["pretrain", "--json", "--quiet", f"output_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", *BASE])

@@ -65,7 +65,8 @@ def test_bad_activation_is_a_config_error():
 
 
 def test_learns_the_signal_and_memorizes_training_noise(tmp_path):
-    from sharp_unlearn.recipes.pretrain import load_trained_model, train_from_scratch
+    from sharp_unlearn.recipes.pretrain import train_from_scratch
+    from sharp_unlearn.stage_checkpoints import load_trained_model
 
     cfg = load_config([], [
         f"output_dir={tmp_path}", "tracking.enabled=false", "data.name=signal_noise",

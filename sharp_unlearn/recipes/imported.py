@@ -14,7 +14,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from sharp_unlearn.data import build_dataset
+from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.models import build_model
+from sharp_unlearn.models.external import import_state_dict
 
 
 def is_foreign(state: Any) -> bool:
@@ -24,8 +30,6 @@ def is_foreign(state: Any) -> bool:
 
 def _read(path: Path) -> Any:
     """The file's content, tensors and plain data only (``weights_only``: a foreign file runs no code)."""
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable input is the user's
@@ -50,11 +54,6 @@ def import_checkpoint(path: str | Path, cfg, bundle=None) -> Path | None:
     set when the caller has it. A head of another size than the data's classes is an error: the model
     to unlearn keeps its head.
     """
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.models.external import import_state_dict
-
     path = Path(path)
     raw = _read(path)
     if not is_foreign(raw):
