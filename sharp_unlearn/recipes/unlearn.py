@@ -35,8 +35,8 @@ from sharp_unlearn.metrics.accuracy import split_accuracies
 from sharp_unlearn.metrics.tow import forget_gap, tow
 from sharp_unlearn.model_store import log_model
 from sharp_unlearn.models import build_model
-from sharp_unlearn.recipes.imported import checkpoint_origin
 from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.recipes.imported import checkpoint_origin
 from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn, validate_launch
 from sharp_unlearn.recipes.pretrain import train_from_scratch
 from sharp_unlearn.recipes.stages import Pretrained, epoch_evaluator, load_pretrained, unlearn_stage
