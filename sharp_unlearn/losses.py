@@ -11,6 +11,25 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
-    """Mean cross-entropy of the model's logits on ``batch.x`` against ``batch.y``."""
-    return F.cross_entropy(model(batch.x), batch.y)
+IGNORE_INDEX = -100
+
+
+def cross_entropy(model: nn.Module, batch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model's logits on ``batch.x`` against ``batch.y`` (mean, or ``reduction``).
+
+    Sequence logits ``(batch, tokens, vocab)`` against ``(batch, tokens)`` labels (a causal LM) are
+    flattened: the mean is over the scored tokens, positions labelled ``-100`` are not scored.
+    """
+    logits = model(batch.x)
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), batch.y.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+    return F.cross_entropy(logits, batch.y, reduction=reduction)
+
+
+def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of the scored tokens (labels not ``-100``) and their count."""
+    scored = labels != IGNORE_INDEX
+    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(
+        -1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (token_logp * scored).sum(-1), scored.sum(-1)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from sharp_unlearn.engine.loop import as_batch, make_loader
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.optim.saliency import Mask
 
 
@@ -43,7 +43,7 @@ def forget_gradient_saliency(model: nn.Module, forget_dataset: Dataset, device: 
         for item in make_loader(forget_dataset, batch_size, shuffle=False):
             batch = as_batch(item).to(device)
             # sum-reduced / |D_F|: the accumulated gradient is that of the mean over the whole set
-            loss = F.cross_entropy(model(batch.x), batch.y, reduction="sum") / total
+            loss = cross_entropy(model, batch, reduction="sum") / total
             if not torch.isfinite(loss):
                 raise ConfigError("the forget loss is not finite at these weights; the checkpoint is "
                                   "unusable for a saliency mask")
