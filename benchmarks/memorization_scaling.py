@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from sharp_unlearn.config import load_config
-from sharp_unlearn.data.memorization_heldout import HeldoutSettings, _run_ray, heldout_ray_session
+from sharp_unlearn.recipes.memorization_heldout import HeldoutSettings, _run_ray, heldout_ray_session
 
 CIFAR100_TRAIN = 50_000
 
@@ -72,7 +72,7 @@ def run_round(ray, cfg, ids: list[int], workers: int) -> tuple[float, list[float
 def warm_workers(ray, cfg, workers: int = 2, attempts: int = 10) -> set[int]:
     """Until ``workers`` distinct worker processes have imported torch and built the data
     set: a cold worker in a timed round would charge ~10 s of imports to one setting."""
-    from sharp_unlearn.data.memorization_heldout import _cached_bundle
+    from sharp_unlearn.recipes.memorization_heldout import _cached_bundle
 
     def warm(cfg_dict):
         import torch._dynamo  # noqa: F401

@@ -187,11 +187,12 @@ def prepare_target(checkpoint: str | Path, *, config_files: Sequence[str] = (), 
     """Rebuild what a checkpoint needs for evaluation; every mismatch is a ConfigError."""
     from sharp_unlearn.config import config_from_dict
     from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.data.forget import select_forget_set, train_stable_indices
+    from sharp_unlearn.data.forget import train_stable_indices
     from sharp_unlearn.engine.checkpoint import load_checkpoint
     from sharp_unlearn.engine.determinism import apply_determinism
     from sharp_unlearn.engine.runner import resolve_device
     from sharp_unlearn.model_store import resolve_checkpoint
+    from sharp_unlearn.recipes.memorization import select_forget_set
     from sharp_unlearn.validation import load_config
 
     if is_model_uri(checkpoint):  # runs:/<id>/model or models:/<name>/<version>, from the store the overrides name

@@ -58,8 +58,8 @@ class Memorization(Command):
         parser.add_argument("--no-resume", action="store_true", help="retrain models already on disk")
 
     def run(self, args):
-        from sharp_unlearn.data.memorization import compute_memorization, proxy_table
-        from sharp_unlearn.data.memorization_heldout import HeldoutSettings
+        from sharp_unlearn.recipes.memorization import compute_memorization, proxy_table
+        from sharp_unlearn.recipes.memorization_heldout import HeldoutSettings
 
         cfg = config_from_args(args)
         if args.proxies_only:

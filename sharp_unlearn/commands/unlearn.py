@@ -83,8 +83,8 @@ class Retrain(Command):
         add_config_arguments(parser)
 
     def run(self, args):
-        from sharp_unlearn.data.forget import select_forget_set
         from sharp_unlearn.errors import ConfigError
+        from sharp_unlearn.recipes.memorization import select_forget_set
         from sharp_unlearn.recipes.unlearn import get_reference
 
         pretrained, cfg = _load(args)

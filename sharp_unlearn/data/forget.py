@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sharp_unlearn.config import ForgetConfig, stable_hash
 from sharp_unlearn.data.base import DatasetBundle
@@ -167,27 +166,12 @@ def load_score_file(path: str, stable: np.ndarray) -> np.ndarray:
     raise ConfigError(f"score file {path!r}: unknown format {file.suffix!r}; expected .npz or .parquet")
 
 
-@torch.no_grad()
-def model_proxy_scores(model: torch.nn.Module, bundle: DatasetBundle, kind: str, device="cpu",
-                       batch_size: int = 512) -> np.ndarray:
-    """Cheap memorization proxies from a trained model: per-example loss, or 1 - label confidence.
+def stored_scores(spec: str, bundle: DatasetBundle) -> np.ndarray:
+    """Scores the data layer can read itself: the recorded label flips (``flipped``) or a score file.
 
-    High loss / low confidence on a *training* example marks what the model
-    had to memorize (or has not fit); learning-speed proxies need the
-    training run itself (see ``data/memorization.py``).
+    Proxies computed from a model or a training run are computed above this
+    layer and passed in (:func:`sharp_unlearn.recipes.memorization.select_forget_set`).
     """
-    from sharp_unlearn.engine.loop import predict
-
-    out = predict(model, bundle.train_eval, batch_size, device)
-    logp = torch.log_softmax(out["logits"], 1)
-    label_logp = logp.gather(1, out["labels"][:, None]).squeeze(1)
-    if kind == "proxy:loss":
-        return (-label_logp).double().numpy()
-    return (1.0 - label_logp.exp()).double().numpy()
-
-
-def resolve_scores(spec: str, bundle: DatasetBundle, model: torch.nn.Module | None, seed: int,
-                   device="cpu", data_cfg=None) -> np.ndarray:
     stable = train_stable_indices(bundle)
     if spec == "flipped":
         flipped = bundle.meta.get("flipped")
@@ -197,28 +181,20 @@ def resolve_scores(spec: str, bundle: DatasetBundle, model: torch.nn.Module | No
         scores = np.zeros(len(stable))
         scores[np.isin(np.arange(len(stable)), np.asarray(flipped))] = 1.0
         return scores
-    if spec in ("proxy:loss", "proxy:confidence"):
-        if model is None:
-            raise ConfigError(f"forget.scores={spec!r} needs a trained model (pass --checkpoint)")
-        return model_proxy_scores(model, bundle, spec, device)
-    if spec == "proxy:learning_speed":
-        try:
-            from sharp_unlearn.data.memorization import compute_proxy_scores
-        except ImportError:
-            raise ConfigError("forget.scores='proxy:learning_speed' needs the memorization module") from None
-        if data_cfg is None:
-            raise ConfigError("forget.scores='proxy:learning_speed' needs the run's config")
-        return np.asarray(compute_proxy_scores(data_cfg, bundle, kinds=("learning_speed",))["learning_speed"])
+    if spec in PROXIES:
+        raise ConfigError(f"forget.scores={spec!r} is computed from a model or a training run; select the "
+                          "forget set with sharp_unlearn.recipes.memorization.select_forget_set")
     return load_score_file(spec, stable)
 
 
 # ------------------------------------------------------------------ select
-def select_forget_set(cfg: ForgetConfig, bundle: DatasetBundle, seed: int, model: torch.nn.Module | None = None,
-                      device="cpu", scores: np.ndarray | None = None, run_cfg=None) -> ForgetSplit:
+def select_forget_set(cfg: ForgetConfig, bundle: DatasetBundle, seed: int,
+                      scores: np.ndarray | None = None) -> ForgetSplit:
     """Choose the forget set; deterministic under ``seed``.
 
-    ``scores`` (aligned with training positions) overrides ``cfg.scores``;
-    ``run_cfg`` (the ExperimentConfig) is needed only for training-based proxies.
+    ``scores`` (aligned with training positions) overrides ``cfg.scores``; without them a
+    memorization forget set reads :func:`stored_scores` (proxies are computed, and passed in,
+    by :func:`sharp_unlearn.recipes.memorization.select_forget_set`).
     """
     targets = np.asarray(bundle.train_targets)
     n = len(targets)
@@ -240,8 +216,7 @@ def select_forget_set(cfg: ForgetConfig, bundle: DatasetBundle, seed: int, model
         if size is not None and size < len(positions):  # a sub-sample of the classes
             positions = np.sort(np.random.default_rng(seed + 4099).choice(positions, size=size, replace=False))
     else:
-        used_scores = scores if scores is not None else resolve_scores(
-            cfg.scores, bundle, model, seed, device, run_cfg)
+        used_scores = scores if scores is not None else stored_scores(cfg.scores, bundle)
         used_scores = np.asarray(used_scores, dtype=np.float64)
         if len(used_scores) != n:
             raise ConfigError(f"memorization scores have {len(used_scores)} entries; expected {n} "

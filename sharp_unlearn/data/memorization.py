@@ -12,9 +12,11 @@ not. The influence of training example i on test example j is the same
 difference measured on test example j.
 
 This module holds the parts that are pure arithmetic and IO (fast, testable
-without training); the K trainings and their Ray orchestration live in
-:mod:`sharp_unlearn.data.memorization_heldout`, the single-run proxies
-(loss, confidence, learning speed) in :mod:`sharp_unlearn.data.memorization_proxies`.
+without training); estimation, which trains models, is a recipe: the K
+trainings and their Ray orchestration live in
+:mod:`sharp_unlearn.recipes.memorization_heldout`, the single-run proxies
+(loss, confidence, learning speed) in :mod:`sharp_unlearn.recipes.memorization_proxies`,
+and the ``memorization`` command's entry points in :mod:`sharp_unlearn.recipes.memorization`.
 
 Small-K shrinkage: each conditional probability gets one pseudo-observation
 at the example's pooled accuracy ``q = correct / K`` over all K models:
@@ -258,117 +260,3 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(b"sharp_unlearn")
     return json.loads(raw) if raw else {}
-
-
-# ---------------------------------------------------------------- entry points
-def compute_proxy_scores(cfg, bundle=None, kinds=("loss", "confidence", "learning_speed"), **kwargs):
-    """Proxy scores (one training run); see :mod:`sharp_unlearn.data.memorization_proxies`."""
-    from sharp_unlearn.data.memorization_proxies import compute_proxy_scores as compute
-
-    return compute(cfg, bundle, kinds, **kwargs)
-
-
-@dataclass
-class MemorizationResult:
-    scores_path: Path
-    estimate: HeldoutEstimate
-    summary: dict[str, Any]
-    influence_path: Path | None = None
-    proxies: dict[str, np.ndarray] | None = None
-
-
-def compute_memorization(cfg, settings, *, proxies: tuple[str, ...] = (), run_dir: str | os.PathLike | None = None,
-                         quiet: bool = False, on_model_done=None) -> MemorizationResult:
-    """Held-out memorization scores for ``cfg``'s data set and training recipe.
-
-    Trains the missing subset models (Ray tasks, resumable), writes
-    ``<run dir>/scores.parquet`` (``index``, ``score``, ``stderr``, ``n_in``,
-    ``n_out``, ``p_in``, ``p_out`` and ``proxy_<kind>`` columns when
-    ``proxies`` are asked for), ``influence.parquet`` with ``settings.influence``,
-    and logs one MLflow run (kind ``memorization``).
-    """
-    import time
-
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.data.forget import train_stable_indices
-    from sharp_unlearn.data.memorization_heldout import default_run_dir, run_heldout
-    from sharp_unlearn.data.memorization_proxies import check_kinds
-    from sharp_unlearn.tracking import open_run
-
-    if proxies:
-        check_kinds(proxies)
-    started = time.perf_counter()
-    bundle = build_dataset(cfg.data, cfg.seed)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, settings.subset_fraction)
-    tags = {"optimizer": cfg.optimizer.tag, "memorization_models": settings.num_models}
-    with open_run(cfg, kind="memorization", tags=tags, run_name=f"memorization-K{settings.num_models}") as tracker:
-        tracker.log_params(settings.params())
-        run = run_heldout(cfg, settings, bundle=bundle, run_dir=run_dir, quiet=quiet, on_model_done=on_model_done)
-        estimate = heldout_estimate(run.masks, run.train_correct)
-        summary: dict[str, Any] = {
-            "num_models": settings.num_models, "models_trained": len(run.trained),
-            "models_reused": len(run.reused), "mean_score": float(estimate.score.mean()),
-            "mean_stderr": float(estimate.stderr.mean()),
-            "model_seconds_mean": float(np.mean(run.model_seconds)),
-        }
-        if run.trained:
-            summary["models_per_minute"] = 60.0 * len(run.trained) / max(run.wall_seconds, 1e-9)
-        flipped = bundle.meta.get("flipped")
-        if flipped is not None and len(flipped):
-            summary["flipped_auroc"] = auroc(estimate.score, flipped)
-        extra: dict[str, np.ndarray] = {"label": np.asarray(bundle.train_targets, dtype=np.int64)}
-        proxy_scores = None
-        if proxies:
-            proxy_scores = compute_proxy_scores(cfg, bundle, proxies, quiet=quiet)
-            for kind, rho in proxy_agreement(estimate.score, proxy_scores).items():
-                summary[f"spearman_{kind}"] = rho
-                if flipped is not None and len(flipped):
-                    summary[f"flipped_auroc_{kind}"] = auroc(proxy_scores[kind], flipped)
-            extra.update({f"proxy_{kind}": values for kind, values in proxy_scores.items()})
-        metadata = {"estimator": "heldout", "dataset": cfg.data.name, "model": cfg.model.name,
-                    "optimizer": cfg.optimizer.tag, "seed": cfg.seed, "training_hash": cfg.training_hash(),
-                    "num_models": settings.num_models, "subset_fraction": settings.subset_fraction}
-        scores_path = write_scores(estimate, run_dir / "scores.parquet", index=train_stable_indices(bundle),
-                                   extra=extra, metadata=metadata)
-        influence_path = None
-        if settings.influence:
-            pairs = influence_top_k(run.masks, run.test_correct, settings.influence_top_k)
-            influence_path = write_table(pairs, run_dir / "influence.parquet", metadata)
-        summary["wall_seconds"] = time.perf_counter() - started
-        tracker.log_metrics(summary)
-        tracker.log_artifact(scores_path)
-        if influence_path is not None:
-            tracker.log_artifact(influence_path)
-    summary["run_id"] = tracker.run_id
-    return MemorizationResult(scores_path, estimate, summary, influence_path, proxy_scores)
-
-
-def proxy_table(cfg, kinds: tuple[str, ...], *, run_dir: str | os.PathLike | None = None,
-                quiet: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Proxy-only scores (one training, for data too large for K trainings):
-    ``proxies.parquet`` with ``index``, ``score`` (the first kind) and ``proxy_<kind>``."""
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.data.forget import train_stable_indices
-    from sharp_unlearn.data.memorization_proxies import check_kinds, proxy_cache_path
-    from sharp_unlearn.tracking import open_run
-
-    kinds = check_kinds(kinds)
-    bundle = build_dataset(cfg.data, cfg.seed)
-    run_dir = Path(run_dir) if run_dir is not None else proxy_cache_path(cfg).with_suffix("")
-    with open_run(cfg, kind="memorization", tags={"optimizer": cfg.optimizer.tag, "memorization_proxies":
-                                                 ",".join(kinds)}, run_name="memorization-proxies") as tracker:
-        scores = compute_proxy_scores(cfg, bundle, kinds, quiet=quiet)
-        summary: dict[str, Any] = {}
-        flipped = bundle.meta.get("flipped")
-        if flipped is not None and len(flipped):
-            summary.update({f"flipped_auroc_{k}": auroc(v, flipped) for k, v in scores.items()})
-        columns = {"index": train_stable_indices(bundle), "score": scores[kinds[0]],
-                   "label": np.asarray(bundle.train_targets, dtype=np.int64),
-                   **{f"proxy_{k}": v for k, v in scores.items()}}
-        path = write_table(columns, run_dir / "proxies.parquet",
-                           {"estimator": f"proxy:{kinds[0]}", "dataset": cfg.data.name, "model": cfg.model.name,
-                            "seed": cfg.seed, "training_hash": cfg.training_hash()})
-        tracker.log_metrics(summary)
-        tracker.log_artifact(path)
-    summary["run_id"] = tracker.run_id
-    return path, summary

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sharp_unlearn.config import ExperimentConfig
-from sharp_unlearn.data.forget import select_forget_set
 from sharp_unlearn.engine.checkpoint import load_model_state
 from sharp_unlearn.engine.runner import resolve_device
 from sharp_unlearn.engine.saliency import forget_gradient_saliency
@@ -23,6 +22,7 @@ from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.metrics.accuracy import subset
 from sharp_unlearn.models import build_model
 from sharp_unlearn.optim.saliency import mask_file_name, masks_for_fractions, save_mask
+from sharp_unlearn.recipes.memorization import select_forget_set
 from sharp_unlearn.tracking import open_run
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sharp_unlearn.config import ExperimentConfig, stable_hash
-from sharp_unlearn.data.forget import ForgetSplit, memorization_groups, select_forget_set
+from sharp_unlearn.data.forget import ForgetSplit, memorization_groups
 from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from sharp_unlearn.engine.determinism import apply_determinism
 from sharp_unlearn.engine.driver import LocalBackend, resolve_device
@@ -36,8 +36,9 @@ from sharp_unlearn.metrics.tow import forget_gap, tow
 from sharp_unlearn.model_store import log_model
 from sharp_unlearn.models import build_model
 from sharp_unlearn.optim.factory import sam_spec
-from sharp_unlearn.recipes.imported import checkpoint_origin
 from sharp_unlearn.recipes.distributed import launch_deepspeed_unlearn, validate_launch
+from sharp_unlearn.recipes.imported import checkpoint_origin
+from sharp_unlearn.recipes.memorization import select_forget_set
 from sharp_unlearn.recipes.pretrain import train_from_scratch
 from sharp_unlearn.recipes.stages import Pretrained, epoch_evaluator, load_pretrained, unlearn_stage
 from sharp_unlearn.results import rows_from_metrics, write_results

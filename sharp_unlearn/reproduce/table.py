@@ -34,8 +34,8 @@ SUMMARY_METRICS = ("tow", "forget_acc", "retain_acc", "test_acc", "mia_efficacy"
 
 def memorization_scores(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool) -> str:
     """Held-out memorization scores for this seed's training set (cached per training hash)."""
-    from sharp_unlearn.data.memorization import compute_memorization
-    from sharp_unlearn.data.memorization_heldout import HeldoutSettings
+    from sharp_unlearn.recipes.memorization import compute_memorization
+    from sharp_unlearn.recipes.memorization_heldout import HeldoutSettings
 
     mem = dict(spec.get("memorization") or {})
     tree = merge(spec["base"], {"seed": seed, "output_dir": output_dir, "tracking": tracking})

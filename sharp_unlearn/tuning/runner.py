@@ -112,10 +112,10 @@ def prepare_inputs(spec: SweepSpec, *, quiet: bool = False) -> tuple[TrialInputs
     if spec.stage != "unlearn":
         return inputs, context
 
-    from sharp_unlearn.data.forget import select_forget_set
     from sharp_unlearn.engine.runner import resolve_device
     from sharp_unlearn.metrics.accuracy import split_accuracies
     from sharp_unlearn.metrics.tow import tow
+    from sharp_unlearn.recipes.memorization import select_forget_set
     from sharp_unlearn.recipes.pretrain import train_from_scratch
     from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
 

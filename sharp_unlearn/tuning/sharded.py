@@ -412,11 +412,11 @@ def sharded_unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) 
 
 def sharded_both_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``both``, sharded: pretrain, its reference (both cached by hash), then unlearn; unlearning reported."""
-    from sharp_unlearn.data.forget import select_forget_set
     from sharp_unlearn.engine.checkpoint import load_model_state
     from sharp_unlearn.metrics.accuracy import split_accuracies
     from sharp_unlearn.metrics.tow import tow
     from sharp_unlearn.models import build_model
+    from sharp_unlearn.recipes.memorization import select_forget_set
     from sharp_unlearn.recipes.unlearn import Reference, load_pretrained
 
     pre_cfg, cfg = trial_configs(inputs, params)

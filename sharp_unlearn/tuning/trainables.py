@@ -341,10 +341,10 @@ def both_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str
     """
     import copy
 
-    from sharp_unlearn.data.forget import select_forget_set
     from sharp_unlearn.engine.runner import resolve_device
     from sharp_unlearn.metrics.accuracy import split_accuracies
     from sharp_unlearn.metrics.tow import tow
+    from sharp_unlearn.recipes.memorization import select_forget_set
     from sharp_unlearn.recipes.pretrain import stage_dir, train_from_scratch
     from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
 

@@ -14,7 +14,8 @@ from sharp_unlearn.data.memorization import (
     write_scores,
     write_table,
 )
-from sharp_unlearn.data.memorization_heldout import (
+from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.recipes.memorization_heldout import (
     HeldoutSettings,
     ModelOutcome,
     load_outcome,
@@ -22,7 +23,6 @@ from sharp_unlearn.data.memorization_heldout import (
     save_outcome,
     subset_mask,
 )
-from sharp_unlearn.errors import ConfigError
 
 
 def test_estimate_matches_the_formula_by_hand():

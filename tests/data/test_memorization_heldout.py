@@ -6,8 +6,9 @@ import pytest
 
 from sharp_unlearn.config import load_config
 from sharp_unlearn.data import build_dataset
-from sharp_unlearn.data.memorization import auroc, compute_memorization, heldout_estimate, read_scores
-from sharp_unlearn.data.memorization_heldout import HeldoutSettings, default_run_dir, model_path, run_heldout
+from sharp_unlearn.data.memorization import auroc, heldout_estimate, read_scores
+from sharp_unlearn.recipes.memorization import compute_memorization
+from sharp_unlearn.recipes.memorization_heldout import HeldoutSettings, default_run_dir, model_path, run_heldout
 
 #: a recipe that memorizes flipped digits labels within ~1 s per model (adam, constant lr, no decay)
 MEMORIZING = ["model.name=mlp", "model.options={hidden: [256, 256]}", "optimizer.name=adam",

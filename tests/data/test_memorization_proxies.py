@@ -6,10 +6,10 @@ import pytest
 
 from sharp_unlearn.config import load_config
 from sharp_unlearn.data import build_dataset
-from sharp_unlearn.data import memorization_proxies as proxies_module
-from sharp_unlearn.data.memorization import auroc, compute_proxy_scores
-from sharp_unlearn.data.memorization_proxies import proxies_from_records
+from sharp_unlearn.data.memorization import auroc
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.recipes import memorization_proxies as proxies_module
+from sharp_unlearn.recipes.memorization_proxies import compute_proxy_scores, proxies_from_records
 
 
 def test_proxies_from_records_by_hand():

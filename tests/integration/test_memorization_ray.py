@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sharp_unlearn.config import load_config
-from sharp_unlearn.data.memorization_heldout import HeldoutSettings, run_heldout
+from sharp_unlearn.recipes.memorization_heldout import HeldoutSettings, run_heldout
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.slow]
 

@@ -50,10 +50,10 @@ def test_mask_command_writes_and_logs_masks(checkpoint, tmp_path, capsys):
     assert (out / "forget_set.parquet").is_file()
 
     # the same masks as a direct computation on the same split
-    from sharp_unlearn.data.forget import select_forget_set
     from sharp_unlearn.engine.saliency import forget_gradient_saliency
     from sharp_unlearn.metrics.accuracy import subset
     from sharp_unlearn.optim.saliency import saliency_mask
+    from sharp_unlearn.recipes.memorization import select_forget_set
     from sharp_unlearn.recipes.unlearn import load_pretrained
 
     pretrained = load_pretrained(checkpoint)

@@ -25,10 +25,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.nn import functional as F
 
 from sharp_unlearn.config import ExperimentConfig
+from sharp_unlearn.data import build_dataset
+from sharp_unlearn.engine.loop import predict
+from sharp_unlearn.engine.objective import Objective, Phase
+from sharp_unlearn.engine.runner import resolve_device, run_stage
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.files import atomic_path
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.models import build_model
+from sharp_unlearn.optim.factory import sam_spec
 
 PROXY_KINDS = ("loss", "confidence", "learning_speed")
 
@@ -62,17 +71,6 @@ def proxy_cache_path(cfg: ExperimentConfig) -> Path:
 def record_training(cfg: ExperimentConfig, bundle=None, *, quiet: bool = True) -> dict[str, np.ndarray]:
     """Train once on the full training set, recording per-epoch label probability,
     loss and correctness of every training example (arrays ``[epochs, n_train]``)."""
-    import torch
-    from torch.nn import functional as F
-
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.engine.loop import predict
-    from sharp_unlearn.engine.objective import Objective, Phase
-    from sharp_unlearn.engine.runner import resolve_device, run_stage
-    from sharp_unlearn.losses import cross_entropy
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.optim.factory import sam_spec
-
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs={cfg.train.epochs} leaves nothing to record; proxies need >= 1 epoch")
     bundle = bundle if bundle is not None else build_dataset(cfg.data, cfg.seed)

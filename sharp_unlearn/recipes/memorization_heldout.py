@@ -34,10 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import Subset
 
 from sharp_unlearn.config import ExperimentConfig, config_from_dict, stable_hash
+from sharp_unlearn.data import build_dataset
+from sharp_unlearn.engine.loop import predict
+from sharp_unlearn.engine.objective import Objective, Phase
+from sharp_unlearn.engine.runner import resolve_device, run_stage
 from sharp_unlearn.errors import ConfigError, require
 from sharp_unlearn.files import atomic_path
+from sharp_unlearn.losses import cross_entropy
+from sharp_unlearn.models import build_model
+from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.progress import progress_bar
+from sharp_unlearn.ray_cluster import ray_session
 
 EXECUTORS = ("ray", "serial")
 #: bump when the per-model file layout or the subset rule changes (old files are then retrained)
@@ -189,8 +200,6 @@ _BUNDLES: dict[str, Any] = {}
 
 def _cached_bundle(cfg: ExperimentConfig):
     """Build the data set once per worker process (Ray reuses workers across tasks)."""
-    from sharp_unlearn.data import build_dataset
-
     key = stable_hash({"data": dataclasses.asdict(cfg.data), "seed": cfg.seed})
     if key not in _BUNDLES:
         _BUNDLES.clear()  # one data set per worker at a time
@@ -200,8 +209,6 @@ def _cached_bundle(cfg: ExperimentConfig):
 
 def correct_by_position(model, dataset, batch_size: int, device) -> np.ndarray:
     """Correctness of every example, in dataset position order."""
-    from sharp_unlearn.engine.loop import predict
-
     out = predict(model, dataset, batch_size, device)
     return (out["logits"].argmax(1) == out["labels"]).numpy().astype(bool)
 
@@ -213,21 +220,12 @@ def train_subset_model(cfg: ExperimentConfig, model_id: int, fraction: float, bu
     The same objective and optimizer as pretraining (SAM when configured); no
     checkpoints, no tracking, no progress bar.
     """
-    import torch
-    from torch.utils.data import Subset
-
-    from sharp_unlearn.engine.objective import Objective, Phase
-    from sharp_unlearn.engine.runner import resolve_device, run_stage
-    from sharp_unlearn.losses import cross_entropy
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.optim.factory import sam_spec
-
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         bundle = bundle if bundle is not None else _cached_bundle(cfg)
-        import torch._dynamo  # noqa: F401  (a process's first optimizer imports it: seconds, not model cost)
+        from torch import _dynamo  # noqa: F401  (a process's first optimizer imports it: seconds, not model cost)
 
         start = time.perf_counter()  # the model's cost: training + measuring, not loading data
         n_train, n_test = len(bundle.train_eval), len(bundle.test)
@@ -275,8 +273,6 @@ def _run_serial(cfg: ExperimentConfig, ids: list[int], settings: HeldoutSettings
 def heldout_ray_session(settings: HeldoutSettings):
     """The run's Ray session (see :func:`sharp_unlearn.ray_cluster.ray_session`): a caller's, the
     cluster at ``settings.address`` / $RAY_ADDRESS, or a local Ray sized to the run."""
-    from sharp_unlearn.ray_cluster import ray_session
-
     cpus = math.ceil(settings.workers * settings.cpus_per_model) if settings.workers else (os.cpu_count() or 1)
     return ray_session(address=settings.address, num_cpus=max(cpus, math.ceil(settings.cpus_per_model)),
                        log_to_driver=False, logging_level="WARNING", object_store_memory=256 * 2**20)
@@ -346,9 +342,6 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
     ``on_model_done`` is called after each new model's file is written (a
     progress hook; an exception it raises interrupts the run like Ctrl-C).
     """
-    from sharp_unlearn.data import build_dataset
-    from sharp_unlearn.progress import progress_bar
-
     started = time.perf_counter()
     bundle = bundle if bundle is not None else build_dataset(cfg.data, cfg.seed)
     n_train, n_test = len(bundle.train_eval), len(bundle.test)
@@ -364,8 +357,6 @@ def run_heldout(cfg: ExperimentConfig, settings: HeldoutSettings, *, bundle=None
     missing = [k for k in range(settings.num_models) if k not in outcomes]
     trained: list[int] = []
     if missing:
-        from sharp_unlearn.models import build_model
-
         # bad model options fail here, as a ConfigError, not K times inside Ray workers
         build_model(cfg.model, bundle.num_classes, bundle.input_shape)
         (run_dir / "models").mkdir(parents=True, exist_ok=True)
