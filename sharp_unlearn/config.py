@@ -1,8 +1,11 @@
-"""Typed configuration: dataclass schemas, YAML + ``key=value`` loading, validation.
+"""Typed configuration: dataclass schemas, YAML + ``key=value`` loading, shape validation.
 
-Every section validates itself on construction (``__post_init__``), so a bad
-value fails at the edge with a message naming the key, the value and what was
-expected, before any data is loaded or any process group starts.
+Every section validates its shape on construction (``__post_init__``): types,
+ranges and choices, with a message naming the key, the value and what was
+expected. Names that registries resolve (``data.name``, ``model.name``,
+``method.name``) and each method's own settings are checked one layer up, by
+``sharp_unlearn.validation`` (this module imports no registry), before any data
+is loaded or any process group starts.
 
 The resolved config flattens to dotted keys (``optimizer.rho``,
 ``method.alpha``) for MLflow params and hashes to a stable id for caches.
@@ -33,17 +36,14 @@ DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("none", "deepspeed")
 DIST_LAUNCHERS = ("ray", "torchrun")
 MASK_ORDERS = ("largest", "smallest")
-FORGET_MASK_SCOPES = ("update", "perturbed")
-FORGET_PERTURBATIONS = ("masked", "full")
-UPDATE_ORDERS = ("joint", "sequential")
 
 
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
+def check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; expected one of: {', '.join(map(str, choices))}")
 
 
-def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+def check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> None:
     # NaN compares false with every bound, so it would pass them all; no setting here means
     # anything at +-inf (an infinite lr or rho only turns into NaN weights later), so refuse both
@@ -84,13 +84,12 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from sharp_unlearn.data import DATASETS
-
-        DATASETS.get(self.name)  # raises with the list of known names
-        _check_range("data.batch_size", self.batch_size, 1)
-        _check_range("data.eval_batch_size", self.eval_batch_size, 1)
-        _check_range("data.num_workers", self.num_workers, 0)
-        _check_range("data.label_noise", self.label_noise, 0.0, 1.0, hi_open=True)
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"data.name={self.name!r} is not valid; expected a data set name")
+        check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.eval_batch_size", self.eval_batch_size, 1)
+        check_range("data.num_workers", self.num_workers, 0)
+        check_range("data.label_noise", self.label_noise, 0.0, 1.0, hi_open=True)
 
 
 @dataclass
@@ -119,11 +118,8 @@ class ModelConfig:
     input_channels: int | None = None
 
     def __post_init__(self) -> None:
-        from sharp_unlearn.models import check_model_name
-
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"model.name={self.name!r} is not valid; expected a model name or <source>:<target>")
-        check_model_name(self.name)
         external = ":" in self.name
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
             raise ConfigError(f"model.weights={self.weights!r} is not valid; expected a state-dict path or a "
@@ -137,9 +133,9 @@ class ModelConfig:
             raise ConfigError(f"model.feature_layer={self.feature_layer!r} is not valid; expected a module path "
                               "such as fc or heads.head")
         if self.input_size is not None:
-            _check_range("model.input_size", self.input_size, 1)
+            check_range("model.input_size", self.input_size, 1)
         if self.input_channels is not None:
-            _check_range("model.input_channels", self.input_channels, 1)
+            check_range("model.input_channels", self.input_channels, 1)
 
     @property
     def external(self) -> bool:
@@ -173,19 +169,19 @@ class OptimizerConfig:
     sign: str = "min"
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer.name", self.name, OPTIMIZERS)
-        _check_choice("optimizer.base", self.base, BASE_OPTIMIZERS)
-        _check_choice("optimizer.sign", self.sign, SAM_SIGNS)
-        _check_range("optimizer.lr", self.lr, 0.0, lo_open=True)
-        _check_range("optimizer.momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        _check_range("optimizer.weight_decay", self.weight_decay, 0.0)
-        _check_range("optimizer.rho", self.rho, 0.0)
-        _check_range("optimizer.lamb", self.lamb, 0.0)
+        check_choice("optimizer.name", self.name, OPTIMIZERS)
+        check_choice("optimizer.base", self.base, BASE_OPTIMIZERS)
+        check_choice("optimizer.sign", self.sign, SAM_SIGNS)
+        check_range("optimizer.lr", self.lr, 0.0, lo_open=True)
+        check_range("optimizer.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("optimizer.weight_decay", self.weight_decay, 0.0)
+        check_range("optimizer.rho", self.rho, 0.0)
+        check_range("optimizer.lamb", self.lamb, 0.0)
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives lists
         if len(self.betas) != 2:
             raise ConfigError(f"optimizer.betas={list(self.betas)!r} must hold two values (beta1, beta2)")
         for i, beta in enumerate(self.betas):
-            _check_range(f"optimizer.betas[{i}]", beta, 0.0, 1.0, hi_open=True)
+            check_range(f"optimizer.betas[{i}]", beta, 0.0, 1.0, hi_open=True)
 
     @property
     def is_sam(self) -> bool:
@@ -224,14 +220,14 @@ class TrainConfig:
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        _check_range("train.epochs", self.epochs, 0)
-        _check_choice("train.schedule", self.schedule, SCHEDULES)
-        _check_range("train.warmup_epochs", self.warmup_epochs, 0)
-        _check_range("train.grad_accum", self.grad_accum, 1)
-        _check_range("train.grad_clip", self.grad_clip, 0.0)
-        _check_range("train.gamma", self.gamma, 0.0, lo_open=True)
-        _check_range("train.eval_every", self.eval_every, 0)
-        _check_range("train.checkpoint_every", self.checkpoint_every, 0)
+        check_range("train.epochs", self.epochs, 0)
+        check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_range("train.warmup_epochs", self.warmup_epochs, 0)
+        check_range("train.grad_accum", self.grad_accum, 1)
+        check_range("train.grad_clip", self.grad_clip, 0.0)
+        check_range("train.gamma", self.gamma, 0.0, lo_open=True)
+        check_range("train.eval_every", self.eval_every, 0)
+        check_range("train.checkpoint_every", self.checkpoint_every, 0)
         self.milestones = [int(m) for m in self.milestones]
 
 
@@ -254,12 +250,12 @@ class ForgetConfig:
     scores: str = "proxy:loss"
 
     def __post_init__(self) -> None:
-        _check_choice("forget.kind", self.kind, FORGET_KINDS)
-        _check_choice("forget.level", self.level, MEMORIZATION_LEVELS)
+        check_choice("forget.kind", self.kind, FORGET_KINDS)
+        check_choice("forget.level", self.level, MEMORIZATION_LEVELS)
         if self.size is not None:
-            _check_range("forget.size", self.size, 1)
+            check_range("forget.size", self.size, 1)
         if self.fraction is not None:
-            _check_range("forget.fraction", self.fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+            check_range("forget.fraction", self.fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.kind in ("random", "memorization") and self.size is None and self.fraction is None:
             raise ConfigError(f"forget.kind={self.kind!r} needs forget.size or forget.fraction")
         if self.kind == "class" and not self.classes:
@@ -277,9 +273,17 @@ class ForgetConfig:
         return f"memorization-{self.level}-{amount}"
 
 
-@dataclass
+@dataclass(init=False)
 class MethodConfig:
-    """The unlearning method and its hyper-parameters (each method reads its own)."""
+    """The unlearning method: the settings the framework reads for every method, and ``params``.
+
+    ``params`` holds the method-specific settings (``l1_weight``, ``temperature``,
+    ``rho_max``...) under their own keys: in YAML, on the command line and in the
+    flattened config they sit beside the shared ones (``method.l1_weight``). Each
+    method declares their types, defaults and ranges next to its code (its
+    ``params_class``); ``sharp_unlearn.validation`` checks them and fills in the
+    defaults. Read one as an attribute (``cfg.method.l1_weight``) or from ``params``.
+    """
 
     name: str = "neggrad"
     epochs: int = 5
@@ -287,65 +291,45 @@ class MethodConfig:
     alpha: float = 0.9
     #: saliency mask: share of parameters (largest |grad L_F|) SalUn / Sharp MinMax may change
     mask_fraction: float = 0.5
-    #: Sharp MinMax: SAM radius/weight for the retain part (sharpness minimization);
-    #: None takes optimizer.rho / optimizer.lamb
-    rho_min: float | None = None
-    lamb_min: float | None = None
-    #: Sharp MinMax: SAM radius/weight for the forget part (sharpness maximization)
-    rho_max: float | None = None
-    lamb_max: float | None = None
-    #: Sharp MinMax: ASAM on the forget (max) side; None follows the min side (adaptive when optimizer.name=asam)
-    adaptive_max: bool | None = False
     #: saliency masks (SalUn, Sharp MinMax, `sharp-unlearn mask`): keep the `largest` or `smallest`
     #: mask_fraction of |grad L_F| (the paper's released generator keeps the smallest)
     mask_order: str = "largest"
-    #: Sharp MinMax forget side: `update` masks the whole update; `perturbed` masks only the gradient at
-    #: w+e, so the combined g + s*lamb*(M*g(w+e) - g) keeps the unmasked clean gradient (released code)
-    forget_mask_scope: str = "update"
-    #: Sharp MinMax forget side: SAM perturbation from the `masked` gradient, or the `full` one (all entries)
-    forget_perturbation: str = "masked"
-    #: Sharp MinMax retain side: the same choice for the SAM-min perturbation (the released code builds
-    #: both sides' perturbations from the unmasked gradient)
-    retain_perturbation: str = "masked"
-    #: Sharp MinMax: `joint` sums retain and forget into one step; `sequential` steps retain, then forget
-    #: at the updated weights, each side with its own base-optimizer state (released code)
-    update_order: str = "joint"
-    #: l1_sparse: weight of the L1 penalty (decays linearly to 0 over the epochs)
-    l1_weight: float = 5e-4
-    #: scrub: distillation temperature, number of epochs with max steps, loss weights
-    temperature: float = 4.0
-    max_epochs: int = 2
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
     #: path to a saved mask (from `sharp-unlearn mask`); None computes it
     mask_path: str | None = None
-    #: RUM: methods applied to the memorization groups in order (low -> mid -> high)
-    rum_order: list[str] = field(default_factory=lambda: ["low", "mid", "high"])
-    rum_methods: list[str] = field(default_factory=list)
+    #: method-specific settings by key, as given (shape-checked by the methods that declare them)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    #: the field whose mapping takes every key that is not a field (build_section, to_dict)
+    open_params_field = "params"
+
+    # written out (not generated) so that method-specific settings can be passed by key,
+    # MethodConfig(name="scrub", temperature=2.0), as they are written in YAML
+    def __init__(self, name: str = "neggrad", epochs: int = 5, alpha: float = 0.9, mask_fraction: float = 0.5,
+                 mask_order: str = "largest", mask_path: str | None = None, params: dict[str, Any] | None = None,
+                 **method_params: Any) -> None:
+        self.name = name
+        self.epochs = epochs
+        self.alpha = alpha
+        self.mask_fraction = mask_fraction
+        self.mask_order = mask_order
+        self.mask_path = mask_path
+        self.params = {**(params or {}), **method_params}
+        self.__post_init__()
 
     def __post_init__(self) -> None:
-        from sharp_unlearn.methods import METHODS
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"method.name={self.name!r} is not valid; expected an unlearning method name")
+        check_range("method.epochs", self.epochs, 0)
+        check_range("method.alpha", self.alpha, 0.0, 1.0)
+        check_range("method.mask_fraction", self.mask_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_choice("method.mask_order", self.mask_order, MASK_ORDERS)
 
-        METHODS.get(self.name)
-        _check_range("method.epochs", self.epochs, 0)
-        _check_range("method.alpha", self.alpha, 0.0, 1.0)
-        _check_range("method.mask_fraction", self.mask_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
-        for key in ("rho_min", "rho_max", "lamb_min", "lamb_max"):
-            value = getattr(self, key)
-            if value is not None:
-                _check_range(f"method.{key}", value, 0.0)
-        _check_choice("method.mask_order", self.mask_order, MASK_ORDERS)
-        _check_choice("method.forget_mask_scope", self.forget_mask_scope, FORGET_MASK_SCOPES)
-        _check_choice("method.forget_perturbation", self.forget_perturbation, FORGET_PERTURBATIONS)
-        _check_choice("method.retain_perturbation", self.retain_perturbation, FORGET_PERTURBATIONS)
-        _check_choice("method.update_order", self.update_order, UPDATE_ORDERS)
-        _check_range("method.l1_weight", self.l1_weight, 0.0)
-        _check_range("method.temperature", self.temperature, 0.0, lo_open=True)
-        _check_range("method.max_epochs", self.max_epochs, 0)
-        for level in self.rum_order:
-            _check_choice("method.rum_order", level, ("low", "mid", "high"))
-        for name in self.rum_methods:
-            METHODS.get(name)
+    def __getattr__(self, key: str) -> Any:
+        # only reached for names that are not fields: a method-specific setting by its key
+        params = self.__dict__.get("params")
+        if params is not None and key in params:
+            return params[key]
+        raise AttributeError(f"method section has no setting {key!r} (method {self.__dict__.get('name')!r})")
 
 
 @dataclass
@@ -363,11 +347,11 @@ class DistributedConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("distributed.backend", self.backend, DIST_BACKENDS)
-        _check_choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _check_range("distributed.num_workers", self.num_workers, 1)
-        _check_choice("distributed.launcher", self.launcher, DIST_LAUNCHERS)
-        _check_range("distributed.timeout_s", self.timeout_s, 1)
+        check_choice("distributed.backend", self.backend, DIST_BACKENDS)
+        check_choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_range("distributed.num_workers", self.num_workers, 1)
+        check_choice("distributed.launcher", self.launcher, DIST_LAUNCHERS)
+        check_range("distributed.timeout_s", self.timeout_s, 1)
 
 
 @dataclass
@@ -385,7 +369,7 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         from sharp_unlearn.tracking import check_experiment_name, check_uri  # stdlib-only module: cheap
 
-        _check_range("tracking.max_artifact_mb", self.max_artifact_mb, 0.0)
+        check_range("tracking.max_artifact_mb", self.max_artifact_mb, 0.0)
         if self.uri:
             check_uri(self.uri)
         check_experiment_name(self.experiment)
@@ -411,15 +395,18 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("device", self.device, DEVICES)
+        check_choice("device", self.device, DEVICES)
         # numpy's legacy seeding (and DataLoader workers) take 32-bit seeds; larger ones fail mid-run
-        _check_range("seed", self.seed, 0, 2**32 - 1)
+        check_range("seed", self.seed, 0, 2**32 - 1)
         if self.threads is not None:
-            _check_range("threads", self.threads, 1)
+            check_range("threads", self.threads, 1)
 
     # -- serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        if tree["method"] is not None:  # method-specific settings sit beside the shared ones, as in YAML
+            tree["method"].update(tree["method"].pop(MethodConfig.open_params_field))
+        return tree
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys for MLflow params (``optimizer.rho``, ``method.alpha``)."""
@@ -526,7 +513,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def build_section(cls: type, values: dict[str, Any], prefix: str = ""):
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    open_field = getattr(cls, "open_params_field", None)
+    if open_field is not None:
+        # keys this schema does not declare are kept, as given, for the layer that knows them
+        known.discard(open_field)
+        values = {**{k: v for k, v in values.items() if k in known},
+                  open_field: {k: v for k, v in values.items() if k not in known}}
+    unknown = sorted(set(values) - known - {open_field})
     if unknown:
         where = prefix or "config"
         raise ConfigError(

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from sharp_unlearn.config import ExperimentConfig, load_config
+from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.validation import load_config
 
 OFF = "tracking.enabled=false"
 

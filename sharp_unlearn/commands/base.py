@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.config import ExperimentConfig, load_config
+from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.registry import Registry
 
@@ -48,6 +48,9 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Expe
         overrides.append("tracking.enabled=false")
     if getattr(args, "deterministic", False):
         overrides.append("deterministic=true")
+    # imported here: the registries it checks names against load torch, and the CLI starts without it
+    from sharp_unlearn.validation import load_config
+
     cfg = load_config(args.config, overrides, base=base)
     check_output_dir(cfg.output_dir)
     return cfg

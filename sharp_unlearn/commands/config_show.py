@@ -54,7 +54,7 @@ class ConfigShow(Command):
 
 
 def _run_config(args, overrides):
-    from sharp_unlearn.config import load_config
+    from sharp_unlearn.validation import load_config
 
     base = None
     if args.checkpoint is not None:
@@ -84,8 +84,8 @@ def _checkpoint_base(path: str, command: str) -> dict:
 
 
 def _grid_spec(args, overrides):
-    from sharp_unlearn.config import config_from_dict
     from sharp_unlearn.recipes.grid import load_spec
+    from sharp_unlearn.validation import config_from_dict
 
     if args.deterministic:
         overrides.append("base.deterministic=true")

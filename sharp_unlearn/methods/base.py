@@ -1,5 +1,13 @@
 """The method contract: a method describes objectives; the engine optimizes them.
 
+A method is one file: its class, registered by name in ``METHODS``, and, when
+it reads settings of its own, a dataclass of them named by its
+``params_class`` (types, defaults and range checks in ``__post_init__``, with
+``config.check_range`` / ``config.check_choice``). Their keys are written in the
+``method`` section like the shared ones (``method.temperature=2``);
+``sharp_unlearn.validation`` checks them at load time and the method reads
+them typed from ``self.params``. No other file changes to add a method.
+
 A method is constructed from the run's MethodConfig and OptimizerConfig,
 ``prepare`` sees the model about to be unlearned (to build masks, a teacher,
 random labels...), and ``phases(epoch)`` returns what to optimize that epoch.
@@ -27,14 +35,14 @@ per forget example, aligned with ``ctx.forget``; RUM needs it), ``split``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sharp_unlearn.config import MethodConfig, OptimizerConfig
+from sharp_unlearn.config import MethodConfig, OptimizerConfig, build_section
 from sharp_unlearn.engine.objective import Batch, Phase, SamSpec
 from sharp_unlearn.engine.saliency import forget_gradient_saliency
 from sharp_unlearn.errors import ConfigError
@@ -69,9 +77,13 @@ class UnlearningMethod:
     streams: tuple[str, ...] = ("retain", "forget")
     #: True for "retrain": the recipe trains from scratch on the retain set (no phases)
     from_scratch: bool = False
+    #: dataclass of this method's own settings (keys of the method section), or None when it has none
+    params_class: type | None = None
 
     def __init__(self, cfg: MethodConfig, optimizer: OptimizerConfig, sam: SamSpec | None):
         self.cfg = cfg
+        #: this method's own settings, typed and checked (defaults where the section leaves them out)
+        self.params = method_params(self.params_class, cfg) if self.params_class is not None else None
         self.optimizer_cfg = optimizer
         #: SAM semantics of the run's optimizer (None for sgd/adam/adamw)
         self.sam = sam
@@ -95,6 +107,12 @@ class UnlearningMethod:
     @property
     def epochs(self) -> int:
         return self.cfg.epochs
+
+
+def method_params(params_class: type, cfg: MethodConfig):
+    """``params_class`` built from the keys of ``cfg.params`` it declares (others belong to other methods)."""
+    declared = {f.name for f in fields(params_class)}
+    return build_section(params_class, {k: v for k, v in cfg.params.items() if k in declared}, "method")
 
 
 def saliency_mask_for(ctx: UnlearnContext, cfg: MethodConfig) -> dict[str, torch.Tensor]:

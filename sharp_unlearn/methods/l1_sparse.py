@@ -11,8 +11,11 @@ loss landscape.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from sharp_unlearn.config import check_range
 from sharp_unlearn.engine.objective import Objective, Phase
 from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.methods.base import METHODS, UnlearningMethod
@@ -26,13 +29,26 @@ def l1_penalty(weight: float):
     return loss
 
 
+@dataclass
+class L1SparseParams:
+    """l1-sparse's setting (a key of the method section)."""
+
+    #: weight of the L1 penalty at the first epoch (decays linearly to 0 over the epochs)
+    l1_weight: float = 5e-4
+
+    def __post_init__(self) -> None:
+        check_range("method.l1_weight", self.l1_weight, 0.0)
+
+
 @METHODS.register("l1_sparse")
 class L1Sparse(UnlearningMethod):
     streams = ("retain",)
+    params_class = L1SparseParams
+    params: L1SparseParams
 
     def l1_weight_at(self, epoch: int) -> float:
         epochs = max(self.epochs, 1)
-        return self.cfg.l1_weight * max(0.0, 1.0 - epoch / epochs)
+        return self.params.l1_weight * max(0.0, 1.0 - epoch / epochs)
 
     def phases(self, epoch: int) -> list[Phase]:
         objectives = [Objective("retain", "retain", cross_entropy, sam=self.sam)]

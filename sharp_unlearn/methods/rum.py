@@ -40,7 +40,7 @@ import dataclasses
 import numpy as np
 from torch.utils.data import Subset
 
-from sharp_unlearn.config import MethodConfig, OptimizerConfig
+from sharp_unlearn.config import MethodConfig, OptimizerConfig, check_choice
 from sharp_unlearn.data.forget import rank_tertiles
 from sharp_unlearn.engine.objective import Phase, SamSpec
 from sharp_unlearn.errors import ConfigError
@@ -49,6 +49,21 @@ from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
 LEVELS = ("low", "mid", "high")
 DEFAULT_GROUP_METHOD = "neggrad"
 
+
+@dataclasses.dataclass
+class RumParams:
+    """RUM's settings (keys of the method section); its group methods read theirs from the same section."""
+
+    #: the memorization groups, in the order they are unlearned
+    rum_order: list[str] = dataclasses.field(default_factory=lambda: list(LEVELS))
+    #: the method of each group of rum_order (one name: all groups; empty: neggrad)
+    rum_methods: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for level in self.rum_order:
+            check_choice("method.rum_order", level, LEVELS)
+        for name in self.rum_methods:
+            METHODS.get(name)  # raises with the list of known names
 
 
 @dataclasses.dataclass
@@ -74,18 +89,21 @@ def _renamed(phase: Phase, level: str) -> Phase:
 
 @METHODS.register("rum")
 class Rum(UnlearningMethod):
+    params_class = RumParams
+    params: RumParams
+
     def __init__(self, cfg: MethodConfig, optimizer: OptimizerConfig, sam: SamSpec | None):
         super().__init__(cfg, optimizer, sam)
-        order = list(cfg.rum_order)
+        order = list(self.params.rum_order)
         if sorted(order) != sorted(LEVELS):
             raise ConfigError(f"method.rum_order={order} must name each of low, mid, high exactly once "
                               "(e.g. [low, mid, high])")
-        names = list(cfg.rum_methods) or [DEFAULT_GROUP_METHOD]
+        names = list(self.params.rum_methods) or [DEFAULT_GROUP_METHOD]
         if len(names) == 1:
             names = names * len(order)
         if len(names) != len(order):
-            raise ConfigError(f"method.rum_methods={list(cfg.rum_methods)} must hold one method for all groups or "
-                              f"one per group of method.rum_order={order} ({len(order)})")
+            raise ConfigError(f"method.rum_methods={list(self.params.rum_methods)} must hold one method for all "
+                              f"groups or one per group of method.rum_order={order} ({len(order)})")
         for name in names:
             if name == "rum" or METHODS.get(name).from_scratch:
                 raise ConfigError(f"method.rum_methods may not contain {name!r}; expected unlearning methods "

@@ -17,11 +17,13 @@ Both phases use the run's optimizer (SGD, Adam or SAM/ASAM with its sign).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sharp_unlearn.config import check_range
 from sharp_unlearn.engine.objective import Batch, Objective, Phase
 from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
 
@@ -33,8 +35,27 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
                     reduction="batchmean", log_target=True) * (t * t)
 
 
+@dataclass
+class ScrubParams:
+    """SCRUB's settings (keys of the method section)."""
+
+    #: distillation temperature
+    temperature: float = 4.0
+    #: epochs that start with a max phase on the forget set
+    max_epochs: int = 2
+    #: weights of the distillation and cross-entropy terms of the min phase
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_range("method.temperature", self.temperature, 0.0, lo_open=True)
+        check_range("method.max_epochs", self.max_epochs, 0)
+
+
 @METHODS.register("scrub")
 class Scrub(UnlearningMethod):
+    params_class = ScrubParams
+    params: ScrubParams
     teacher: nn.Module | None = None
 
     def prepare(self, ctx: UnlearnContext) -> None:
@@ -53,17 +74,18 @@ class Scrub(UnlearningMethod):
         return self.teacher(x)
 
     def max_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return -distill_kl(model(batch.x), self.teacher_logits(batch.x), self.cfg.temperature)
+        return -distill_kl(model(batch.x), self.teacher_logits(batch.x), self.params.temperature)
 
     def min_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits = model(batch.x)
-        loss = self.cfg.ce_weight * F.cross_entropy(logits, batch.y)
-        if self.cfg.kd_weight:
-            loss = loss + self.cfg.kd_weight * distill_kl(logits, self.teacher_logits(batch.x), self.cfg.temperature)
+        loss = self.params.ce_weight * F.cross_entropy(logits, batch.y)
+        if self.params.kd_weight:
+            loss = loss + self.params.kd_weight * distill_kl(logits, self.teacher_logits(batch.x),
+                                                             self.params.temperature)
         return loss
 
     def is_max_epoch(self, epoch: int) -> bool:
-        return epoch < self.cfg.max_epochs
+        return epoch < self.params.max_epochs
 
     def phases(self, epoch: int) -> list[Phase]:
         min_phase = Phase("min", [Objective("retain", "retain", self.min_loss, sam=self.sam)], driver="retain")

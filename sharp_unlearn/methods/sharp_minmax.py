@@ -34,7 +34,9 @@ method's. One epoch is one pass over the retain set (the forget set when
 """
 from __future__ import annotations
 
-from sharp_unlearn.config import MethodConfig, OptimizerConfig
+from dataclasses import dataclass
+
+from sharp_unlearn.config import MethodConfig, OptimizerConfig, check_choice, check_range
 from sharp_unlearn.engine.objective import Objective, Phase, SamSpec
 from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.methods.base import (
@@ -46,6 +48,45 @@ from sharp_unlearn.methods.base import (
 )
 from sharp_unlearn.optim.saliency import complement
 
+FORGET_MASK_SCOPES = ("update", "perturbed")
+PERTURBATIONS = ("masked", "full")
+UPDATE_ORDERS = ("joint", "sequential")
+
+
+@dataclass
+class SharpMinMaxParams:
+    """Sharp MinMax's settings (keys of the method section; alpha and the mask ones are shared)."""
+
+    #: SAM radius/weight for the retain part (sharpness minimization); None takes optimizer.rho / optimizer.lamb
+    rho_min: float | None = None
+    lamb_min: float | None = None
+    #: SAM radius/weight for the forget part (sharpness maximization)
+    rho_max: float | None = None
+    lamb_max: float | None = None
+    #: ASAM on the forget (max) side; None follows the min side (adaptive when optimizer.name=asam)
+    adaptive_max: bool | None = False
+    #: forget side: `update` masks the whole update; `perturbed` masks only the gradient at w+e, so the
+    #: combined g + s*lamb*(M*g(w+e) - g) keeps the unmasked clean gradient (released code)
+    forget_mask_scope: str = "update"
+    #: forget side: SAM perturbation from the `masked` gradient, or the `full` one (all entries)
+    forget_perturbation: str = "masked"
+    #: retain side: the same choice for the SAM-min perturbation (the released code builds both sides'
+    #: perturbations from the unmasked gradient)
+    retain_perturbation: str = "masked"
+    #: `joint` sums retain and forget into one step; `sequential` steps retain, then forget at the updated
+    #: weights, each side with its own base-optimizer state (released code)
+    update_order: str = "joint"
+
+    def __post_init__(self) -> None:
+        for key in ("rho_min", "rho_max", "lamb_min", "lamb_max"):
+            value = getattr(self, key)
+            if value is not None:
+                check_range(f"method.{key}", value, 0.0)
+        check_choice("method.forget_mask_scope", self.forget_mask_scope, FORGET_MASK_SCOPES)
+        check_choice("method.forget_perturbation", self.forget_perturbation, PERTURBATIONS)
+        check_choice("method.retain_perturbation", self.retain_perturbation, PERTURBATIONS)
+        check_choice("method.update_order", self.update_order, UPDATE_ORDERS)
+
 
 def _pick(value: float | None, default: float) -> float:
     return default if value is None else value
@@ -53,16 +94,19 @@ def _pick(value: float | None, default: float) -> float:
 
 @METHODS.register("sharp_minmax")
 class SharpMinMax(UnlearningMethod):
+    params_class = SharpMinMaxParams
+    params: SharpMinMaxParams
     mask: dict | None = None
     outside: dict | None = None
 
     def __init__(self, cfg: MethodConfig, optimizer: OptimizerConfig, sam: SamSpec | None):
         super().__init__(cfg, optimizer, sam)
-        self.min_spec = SamSpec(rho=_pick(cfg.rho_min, optimizer.rho), lamb=_pick(cfg.lamb_min, optimizer.lamb),
-                                sign="min", adaptive=optimizer.adaptive)
-        self.max_spec = SamSpec(rho=_pick(cfg.rho_max, optimizer.rho), lamb=_pick(cfg.lamb_max, optimizer.lamb),
-                                sign="max",
-                                adaptive=optimizer.adaptive if cfg.adaptive_max is None else cfg.adaptive_max)
+        params = self.params
+        self.min_spec = SamSpec(rho=_pick(params.rho_min, optimizer.rho),
+                                lamb=_pick(params.lamb_min, optimizer.lamb), sign="min", adaptive=optimizer.adaptive)
+        self.max_spec = SamSpec(rho=_pick(params.rho_max, optimizer.rho),
+                                lamb=_pick(params.lamb_max, optimizer.lamb), sign="max",
+                                adaptive=optimizer.adaptive if params.adaptive_max is None else params.adaptive_max)
 
     def prepare(self, ctx: UnlearnContext) -> None:
         self.mask = saliency_mask_for(ctx, self.cfg)
@@ -72,18 +116,18 @@ class SharpMinMax(UnlearningMethod):
     def objectives(self) -> list[Objective]:
         if self.mask is None or self.outside is None:
             raise RuntimeError("SharpMinMax.prepare(ctx) must run before phases()")
-        cfg = self.cfg
-        alpha = cfg.alpha
-        sequential = cfg.update_order == "sequential"
+        params = self.params
+        alpha = self.cfg.alpha
+        sequential = params.update_order == "sequential"
         objectives = []
         if alpha > 0:
             objectives.append(Objective("retain", "retain", scaled(cross_entropy, alpha), sam=self.min_spec,
-                                        mask=self.outside, perturbation=cfg.retain_perturbation,
+                                        mask=self.outside, perturbation=params.retain_perturbation,
                                         step_group="retain" if sequential else None))
         if alpha < 1:
             objectives.append(Objective("forget", "forget", scaled(cross_entropy, -(1.0 - alpha)),
-                                        sam=self.max_spec, mask=self.mask, mask_scope=cfg.forget_mask_scope,
-                                        perturbation=cfg.forget_perturbation,
+                                        sam=self.max_spec, mask=self.mask, mask_scope=params.forget_mask_scope,
+                                        perturbation=params.forget_perturbation,
                                         step_group="forget" if sequential else None))
         return objectives
 

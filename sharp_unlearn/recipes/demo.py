@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.config import config_from_dict, merge
+from sharp_unlearn.config import merge
 from sharp_unlearn.markdown import fmt_result, markdown_table
 from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
+from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_SPEC = "demo_digits"
 TABLE_COLUMNS = ["pretrain", "method", "unlearn_opt", "retain_acc", "forget_acc", "test_acc", "tow",

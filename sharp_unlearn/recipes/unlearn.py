@@ -43,6 +43,7 @@ from sharp_unlearn.recipes.pretrain import train_from_scratch
 from sharp_unlearn.recipes.stages import Pretrained, epoch_evaluator, load_pretrained, unlearn_stage
 from sharp_unlearn.results import rows_from_metrics, write_results
 from sharp_unlearn.tracking import open_run
+from sharp_unlearn.validation import check_config
 
 
 @dataclass
@@ -169,6 +170,9 @@ def run_unlearning(cfg: ExperimentConfig, checkpoint: str | Path, *, quiet: bool
         raise ConfigError("unlearning needs a method: set method.name (e.g. method.name=sharp_minmax)")
     if cfg.forget is None:
         raise ConfigError("unlearning needs a forget set: set forget.kind and forget.size (or forget.classes)")
+    # checked here too (idempotent): a config built without the registry checks (a sweep trial's) gets
+    # every method setting's default, so it logs and hashes as the same config loaded through them
+    cfg = check_config(cfg)
     method_cls = METHODS.get(cfg.method.name)
     if cfg.distributed.backend == "deepspeed":  # bad stage/workers/JSON fail before any training
         validate_launch(cfg)

@@ -176,8 +176,8 @@ def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str 
 
 def check_arms(spec: dict[str, Any], output_dir: str, tracking: dict[str, Any]) -> None:
     """Build every arm's unlearning config at every level now: a bad value fails before any training."""
-    from sharp_unlearn.config import config_from_dict
     from sharp_unlearn.recipes.grid import method_of
+    from sharp_unlearn.validation import config_from_dict
 
     for level in spec.get("levels") or [spec["forget"].get("level", "high")]:
         for entry, over in spec["methods"].items():
@@ -361,11 +361,11 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sharp_unlearn.config import config_from_dict
     from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
     from sharp_unlearn.recipes.grid import model_evaluator, run_grid
     from sharp_unlearn.reproduce.table import memorization_scores
     from sharp_unlearn.tracking import check_tracking
+    from sharp_unlearn.validation import config_from_dict
 
     tracking = dict(tracking or {})
     spec = ablation_spec(overrides, spec_path)

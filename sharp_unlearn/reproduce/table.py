@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.config import config_from_dict, merge
+from sharp_unlearn.config import merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.progress import stage
 from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
 from sharp_unlearn.stats import mean_ci95
+from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_SPEC = "reproduce_digits"
 CIFAR_SPEC = "reproduce_cifar"

@@ -144,8 +144,8 @@ class TrialRunsMixin:
             self._set_status(trial.trial_id, None)
         if self.uri is None:
             return
-        from sharp_unlearn.config import config_from_dict
         from sharp_unlearn.tracking import MlflowTracker, standard_tags
+        from sharp_unlearn.validation import config_from_dict
 
         existing = self.runs.get(trial.trial_id)
         if existing:  # a retried or resumed trial continues its own run

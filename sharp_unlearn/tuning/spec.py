@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from sharp_unlearn.config import ExperimentConfig, apply_overrides, config_from_dict, load_yaml, merge
+from sharp_unlearn.config import ExperimentConfig, apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError, MissingExtra
+from sharp_unlearn.validation import config_from_dict
 
 STAGES = ("pretrain", "unlearn", "both")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
