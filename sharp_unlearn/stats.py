@@ -34,3 +34,8 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
         return mean, None
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, t_critical_95(len(values) - 1) * math.sqrt(var / len(values))
+
+
+def is_significant(mean: float, half: float | None) -> bool:
+    """The 95 % CI of the mean paired difference excludes 0 (one seed: no CI, never significant)."""
+    return half is not None and half == half and mean == mean and abs(mean) > half

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from sharp_unlearn.stats import mean_ci95
+from sharp_unlearn.stats import is_significant, mean_ci95
 
 
 def test_student_t_interval():
@@ -21,3 +21,10 @@ def test_no_interval_is_none_not_nan():
 def test_nan_values_are_skipped():
     assert mean_ci95([0.7, float("nan")]) == (0.7, None)
     assert mean_ci95([1.0, float("nan"), 3.0])[0] == pytest.approx(2.0)
+
+
+def test_significant_only_when_the_interval_excludes_zero():
+    assert is_significant(-0.2, 0.1) and not is_significant(0.05, 0.1)
+    # no interval (one seed) or a NaN anywhere: never significant
+    assert not is_significant(0.2, None) and not is_significant(0.2, float("nan"))
+    assert not is_significant(float("nan"), 0.1)

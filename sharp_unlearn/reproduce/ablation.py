@@ -34,15 +34,21 @@ from typing import Any
 from sharp_unlearn.config import apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.progress import stage
-from sharp_unlearn.stats import mean_ci95
+from sharp_unlearn.reproduce.memorization_scores import memorization_scores
+from sharp_unlearn.reproduce.paper_code import (
+    PRESET,
+    SWITCHES,
+    paper_code_entry,
+    preset_parts,
+    unlearn_train,
+    with_optimizer,
+)
+from sharp_unlearn.stats import is_significant, mean_ci95
 
 #: the grid spec whose base (data, model, pretraining recipe) and method settings the ablation keeps
 DEMO_SPEC = "demo_digits"
 #: where the held-out memorization settings come from (the same estimator as ``reproduce table``)
 TABLE_SPEC = "reproduce_digits"
-PRESET = "sharp_minmax_paper_code"
-#: the Sharp MinMax switches, each defaulting to the project's behaviour; the preset sets all of them
-SWITCHES = ("mask_order", "forget_mask_scope", "forget_perturbation", "update_order")
 #: metrics reported per variant (mean ± CI) and as paired differences against the baseline
 METRICS = ("tow", "forget_gap", "mia_efficacy", "test_acc")
 METRIC_LABELS = {"tow": "ToW", "forget_gap": "forget gap (pts)", "mia_efficacy": "MIA efficacy",
@@ -96,62 +102,6 @@ def ablation_spec(overrides: Sequence[str] = (), spec_path: str | None = None) -
     return spec
 
 
-def preset_parts(preset: dict[str, Any], source: str,
-                 unlearn_train: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(method section, optimizer section) of the paper-code preset.
-
-    Only those two vary per arm. A ``train`` section must already hold for every unlearning run
-    (``unlearn_train``: the spec's resolved train section), else the arms would differ in more than
-    their label says; anything else is refused.
-    """
-    extra = sorted(k for k in preset if k not in ("method", "optimizer", "train"))
-    if extra:
-        raise ConfigError(f"preset {source!r} sets {', '.join(extra)}; the ablation varies only the method "
-                          "and optimizer sections per arm (expected no other top-level keys but train)")
-    for key, value in (preset.get("train") or {}).items():
-        have = getattr(unlearn_train, key, None) if unlearn_train is not None else None
-        if have != value:
-            raise ConfigError(f"preset {source!r} sets train.{key}={value!r}, but the unlearning runs use "
-                              f"train.{key}={have!r}; expected the spec's unlearn.train to match (the train "
-                              "section is shared by every arm)")
-    method = dict(preset.get("method") or {})
-    if method.get("name", "sharp_minmax") != "sharp_minmax":
-        raise ConfigError(f"preset {source!r} has method.name={method['name']!r}; expected sharp_minmax")
-    method.pop("name", None)
-    missing = [s for s in SWITCHES if s not in method]
-    if missing:
-        raise ConfigError(f"preset {source!r} does not set method.{missing[0]}; expected all of: "
-                          f"{', '.join('method.' + s for s in SWITCHES)}")
-    return method, dict(preset.get("optimizer") or {})
-
-
-def unlearn_train(spec: dict[str, Any]) -> Any:
-    """The train section every unlearning run of ``spec`` uses (the pretraining one, then ``unlearn.train``)."""
-    from sharp_unlearn.config import config_from_dict
-
-    return config_from_dict(merge(spec["base"], {"train": (spec.get("unlearn") or {}).get("train") or {},
-                                                 "tracking": {"enabled": False}})).train
-
-
-def _with_optimizer(entry: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, Any]:
-    """A grid entry with the preset's optimizer section: its name becomes the entry's only optimizer."""
-    out = copy.deepcopy(entry)
-    optimizer = dict(optimizer)
-    name = optimizer.pop("name", None)
-    if name:
-        out["optimizers"] = [name]
-    if optimizer:
-        out["optimizer"] = merge(out.get("optimizer") or {}, optimizer)
-    return out
-
-
-def paper_code_entry(entry: dict[str, Any], preset: dict[str, Any], source: str = PRESET,
-                     train: Any = None) -> dict[str, Any]:
-    """A Sharp MinMax grid entry with the whole paper-code preset applied (method and optimizer)."""
-    paper_method, paper_optimizer = preset_parts(preset, source, train)
-    return _with_optimizer(merge(dict(entry or {}), paper_method), paper_optimizer)
-
-
 def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str = PRESET,
                    train: Any = None) -> list[Variant]:
     """The arms: project Sharp MinMax, each switch alone, the preset's other settings, the whole preset;
@@ -165,7 +115,7 @@ def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str 
         arms.append(Variant("sharp_minmax", f"{switch}={paper_method[switch]}",
                             merge(smm, {switch: paper_method[switch]}), project.entry))
     defaults = {k: v for k, v in paper_method.items() if k not in SWITCHES}
-    arms.append(Variant("sharp_minmax", "paper_defaults", _with_optimizer(merge(smm, defaults), paper_optimizer),
+    arms.append(Variant("sharp_minmax", "paper_defaults", with_optimizer(merge(smm, defaults), paper_optimizer),
                         project.entry))
     arms.append(Variant("sharp_minmax", "paper_code", paper_code_entry(smm, preset, source, train), project.entry))
     salun_project = Variant("salun", "project", salun)
@@ -263,11 +213,6 @@ def paired_effects(rows: Sequence[dict[str, Any]], variants: Sequence[Variant]) 
     return out
 
 
-def is_significant(mean: float, half: float | None) -> bool:
-    """The 95 % CI of the mean paired difference excludes 0 (one seed: no CI, never significant)."""
-    return half is not None and half == half and mean == mean and abs(mean) > half
-
-
 def verdicts(effects: Sequence[dict[str, Any]], metric: str = "tow") -> list[str]:
     """One line per variant: where it changes ``metric`` (paired 95 % CI excludes 0), and where not."""
     lines = []
@@ -363,7 +308,6 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
 
     from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
     from sharp_unlearn.recipes.grid import model_evaluator, run_grid
-    from sharp_unlearn.reproduce.table import memorization_scores
     from sharp_unlearn.tracking import check_tracking
     from sharp_unlearn.validation import config_from_dict
 

@@ -24,27 +24,15 @@ from sharp_unlearn.config import merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.progress import stage
 from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
-from sharp_unlearn.stats import mean_ci95
+from sharp_unlearn.reproduce.memorization_scores import memorization_scores
+from sharp_unlearn.reproduce.paper_code import PRESET, paper_code_entry, unlearn_train
+from sharp_unlearn.stats import is_significant, mean_ci95
 from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_SPEC = "reproduce_digits"
 CIFAR_SPEC = "reproduce_cifar"
 SUMMARY_METRICS = ("tow", "forget_acc", "retain_acc", "test_acc", "mia_efficacy", "mia_auc",
                    "entanglement_variance", "entanglement_wasserstein", "wall_seconds")
-
-
-def memorization_scores(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool) -> str:
-    """Held-out memorization scores for this seed's training set (cached per training hash)."""
-    from sharp_unlearn.recipes.memorization import compute_memorization
-    from sharp_unlearn.recipes.memorization_heldout import HeldoutSettings
-
-    mem = dict(spec.get("memorization") or {})
-    tree = merge(spec["base"], {"seed": seed, "output_dir": output_dir, "tracking": tracking})
-    tree = merge(tree, mem.pop("config", {}) or {})
-    cfg = config_from_dict(tree)
-    settings = HeldoutSettings(**mem)
-    result = compute_memorization(cfg, settings, quiet=quiet)
-    return str(result.scores_path)
 
 
 def summarize(rows: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -237,8 +225,6 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
         raise ConfigError("--trials, --epochs and a paper-code preset are budget settings of --sweep; "
                           "expected them together with --sweep")
     if sweep:
-        from sharp_unlearn.reproduce.ablation import PRESET
-
         trials = DEFAULT_TRIALS if trials is None else trials
         from sharp_unlearn.recipes.grid import method_of, select_methods
 
@@ -329,7 +315,6 @@ DEFAULT_TRIALS = 6
 def with_paper_code(spec: dict[str, Any], preset_name: str) -> dict[str, Any]:
     """The spec plus the paper-code Sharp MinMax entry: the project's entry with the preset applied."""
     from sharp_unlearn.config import load_yaml
-    from sharp_unlearn.reproduce.ablation import paper_code_entry, unlearn_train
 
     out = copy.deepcopy(spec)
     methods = dict(out.get("methods") or {})
@@ -450,8 +435,6 @@ def relabel_paper_code(grid) -> None:
 def sharp_minmax_standing(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Per (level, pretrain): is a Sharp MinMax cell the best on ToW? If not, by how much does the best
     cell beat the best Sharp MinMax cell (mean paired difference over seeds, 95 % CI)?"""
-    from sharp_unlearn.reproduce.ablation import is_significant
-
     tow: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
         if row["method"] in ("original", "retrain") or not isinstance(row.get("tow"), (int, float)):
