@@ -1,4 +1,9 @@
-"""Accuracy on retain, forget, val, test (percent), and per memorization level."""
+"""Accuracy on retain, forget, val, test (percent), and per memorization level.
+
+:func:`split_accuracies` measures a model directly (the recipes' per-epoch and final numbers);
+the registered ``accuracy`` metric reads the evaluation context's shared predictions, so it costs
+no extra forward pass.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,6 +14,7 @@ from torch.utils.data import Subset
 
 from sharp_unlearn.data.base import DatasetBundle
 from sharp_unlearn.engine.loop import predict
+from sharp_unlearn.metrics.base import EvalContext, MetricResult, register_metric
 
 
 def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -42,3 +48,23 @@ def split_accuracies(model: torch.nn.Module, bundle: DatasetBundle, forget_posit
 
 def subset(dataset, positions: np.ndarray):
     return Subset(dataset, np.asarray(positions).tolist())
+
+
+ACCURACY_SPLITS = ("retain", "forget", "val", "test", "train")
+
+
+def percent_correct(outputs) -> float:
+    if len(outputs) == 0:
+        return float("nan")
+    return 100.0 * float(outputs.correct.float().mean())
+
+
+@register_metric("accuracy", description="top-1 accuracy (percent) on retain, forget, val, test (train without forget)")
+def accuracy_metric(ctx: EvalContext) -> MetricResult:
+    result = MetricResult()
+    for split in ACCURACY_SPLITS:
+        if ctx.has(split):
+            value = percent_correct(ctx.outputs(split))
+            result.add(f"{split}_acc", split, value)
+            result.headline[f"{split}_acc"] = value
+    return result

@@ -4,10 +4,16 @@
 with accuracies in percent: 1 means indistinguishable from retraining.
 The signed companion ``forget_gap`` (points, > 0 = under-forgetting) is
 offered alongside, never instead.
+
+The registered ``tow`` metric computes both from the evaluation context's shared predictions of
+the model and of the reference (no extra forward pass).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from sharp_unlearn.metrics.accuracy import percent_correct
+from sharp_unlearn.metrics.base import EvalContext, MetricResult, register_metric
 
 SPLITS = ("retain", "forget", "test")
 
@@ -27,3 +33,18 @@ def forget_gap(unlearned: Mapping[str, float], reference: Mapping[str, float]) -
     ``forget_gap`` so it is never mistaken for ToW itself.
     """
     return unlearned["forget_acc"] - reference["forget_acc"]
+
+
+@register_metric("tow", needs=("retain", "forget", "test"), needs_reference=True,
+                 description="tug of war against the retrained reference (and the signed forget gap)")
+def tow_metric(ctx: EvalContext) -> MetricResult:
+    splits = ("retain", "forget", "test")
+    model_acc = {f"{s}_acc": percent_correct(ctx.outputs(s)) for s in splits}
+    reference_acc = {f"{s}_acc": percent_correct(ctx.reference_outputs(s)) for s in splits}
+    result = MetricResult()
+    value, gap = tow(model_acc, reference_acc), forget_gap(model_acc, reference_acc)
+    result.add("tow", "all", value)
+    result.add("forget_gap", "all", gap)
+    result.headline.update(tow=value, forget_gap=gap)
+    result.details["tow"] = {"model": model_acc, "reference": reference_acc}
+    return result
