@@ -106,7 +106,7 @@ def time_ray(spec, inputs, concurrent: int, name: str,
     one per-epoch ``tune.report``)."""
     from dataclasses import replace
 
-    from sharp_unlearn.tuning.runner import _fit, meta_dir
+    from sharp_unlearn.tuning.runner import fit_tuner, meta_dir
 
     spec = replace(spec, name=name, max_concurrent=concurrent)
     parent_id = experiment_id = None
@@ -118,8 +118,8 @@ def time_ray(spec, inputs, concurrent: int, name: str,
         experiment_id = get_or_create_experiment(client, "sweep-overhead", tracking_uri)
         parent_id = client.create_run(experiment_id, run_name=name, tags={"kind": "sweep"}).info.run_id
     start, wall_start = time.perf_counter(), time.time()
-    results = _fit(spec, inputs, resume=False, quiet=True, parent_id=parent_id, uri=tracking_uri,
-                   experiment_id=experiment_id, context={}, map_file=meta_dir(spec) / "mlflow_runs.json")
+    results = fit_tuner(spec, inputs, resume=False, quiet=True, parent_id=parent_id, uri=tracking_uri,
+                        experiment_id=experiment_id, context={}, map_file=meta_dir(spec) / "mlflow_runs.json")
     elapsed = time.perf_counter() - start
     bad = [r for r in results if r.error or int(r.metrics.get("epoch", 0)) != spec.max_epochs()]
     if bad:

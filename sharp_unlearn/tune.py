@@ -21,7 +21,8 @@ from sharp_unlearn.tuning.spec import (
                                        load_sweep,
                                        parse_sweep,
 )
-from sharp_unlearn.tuning.trainables import LocalSession, TrialInputs, run_trial, trial_configs
+from sharp_unlearn.tuning.trainables import run_trial
+from sharp_unlearn.tuning.trial_state import LocalSession, TrialInputs, trial_configs
 
 __all__ = ["DISTRIBUTIONS", "SCHEDULERS", "SEARCHERS", "STAGES", "Constraint", "Dimension", "LocalSession",
            "Objective", "SweepInterrupted", "SweepOutcome", "SweepSpec", "TrialInputs", "load_sweep", "parse_sweep",

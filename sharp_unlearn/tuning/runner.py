@@ -31,9 +31,13 @@ import yaml
 
 from sharp_unlearn.config import config_from_dict, stable_hash
 from sharp_unlearn.errors import ConfigError, handle_sigterm, note_termination, require
+from sharp_unlearn.files import atomic_path, atomic_write
+from sharp_unlearn.markdown import fmt_result, markdown_table
 from sharp_unlearn.ray_cluster import ray_session
+from sharp_unlearn.tuning.sharded import exported
 from sharp_unlearn.tuning.spec import SweepSpec
-from sharp_unlearn.tuning.trainables import TrialInputs
+from sharp_unlearn.tuning.trainables import tune_trainable
+from sharp_unlearn.tuning.trial_state import TrialInputs
 
 META_DIR = "_sharp_unlearn"
 TABLE_METRICS = ("objective", "tow", "retain_acc", "forget_acc", "test_acc", "test_acc_drop", "val_acc",
@@ -329,8 +333,6 @@ def export_best(result_grid, best: dict[str, Any], directory: Path) -> Path | No
     import shutil
     import sys
 
-    from sharp_unlearn.tuning.sharded import exported
-
     for result in result_grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
         if trial_id != best["trial_id"]:
@@ -341,11 +343,9 @@ def export_best(result_grid, best: dict[str, Any], directory: Path) -> Path | No
                       f"({export or 'not recorded'}) is not readable from this machine; not copied",
                       file=sys.stderr)
                 return None
-            directory.mkdir(parents=True, exist_ok=True)
             target = directory / BEST_CHECKPOINT
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(export, tmp)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(export, tmp)
             return target
     return None
 
@@ -371,7 +371,6 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
                  best_checkpoint: Path | None = None):
     """``sweep_results.parquet`` (long format, the README's "Names users query"), ``sweep_results.md``,
     ``best_config.yaml`` (naming ``best_checkpoint`` when a sharded sweep exported one)."""
-    from sharp_unlearn.markdown import fmt_result, markdown_table
     from sharp_unlearn.results import rows_from_metrics, write_results
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -394,19 +393,19 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
     shown = [{k: _fmt(v) for k, v in r.items()} for r in (*baseline_rows, *rows)]
     markdown_path = directory / "sweep_results.md"
     header = f"# sweep {spec.name}: {spec.objective.describe()}\n\n"
-    markdown_path.write_text(header + markdown_table(columns, shown, cell=fmt_result))
+    atomic_write(markdown_path, header + markdown_table(columns, shown, cell=fmt_result))
     best_path = None
     if best is not None:
         params = {k: best[k] for k in spec.keys}
         pre, un = spec.trial_configs(params)
         best_cfg = un if un is not None else pre
         best_path = directory / "best_config.yaml"
-        best_path.write_text(yaml.safe_dump({"trial_id": best["trial_id"], "objective": best["objective"],
-                                             "searched": params,
-                                             **({"checkpoint": str(best_checkpoint)} if best_checkpoint else {}),
-                                             "config": best_cfg.to_dict(),
-                                             **({"pretrain_config": pre.to_dict()} if spec.stage == "both"
-                                                else {})}, sort_keys=False))
+        atomic_write(best_path, yaml.safe_dump({"trial_id": best["trial_id"], "objective": best["objective"],
+                                                "searched": params,
+                                                **({"checkpoint": str(best_checkpoint)} if best_checkpoint else {}),
+                                                "config": best_cfg.to_dict(),
+                                                **({"pretrain_config": pre.to_dict()} if spec.stage == "both"
+                                                   else {})}, sort_keys=False))
     return results_path, markdown_path, best_path, columns
 
 
@@ -469,16 +468,16 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
         parent_id = parent.run_id
         state = {"parent_run_id": parent_id, "spec_hash": spec_hash(spec), "source": spec.source,
                  "tracking_uri": uri}
-        state_file.write_text(json.dumps(state, indent=1))
+        atomic_write(state_file, json.dumps(state, indent=1))
         if not resume:
             parent.log_text(yaml.safe_dump(spec.raw, sort_keys=False), "sweep.yaml")
         # trial output stays in each trial's log (Ray prints the path of a failed trial's error file)
         with ray_session(address=address, num_cpus=num_cpus, log_to_driver=False,
                          logging_level=logging.WARNING if quiet else logging.INFO):
             _check_fit(spec)
-            result_grid = _fit(spec, inputs, resume=resume, quiet=quiet, parent_id=parent_id, uri=uri,
-                               experiment_id=getattr(parent, "experiment_id", None), context=context,
-                               map_file=meta / "mlflow_runs.json")
+            result_grid = fit_tuner(spec, inputs, resume=resume, quiet=quiet, parent_id=parent_id, uri=uri,
+                                    experiment_id=getattr(parent, "experiment_id", None), context=context,
+                                    map_file=meta / "mlflow_runs.json")
         run_ids = _read_json(meta / "mlflow_runs.json")
         rows = collect_rows(spec, result_grid, run_ids, _read_json(meta / "trial_status.json"))
         interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows) or \
@@ -510,11 +509,9 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
     return outcome
 
 
-def _fit(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, parent_id: str | None,
-         uri: str | None, experiment_id: str | None, context: dict[str, Any], map_file: Path):
+def fit_tuner(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool, parent_id: str | None,
+              uri: str | None, experiment_id: str | None, context: dict[str, Any], map_file: Path):
     from ray import tune
-
-    from sharp_unlearn.tuning.trainables import tune_trainable
 
     # one checkpoint per epoch per trial is the point here; Ray's warning about frequent snapshots is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sharp_unlearn.files import atomic_write
 from sharp_unlearn.tuning.spec import resolve_trial_trees
 
 #: result keys Ray adds itself, or that are bookkeeping rather than metrics
@@ -69,11 +69,8 @@ def _read_json(path: str | None) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, target)
+    # a resumed sweep trusts these files: a crash mid-write must leave the previous version
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 class TrialRunsMixin:

@@ -44,19 +44,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sharp_unlearn.config import stable_hash
-from sharp_unlearn.tuning.trainables import (
+from sharp_unlearn.files import atomic_write
+from sharp_unlearn.tuning.trial_state import (
     EpochReporter,
     Ledger,
     LocalSession,
     TrialInputs,
-    _lock_path,
-    _planned_epochs,
-    _shared_pretrained,
-    file_lock,
+    cache_lock,
+    planned_epochs,
+    shared_pretrained,
     trial_configs,
+    writable_split,
 )
 
 #: inside a Tune checkpoint: the committed sharded checkpoint (progress.json + its tag folder)
@@ -86,10 +85,7 @@ def _read_progress(sharded_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=float))
 
 
 def snapshot_sharded(sharded_dir: Path, dest: Path) -> int | None:
@@ -133,7 +129,7 @@ def restore_sharded(source: Path, sharded_dir: Path) -> int | None:
     shutil.rmtree(sharded_dir / saved["tag"], ignore_errors=True)
     shutil.copytree(Path(source) / SHARDED_DIR / saved["tag"], sharded_dir / saved["tag"])
     _write_json(sharded_dir / PROGRESS_FILE, saved)
-    (sharded_dir / "latest").write_text(saved["tag"])  # what DeepSpeed's own tools read
+    atomic_write(sharded_dir / "latest", saved["tag"])  # what DeepSpeed's own tools read
     return int(saved["epoch"])
 
 
@@ -141,7 +137,7 @@ class ShardedSession:
     """A trial session whose checkpoint is a sharded DeepSpeed checkpoint folder, not one file.
 
     Wraps :class:`~sharp_unlearn.tuning.trainables.RaySession` (inside Tune) or
-    :class:`~sharp_unlearn.tuning.trainables.LocalSession` (benchmarks, tests).
+    :class:`~sharp_unlearn.tuning.trial_state.LocalSession` (benchmarks, tests).
     ``export`` is set once the stage's consolidated fp32 export exists; reports
     after that name it in the checkpoint.
     """
@@ -160,7 +156,7 @@ class ShardedSession:
         """The epoch the trial's workers will resume from (Tune's last checkpoint put back if needed)."""
         if not self.in_tune:
             return restore_sharded(Path(tempfile.gettempdir()) / "sharp-unlearn-no-checkpoint", sharded_dir)
-        checkpoint = self.session._tune.get_checkpoint()
+        checkpoint = self.session.tune.get_checkpoint()
         if checkpoint is None:
             return restore_sharded(Path(tempfile.gettempdir()) / "sharp-unlearn-no-checkpoint", sharded_dir)
         with checkpoint.as_directory() as directory:
@@ -170,7 +166,7 @@ class ShardedSession:
         if not self.in_tune:
             self.session.report(metrics)
             return
-        tune = self.session._tune
+        tune = self.session.tune
         with tempfile.TemporaryDirectory(prefix="sharp-unlearn-sharded-") as directory:
             has_state = sharded_dir is not None and snapshot_sharded(Path(sharded_dir), Path(directory)) is not None
             if self.export is not None:
@@ -277,7 +273,7 @@ def _train_cached(cfg, *, kind: str, cpus_per_worker: float, name: str, train_in
     spec = make_spec(cfg, kind=kind, train_indices=train_indices, split_hash=split_hash, quiet=True)
     out_dir = Path(spec["out_dir"])
     export = out_dir / "checkpoint.pt"
-    with file_lock(_lock_path(inputs, out_dir)):
+    with cache_lock(inputs, out_dir):
         state = _completed_export(export, distributed_config_hash(cfg), split_hash or "full")
         if state is None or "final_metrics" not in state:
             outcome = run_train(spec, cpus_per_worker=cpus_per_worker, name=name)
@@ -303,7 +299,7 @@ def sharded_pretrain_trial(inputs: TrialInputs, params: dict[str, Any], session)
     export = out_dir / "checkpoint.pt"
     sharded_dir = out_dir / "deepspeed"
     # trials with the same pretraining config share its folder: one trains, the other waits and reuses it
-    with file_lock(_lock_path(inputs, out_dir)):
+    with cache_lock(inputs, out_dir):
         cached = _completed_export(export, distributed_config_hash(cfg), "full")
         start = None if cached else sharded_session.restore(sharded_dir)
         ledger.write("start", start_epoch=int(start or 0), stage="pretrain", sharded=True, cached=bool(cached))
@@ -360,11 +356,11 @@ def _sharded_unlearn(cfg, pretrained, split, reference, original, inputs: TrialI
     out_dir = Path(spec["out_dir"])
     sharded_dir = out_dir / "deepspeed"
     export = out_dir / "unlearned_fp32.pt"
-    with file_lock(_lock_path(inputs, out_dir)):
+    with cache_lock(inputs, out_dir):
         done = _completed_export(export, base.name)
         start = None if done else sharded_session.restore(sharded_dir)
         ledger.write("start", start_epoch=int(start or 0), stage="unlearn", sharded=True, cached=bool(done))
-        reporter = EpochReporter(sharded_session, inputs.objective, _planned_epochs(cfg), sharded_dir, ledger,
+        reporter = EpochReporter(sharded_session, inputs.objective, planned_epochs(cfg), sharded_dir, ledger,
                                  original)
         if done is not None:
             history, wall = list(done.get("history", [])), None
@@ -386,19 +382,12 @@ def _sharded_unlearn(cfg, pretrained, split, reference, original, inputs: TrialI
         return reporter.final(final, int(history[-1]["epoch"]) if history else None)
 
 
-def _writable_split(split):
-    # arrays from Ray's object store are read-only views; the engine wants its own
-    return dataclasses.replace(split, **{
-        f.name: np.array(getattr(split, f.name)) for f in dataclasses.fields(split)
-        if isinstance(getattr(split, f.name), np.ndarray)})
-
-
 def sharded_unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``unlearn``, sharded: the driver's pretrained model, split and reference; the phases on N ranks."""
     from sharp_unlearn.recipes.unlearn import Reference
 
     _, cfg = trial_configs(inputs, params)
-    pretrained = _shared_pretrained(inputs.pretrained_bytes)
+    pretrained = shared_pretrained(inputs.pretrained_bytes)
     # the workers read the driver's own file (output_dir is shared by every node of a sharded sweep)
     shared_path = inputs.extra.get("pretrained_path")
     if shared_path and Path(shared_path).is_file():
@@ -406,7 +395,7 @@ def sharded_unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) 
     ref = inputs.reference
     reference = Reference(Path(ref["checkpoint"]), dict(ref["metrics"]), ref.get("run_id"),
                           float(ref.get("wall_seconds", 0.0)), cached=True)
-    return _sharded_unlearn(cfg, pretrained, _writable_split(inputs.split), reference, inputs.original, inputs,
+    return _sharded_unlearn(cfg, pretrained, writable_split(inputs.split), reference, inputs.original, inputs,
                             session)
 
 

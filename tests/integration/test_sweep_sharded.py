@@ -134,9 +134,8 @@ def test_sharded_trial_equals_single_process(tmp_path, shared_runs):
     """Per-epoch metrics (ToW included) and final weights of a sharded trial = the same config in one process."""
     from sharp_unlearn.engine.checkpoint import load_checkpoint
     from sharp_unlearn.recipes.unlearn import Reference, load_pretrained, run_unlearning
-    from sharp_unlearn.tune import LocalSession, load_sweep, prepare_inputs, run_trial
+    from sharp_unlearn.tune import LocalSession, load_sweep, prepare_inputs, run_trial, trial_configs
     from sharp_unlearn.tuning.sharded import unlearn_run_dir
-    from sharp_unlearn.tuning.trainables import trial_configs
 
     params = {"method.alpha": 0.95, "method.rho_max": 0.05}
     spec = load_sweep(sweep_file(tmp_path, shared_runs, "equal", method={
