@@ -6,11 +6,14 @@ when done (a finished bar is the record of how long a stage took).
 (demo, ``reproduce``, grids). ``sub_progress`` lets a long computation inside
 one step (a loss landscape, a UMAP embedding, a sharpness estimate) report its
 own steps under whatever bar the command shows, without knowing about it.
+``stdout_to_stderr`` keeps what libraries print (Ray Tune's tables) off stdout
+while a ``--json`` command runs.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -77,3 +80,25 @@ def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[
             yield advance
         finally:
             _SUB.reset(token)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Inside the block, whatever is written to stdout goes to stderr instead, at both levels:
+    Python's ``sys.stdout`` (``print`` in a library) and file descriptor 1 (native code, and child
+    processes started here, which keep the redirected descriptor after the block). Afterwards
+    stdout is what it was, so ``--json`` prints its document alone there."""
+    sys.stdout.flush()
+    try:
+        saved_fd = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no real descriptor 1 or 2 (an embedding host): Python level only
+        saved_fd = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)

@@ -1,7 +1,10 @@
 """``sharp-unlearn sweep tuning/<file>.yaml``: a Ray Tune sweep, locally or on a cluster."""
 from __future__ import annotations
 
+import contextlib
+
 from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
+from sharp_unlearn.progress import stdout_to_stderr
 
 
 @COMMANDS.register("sweep")
@@ -58,16 +61,19 @@ class Sweep(Command):
                   + (f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU per trial" if spec.sharded is None
                      else f"ZeRO-{spec.sharded.zero_stage} x {spec.sharded.num_workers} workers per trial "
                           f"({spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each)"))
-        try:
-            outcome = run_sweep(spec, address=args.address, resume=args.resume, num_cpus=args.num_cpus,
-                                quiet=args.quiet or args.json)
-        except SweepInterrupted as exc:
-            outcome = getattr(exc, "outcome", None)
-            if outcome is not None and not args.json:
-                _print(outcome, spec)
-            resume = f"sharp-unlearn sweep {args.sweep} --resume --storage {spec.storage} --name {spec.name}"
-            print(f"sharp-unlearn sweep: {exc}; resume with: {resume}")
-            raise
+        # --json: stdout carries one JSON document, so what Ray Tune prints (its experiment and
+        # progress tables) goes to stderr while the sweep runs
+        with stdout_to_stderr() if args.json else contextlib.nullcontext():
+            try:
+                outcome = run_sweep(spec, address=args.address, resume=args.resume, num_cpus=args.num_cpus,
+                                    quiet=args.quiet or args.json)
+            except SweepInterrupted as exc:
+                outcome = getattr(exc, "outcome", None)
+                if outcome is not None and not args.json:
+                    _print(outcome, spec)
+                resume = f"sharp-unlearn sweep {args.sweep} --resume --storage {spec.storage} --name {spec.name}"
+                print(f"sharp-unlearn sweep: {exc}; resume with: {resume}")
+                raise
         if not args.json:
             _print(outcome, spec)
         return {"name": outcome.name, "experiment_dir": outcome.experiment_dir, "parent_run_id": outcome.parent_run_id,
@@ -77,7 +83,7 @@ class Sweep(Command):
 
 
 def _print(outcome, spec) -> None:
-    from sharp_unlearn.report_console import print_rows
+    from sharp_unlearn.commands.console import print_rows
 
     # searched keys shown by their last part when that is unambiguous (method.rho_min -> rho_min)
     last = [k.split(".")[-1] for k in spec.keys]

@@ -135,6 +135,21 @@ def test_asha_sweep_on_digits_with_mlflow_tree_and_compare(tmp_path, capsys):
     assert code == 0 and len(result["runs"]) == 6
 
 
+def test_sweep_json_prints_one_document_on_stdout(tmp_path):
+    """`--json`: stdout is exactly one JSON document; Ray Tune's experiment and progress tables
+    (printed on stdout by Tune itself) go to stderr while the sweep runs."""
+    path = write_sweep(tmp_path, "json", method={"name": "neggrad", "epochs": 1, "alpha": 0.9},
+                       search={"method.alpha": {"grid": [0.9]}}, max_concurrent=1)
+    # the CLI in its own process, as a user runs it: Tune prints from the driver process
+    driver = subprocess.run([sys.executable, "-m", "sharp_unlearn", "sweep", str(path), "--num-cpus", "1",
+                             "--storage", str(tmp_path / "storage"), "--json"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    result = json.loads(driver.stdout)
+    assert result["name"] == "json" and [r["status"] for r in result["rows"]] == ["TERMINATED"]
+    assert result["best"]["trial_id"] == result["rows"][0]["trial_id"]
+
+
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
     from sharp_unlearn.tune import load_sweep, run_sweep
 
@@ -296,7 +311,7 @@ def test_sweep_joins_an_existing_ray_head_with_address(tmp_path, free_port):
                                  f"127.0.0.1:{free_port}", "--storage", str(tmp_path / "storage"), "--json"],
                                 capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert driver.returncode == 0, driver.stderr[-3000:]
-        result = json.loads(driver.stdout[driver.stdout.index('{\n  "name"'):])
+        result = json.loads(driver.stdout)  # --json: the document alone on stdout
         assert [r["status"] for r in result["rows"]] == ["TERMINATED", "TERMINATED"]
         assert head.poll() is None  # the driver left the cluster it joined running
     finally:
