@@ -78,7 +78,7 @@ class Compare(Command):
         logged_to = None if args.no_log else _log_report(client, uri, args, experiments, files, runs, selection)
 
         if not args.json and not args.quiet:
-            from sharp_unlearn.report_console import print_rows
+            from sharp_unlearn.commands.console import print_rows
 
             columns = [c for c in _TERMINAL_IDS if c in comparison.columns]
             columns += [c for c in comparison.param_columns]

@@ -41,8 +41,8 @@ class Demo(Command):
 
 def print_demo(result) -> None:
     """The demo's terminal output: the ToW table, the evaluation table, where the files went."""
+    from sharp_unlearn.commands.console import print_rows
     from sharp_unlearn.recipes.demo import TABLE_COLUMNS
-    from sharp_unlearn.report_console import print_rows
 
     print_rows("sharp-unlearn demo: ToW against the retrained reference (digits, memorization-high)",
                TABLE_COLUMNS, result.rows)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments
+from sharp_unlearn.commands.console import format_value, print_metrics, print_rows
 from sharp_unlearn.progress import progress_bar
-from sharp_unlearn.report_console import format_value, print_metrics, print_rows
 
 
 @COMMANDS.register("evaluate")

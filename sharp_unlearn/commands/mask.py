@@ -3,7 +3,7 @@ for salun and sharp_minmax."""
 from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
-from sharp_unlearn.report_console import print_rows
+from sharp_unlearn.commands.console import print_rows
 
 
 @COMMANDS.register("mask")

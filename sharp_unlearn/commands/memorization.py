@@ -9,7 +9,7 @@ table (``index``, ``score``, ...) feeds forget-set selection directly:
 from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
-from sharp_unlearn.report_console import print_metrics
+from sharp_unlearn.commands.console import print_metrics
 
 PROXY_CHOICES = ("loss", "confidence", "learning_speed")
 

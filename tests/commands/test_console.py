@@ -64,7 +64,7 @@ def test_output_to_a_file_gets_whole_lines():
 
 
 def test_one_format_per_column():
-    from sharp_unlearn.report_console import column_format, format_value
+    from sharp_unlearn.commands.console import column_format, format_value
 
     assert column_format("forget_acc", [5.0, 100.0]) == "{:.2f}"
     assert column_format("tow", [0.5, 1.0]) == "{:.4f}"
