@@ -39,7 +39,7 @@ from datetime import timedelta
 import torch
 
 from sharp_unlearn.config import ExperimentConfig
-from sharp_unlearn.engine.ds_shards import Shard, ShardView, share_stage3_fp32_master
+from sharp_unlearn.engine.deepspeed_shards import Shard, ShardView, share_stage3_fp32_master
 from sharp_unlearn.engine.loop import StepStats, Trainer
 from sharp_unlearn.engine.objective import Batch, Objective, step_groups
 from sharp_unlearn.errors import ConfigError, TrainingDiverged, require

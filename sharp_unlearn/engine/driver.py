@@ -9,7 +9,7 @@ lives:
 
 * :class:`LocalBackend` - one device: :class:`~sharp_unlearn.engine.loop.Trainer`
   and one torch checkpoint file (model, optimizer, scheduler, history);
-* :class:`~sharp_unlearn.engine.ds_runner.DeepSpeedBackend` - N ranks, ZeRO 0-3:
+* :class:`~sharp_unlearn.engine.deepspeed_backend.DeepSpeedBackend` - N ranks, ZeRO 0-3:
   :class:`~sharp_unlearn.engine.deepspeed_engine.DeepSpeedTrainer`, DeepSpeed's
   sharded checkpoints and a consolidated fp32 export.
 

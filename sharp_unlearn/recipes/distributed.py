@@ -50,14 +50,14 @@ from sharp_unlearn.config import ExperimentConfig, stable_hash
 from sharp_unlearn.data import build_dataset
 from sharp_unlearn.data.forget import ForgetSplit
 from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state
-from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
-from sharp_unlearn.engine.ds_config import (
+from sharp_unlearn.engine.deepspeed_backend import DeepSpeedBackend, read_progress
+from sharp_unlearn.engine.deepspeed_config import (
     check_worker_resources,
     local_resources,
     resolve_deepspeed_config,
     validate_distributed,
 )
-from sharp_unlearn.engine.ds_runner import DeepSpeedBackend, read_progress
+from sharp_unlearn.engine.deepspeed_engine import barrier, init_distributed
 from sharp_unlearn.errors import ConfigError, require
 from sharp_unlearn.files import atomic_write
 from sharp_unlearn.methods import METHODS

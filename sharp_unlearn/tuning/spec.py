@@ -568,7 +568,7 @@ def check_sharded(stage: str, pre_tree: dict[str, Any] | None,
     Only the stages a trial trains count: in stage ``unlearn`` the pretrained model and the
     reference are trained once by the sweep's driver (sharded or not, as their config says).
     """
-    from sharp_unlearn.engine.ds_config import validate_distributed
+    from sharp_unlearn.engine.deepspeed_config import validate_distributed
 
     trained = {"pretrain": ("pretrain",), "unlearn": ("unlearn",), "both": ("pretrain", "unlearn")}[stage]
     trees = {"pretrain": pre_tree, "unlearn": unlearn_tree}

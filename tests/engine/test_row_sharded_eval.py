@@ -55,7 +55,7 @@ def expected() -> dict[str, dict[str, float]]:
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import os
 
-    from sharp_unlearn.engine.ds_runner import RowShardedModel, distributed_accuracy
+    from sharp_unlearn.engine.deepspeed_backend import RowShardedModel, distributed_accuracy
     from sharp_unlearn.metrics.accuracy import split_accuracies
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -119,9 +119,9 @@ def _deepspeed_run(case: str, stage: int, persistent: bool, device="cpu", bf16: 
     import torch
 
     from sharp_unlearn.config import load_config
+    from sharp_unlearn.engine.deepspeed_config import resolve_deepspeed_config
     from sharp_unlearn.engine.deepspeed_engine import DeepSpeedTrainer
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_shards import gather_full_params
+    from sharp_unlearn.engine.deepspeed_shards import gather_full_params
 
     accum = 2 if "accum2" in case else 1
     world = torch.distributed.get_world_size()
@@ -165,10 +165,10 @@ def _runner_sharp_minmax(stage: int, workdir: Path) -> dict | None:
 
     from sharp_unlearn.config import load_config
     from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.engine.deepspeed_backend import DeepSpeedBackend
+    from sharp_unlearn.engine.deepspeed_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.deepspeed_shards import gather_full_params
     from sharp_unlearn.engine.driver import run_epochs
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_runner import DeepSpeedBackend
-    from sharp_unlearn.engine.ds_shards import gather_full_params
     from sharp_unlearn.engine.runner import run_stage
     from sharp_unlearn.methods import METHODS, UnlearnContext
     from sharp_unlearn.models import build_model

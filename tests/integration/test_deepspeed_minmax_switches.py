@@ -110,8 +110,8 @@ def _engine(case: str, stage: int):
     import torch
 
     from sharp_unlearn.config import load_config
+    from sharp_unlearn.engine.deepspeed_config import resolve_deepspeed_config
     from sharp_unlearn.engine.deepspeed_engine import DeepSpeedTrainer
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
 
     world = torch.distributed.get_world_size()
     cfg = load_config([], ["distributed.backend=deepspeed", f"distributed.zero_stage={stage}",
@@ -127,7 +127,7 @@ def _engine(case: str, stage: int):
 def _deepspeed_run(case: str, stage: int, checkpoint_dir: Path | None):
     """STEPS steps straight; with ``checkpoint_dir`` also 2 steps, a checkpoint, a fresh engine
     that loads it, and the last step: returns (straight weights, resumed weights or None)."""
-    from sharp_unlearn.engine.ds_shards import gather_full_params
+    from sharp_unlearn.engine.deepspeed_shards import gather_full_params
 
     engine, trainer, objectives = _engine(case, stage)
     for step in range(STEPS):

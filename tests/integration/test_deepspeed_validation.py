@@ -6,7 +6,11 @@ import json
 import pytest
 
 from sharp_unlearn.config import load_config
-from sharp_unlearn.engine.ds_config import packaged_deepspeed_config, resolve_deepspeed_config, validate_distributed
+from sharp_unlearn.engine.deepspeed_config import (
+    packaged_deepspeed_config,
+    resolve_deepspeed_config,
+    validate_distributed,
+)
 from sharp_unlearn.errors import ConfigError
 
 BASE = ["distributed.backend=deepspeed", "distributed.num_workers=2", "data.batch_size=32",

@@ -33,10 +33,10 @@ def worker(out_path: str) -> None:
 
     from sharp_unlearn.config import load_config
     from sharp_unlearn.data import build_dataset
+    from sharp_unlearn.engine.deepspeed_backend import DeepSpeedBackend
+    from sharp_unlearn.engine.deepspeed_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.deepspeed_shards import gather_full_params
     from sharp_unlearn.engine.driver import run_epochs
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
-    from sharp_unlearn.engine.ds_runner import DeepSpeedBackend
-    from sharp_unlearn.engine.ds_shards import gather_full_params
     from sharp_unlearn.engine.runner import run_stage
     from sharp_unlearn.methods import METHODS, UnlearnContext
     from sharp_unlearn.models import build_model

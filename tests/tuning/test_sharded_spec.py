@@ -28,7 +28,7 @@ def test_smoke_sharded_file_is_a_zero2_sweep_of_two_cpu_workers_per_trial():
 
 def test_zero3_file_is_resnet50_on_cifar100_bf16_on_8_gpus_per_trial():
     from sharp_unlearn.config import config_from_dict
-    from sharp_unlearn.engine.ds_config import resolve_deepspeed_config
+    from sharp_unlearn.engine.deepspeed_config import resolve_deepspeed_config
 
     spec = load_sweep(REPO / "tuning" / "sharp_minmax_zero3.yaml", tracking=NO_TRACKING)
     assert spec.sharded is not None
