@@ -44,7 +44,7 @@ from pathlib import Path
 
 
 def build_spec(tmp: Path, trials: int, epochs: int, width: int, sharded: bool = False):
-    from sharp_unlearn.tune import parse_sweep
+    from sharp_unlearn.tuning import parse_sweep
 
     alphas = [round(0.9 + 0.09 * i / max(1, trials - 1), 4) for i in range(trials)]
     raw = {
@@ -71,7 +71,7 @@ def build_spec(tmp: Path, trials: int, epochs: int, width: int, sharded: bool = 
 def time_sequential(spec, inputs) -> float:
     import torch
 
-    from sharp_unlearn.tune import LocalSession, run_trial
+    from sharp_unlearn.tuning import LocalSession, run_trial
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def sharded_main(args) -> int:
 
     import ray
 
-    from sharp_unlearn.tune import prepare_inputs
+    from sharp_unlearn.tuning import prepare_inputs
 
     load_before = os.getloadavg()[0]
     arms = ("direct", "tune")
@@ -151,7 +151,7 @@ def sharded_main(args) -> int:
         startup = time.perf_counter() - start
         try:
             # warm-up, one trial: DeepSpeed's first import and op builds are paid here
-            from sharp_unlearn.tune import LocalSession, run_trial
+            from sharp_unlearn.tuning import LocalSession, run_trial
 
             run_trial(inputs, {spec.dims[0].key: spec.dims[0].values[0]}, LocalSession())
             for round_no in range(args.repeats):
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sharp_unlearn.tune import prepare_inputs
+    from sharp_unlearn.tuning import prepare_inputs
 
     load_before = os.getloadavg()[0]
     arms = ["sequential", "ray x1", "ray x2"] + (["ray x2 + mlflow"] if args.mlflow else [])

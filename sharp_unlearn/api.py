@@ -219,7 +219,7 @@ def sweep(file: str | os.PathLike, *, num_samples: int | None = None, max_concur
           **settings: Any) -> SweepResult:
     """Run a Ray Tune sweep file (``tuning/*.yaml``); ``settings`` override its keys
     (``**{"base.train.epochs": 3}``)."""
-    from sharp_unlearn.tune import load_sweep, run_sweep
+    from sharp_unlearn.tuning import load_sweep, run_sweep
 
     track: dict[str, Any] = {"enabled": tracking is not False and tracking is not None}
     if isinstance(tracking, str):

@@ -1,29 +1,4 @@
-"""Ray Tune sweeps over SAM radii, min/max weights, alpha, mask fraction, learning rates, epochs.
-
-Public entry points (the pieces live in ``sharp_unlearn/tuning/``)::
-
-    from sharp_unlearn.tune import load_sweep, run_sweep
-    spec = load_sweep("tuning/smoke.yaml")          # validated before Ray starts (ConfigError)
-    outcome = run_sweep(spec, num_cpus=2)            # rows, best trial, MLflow parent run id
-
-The sweep file format is documented in ``tuning/README.md``.
-"""
-from sharp_unlearn.tuning.runner import SweepInterrupted, SweepOutcome, pick_best, prepare_inputs, run_sweep
-from sharp_unlearn.tuning.spec import (
-                                       DISTRIBUTIONS,
-                                       SCHEDULERS,
-                                       SEARCHERS,
-                                       STAGES,
-                                       Constraint,
-                                       Dimension,
-                                       Objective,
-                                       SweepSpec,
-                                       load_sweep,
-                                       parse_sweep,
-)
-from sharp_unlearn.tuning.trainables import run_trial
-from sharp_unlearn.tuning.trial_state import LocalSession, TrialInputs, trial_configs
-
-__all__ = ["DISTRIBUTIONS", "SCHEDULERS", "SEARCHERS", "STAGES", "Constraint", "Dimension", "LocalSession",
-           "Objective", "SweepInterrupted", "SweepOutcome", "SweepSpec", "TrialInputs", "load_sweep", "parse_sweep",
-           "pick_best", "prepare_inputs", "run_sweep", "run_trial", "trial_configs"]
+"""Alias of :mod:`sharp_unlearn.tuning`, the sweep API (``from sharp_unlearn.tune import run_sweep``
+keeps working); new code imports ``sharp_unlearn.tuning``."""
+from sharp_unlearn.tuning import *  # noqa: F403
+from sharp_unlearn.tuning import __all__  # noqa: F401

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sharp_unlearn.errors import ConfigError, MissingExtra
-from sharp_unlearn.tune import (
+from sharp_unlearn.tuning import (
     Constraint,
     LocalSession,
     Objective,
@@ -50,7 +50,7 @@ def parse(tmp_path, **changes):
 @pytest.mark.parametrize("name", ["smoke", "pretrain_grid", "neggrad_alpha", "sharp_minmax"])
 def test_shipped_sweeps_validate(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from sharp_unlearn.tune import load_sweep
+    from sharp_unlearn.tuning import load_sweep
 
     spec = load_sweep(REPO / "tuning" / f"{name}.yaml")
     assert spec.dims and spec.total_trials >= 1
@@ -271,7 +271,7 @@ class CrashAfter(LocalSession):
 
 @pytest.mark.slow
 def test_unlearn_trial_reports_every_epoch_and_resumes_from_its_checkpoint(tmp_path):
-    from sharp_unlearn.tune import prepare_inputs
+    from sharp_unlearn.tuning import prepare_inputs
 
     spec = parse(tmp_path, method={"name": "neggrad", "epochs": 4, "alpha": 0.9},
                  objective={"constraints": ["test_acc_drop <= 50"]})
@@ -377,7 +377,7 @@ def test_runtime_env_packaging_leaves_out_mlflow(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_and_both_trials_use_the_shared_cache(tmp_path):
-    from sharp_unlearn.tune import prepare_inputs
+    from sharp_unlearn.tuning import prepare_inputs
 
     pre_spec = parse(tmp_path, stage="pretrain", forget=None, method=None, unlearn=None,
                      search={"optimizer": {"grid": [{"name": "sgd"}, {"name": "sam", "rho": 0.05}]}})

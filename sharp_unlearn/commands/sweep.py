@@ -36,7 +36,7 @@ class Sweep(Command):
 
     def run(self, args):
         from sharp_unlearn.errors import ConfigError
-        from sharp_unlearn.tune import SweepInterrupted, load_sweep, run_sweep
+        from sharp_unlearn.tuning import SweepInterrupted, load_sweep, run_sweep
 
         for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent),
                             ("--num-cpus", args.num_cpus)):

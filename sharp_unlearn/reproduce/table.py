@@ -359,7 +359,7 @@ def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dic
 def _tune_cells(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool,
                 num_samples: int) -> dict[str, dict[str, Any]]:
     from sharp_unlearn.recipes.grid import method_of
-    from sharp_unlearn.tune import parse_sweep, run_sweep
+    from sharp_unlearn.tuning import parse_sweep, run_sweep
 
     level = (spec.get("levels") or [spec["forget"].get("level", "high")])[-1]
     per_cell: dict[str, dict[str, Any]] = {}

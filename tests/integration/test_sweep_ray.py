@@ -151,7 +151,7 @@ def test_sweep_json_prints_one_document_on_stdout(tmp_path):
 
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
-    from sharp_unlearn.tune import load_sweep, run_sweep
+    from sharp_unlearn.tuning import load_sweep, run_sweep
 
     path = write_sweep(tmp_path, "fault", method={"name": "neggrad", "epochs": 8, "alpha": 0.9})
     spec = load_sweep(path, storage=str(tmp_path / "storage"))
@@ -255,7 +255,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
 
 
 def test_stage_both_pretrains_per_trial_and_logs_both_configs(tmp_path):
-    from sharp_unlearn.tune import load_sweep, run_sweep
+    from sharp_unlearn.tuning import load_sweep, run_sweep
 
     path = write_sweep(tmp_path, "both", stage="both", method={"name": "neggrad", "epochs": 2, "alpha": 0.95},
                        search={"pretrain.optimizer": {"grid": [{"name": "sgd"}, {"name": "sam", "rho": 0.05}]}})

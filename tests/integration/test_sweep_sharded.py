@@ -134,7 +134,7 @@ def test_sharded_trial_equals_single_process(tmp_path, shared_runs):
     """Per-epoch metrics (ToW included) and final weights of a sharded trial = the same config in one process."""
     from sharp_unlearn.engine.checkpoint import load_checkpoint
     from sharp_unlearn.recipes.unlearn import Reference, load_pretrained, run_unlearning
-    from sharp_unlearn.tune import LocalSession, load_sweep, prepare_inputs, run_trial, trial_configs
+    from sharp_unlearn.tuning import LocalSession, load_sweep, prepare_inputs, run_trial, trial_configs
     from sharp_unlearn.tuning.sharded import unlearn_run_dir
 
     params = {"method.alpha": 0.95, "method.rho_max": 0.05}
@@ -193,7 +193,7 @@ def _wait_for(predicate, what: str, limit_s: float = 600.0):
 
 
 def test_killed_worker_of_a_sharded_trial_is_retried_from_its_checkpoint(tmp_path, shared_runs):
-    from sharp_unlearn.tune import load_sweep, run_sweep
+    from sharp_unlearn.tuning import load_sweep, run_sweep
 
     path = sweep_file(tmp_path, shared_runs, "sharded_fault", scheduler="fifo",
                       method={"name": "sharp_minmax", "epochs": 6, "alpha": 0.95, "mask_fraction": 0.5},

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import sharp_unlearn.tune as tune_module
+import sharp_unlearn.tuning as tune_module
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.reproduce.table import (
     PAPER_ENTRY,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.tune import load_sweep
+from sharp_unlearn.tuning import load_sweep
 
 REPO = Path(__file__).parents[2]
 NO_TRACKING = {"enabled": False}
