@@ -79,3 +79,28 @@ def test_tow_figure_one_bar_per_method_and_pretraining_baselines_left_out():
     heights = sorted(round(p.get_height(), 6) for p in ax.patches if p.get_height() == p.get_height())
     assert heights == [0.7, 0.8, 0.9]  # salun has no SAM-pretrained bar (NaN); retrain is not a bar
     assert tow_figure([_row("original", "-", 0, 0.5), _row("retrain", "-", 0, 1.0)]) is None
+
+
+def test_the_demo_spec_on_a_tiny_grid_gives_a_row_per_method_and_optimizer(tmp_path):
+    """run_demo end to end without MLflow: the packaged demo spec, cut to one pretraining optimizer,
+    two methods, both unlearning optimizers and one epoch of a small model."""
+    from sharp_unlearn.recipes.demo import run_demo
+
+    methods, optimizers = ["finetune", "neggrad"], ["sgd", "sam"]
+    tiny = ["base.train.epochs=1", "base.model.options={width: 4, feature_dim: 16}", "pretrain_optimizers=[sgd]",
+            f"unlearn_optimizers=[{', '.join(optimizers)}]", "methods.finetune.epochs=1", "methods.neggrad.epochs=1"]
+    result = run_demo(None, tiny, output_dir=str(tmp_path / "runs"), tracking={"enabled": False},
+                      methods=methods, quiet=True, evaluate=False)
+
+    unlearned = [r for r in result.rows if r["method"] not in ("original", "retrain")]
+    assert sorted((r["method"], r["unlearn_opt"]) for r in unlearned) == sorted(
+        (m, o) for m in methods for o in optimizers)
+    assert {r["pretrain"] for r in result.rows} == {"sgd"}
+    assert {r["method"] for r in result.rows} >= {"original", "retrain"}  # the baselines beside the methods
+    for row in result.rows:
+        assert 0.0 <= row["tow"] <= 1.0, row
+    assert next(r for r in result.rows if r["method"] == "retrain")["tow"] == pytest.approx(1.0)
+    # the Markdown file holds the same table: a header, a rule and one line per row
+    assert len(result.markdown_path.read_text().strip().splitlines()) == 2 + len(result.rows)
+    assert result.results_path.is_file()
+    assert not (tmp_path / "mlruns").exists() and not list(tmp_path.glob("**/*.db"))  # tracking off: no store
