@@ -162,10 +162,9 @@ def test_frozen_worker_fails_the_run_after_the_collective_timeout(tmp_path):
 
     print(f"run failed {elapsed:.1f}s after rank 1 froze (timeout_s={timeout_s})")  # informative only
     assert proc.returncode == 1, err[-3000:]
-    # rank 0's collective gave up (finishing under HANG_GUARD_S rules out torch's 30-minute default) ...
-    assert "Timed out" in err, err[-3000:]
-    # ... and not long before timeout_s. Not `>= timeout_s`: rank 0 may have entered the collective
-    # (starting its timeout) up to one step before rank 1 froze, and a step can take seconds at load 10+
-    assert elapsed >= timeout_s / 2
+    # rank 0's collective gave up after the configured distributed.timeout_s: gloo names the wait it
+    # gave up on, so this is the event itself, not a wall-clock reading (rank 0 may enter the collective
+    # up to a step before rank 1 freezes, and a step takes seconds under load)
+    assert f"Timed out waiting {timeout_s * 1000}ms" in err, err[-3000:]
     assert "sharded run failed" in err
     assert not _alive(rank0)
