@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from sharp_unlearn.config import ExperimentConfig, apply_overrides, load_yaml, merge
+from sharp_unlearn.config import ExperimentConfig, MethodConfig, apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError, MissingExtra
-from sharp_unlearn.validation import config_from_dict
+from sharp_unlearn.validation import config_from_dict, method_param_classes
 
 STAGES = ("pretrain", "unlearn", "both")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -321,6 +321,11 @@ def check_config_path(key: str, parts: Sequence[str]) -> str:
     where = ""
     for i, part in enumerate(parts):
         known = {f.name for f in dataclasses.fields(cls)}
+        if cls is MethodConfig:  # beside the shared keys, the settings each method declares (typed there)
+            settings = method_param_classes()
+            known = (known - {MethodConfig.open_params_field}) | set(settings)
+            if part in settings:
+                cls = settings[part]
         if part not in known:
             section = where.rstrip(".") or "the config"
             raise ConfigError(f"search key {key!r}: unknown key {where + part!r} in {section}; "

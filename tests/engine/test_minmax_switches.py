@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sharp_unlearn.config import MethodConfig, OptimizerConfig, load_config
+from sharp_unlearn.config import MethodConfig, OptimizerConfig
 from sharp_unlearn.engine.loop import Trainer
 from sharp_unlearn.engine.objective import Batch
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.methods import METHODS
 from sharp_unlearn.optim.saliency import load_mask, masks_for_fractions, saliency_mask
+from sharp_unlearn.validation import load_config
 
 ALPHA, RHO_MIN, RHO_MAX, LAMB_MIN, LAMB_MAX, LR = 0.7, 0.05, 0.2, 1.0, 0.5, 0.1
 
