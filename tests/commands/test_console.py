@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # demo-shaped rows: the ToW table and the evaluation table, numbers of every size the demo prints
 SCRIPT = textwrap.dedent("""
