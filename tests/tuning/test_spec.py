@@ -1,49 +1,17 @@
-"""Sweep definitions, validation before Ray starts, objectives, trials outside Ray (fast; no Ray)."""
+"""Sweep files (tuning/spec.py): shipped sweeps, validation before Ray starts, objectives, trial configs."""
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from tuning.sweep_helpers import TINY, parse, sweep
 
 from sharp_unlearn.errors import ConfigError, MissingExtra
-from sharp_unlearn.tuning import (
-    Constraint,
-    LocalSession,
-    Objective,
-    parse_sweep,
-    pick_best,
-    run_trial,
-    trial_configs,
-)
+from sharp_unlearn.tuning import Constraint, Objective, parse_sweep
 from sharp_unlearn.tuning.spec import resolve_trial_trees, set_path
 
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = {"seed": 0, "data": {"name": "digits", "label_noise": 0.05, "batch_size": 64, "augment": False},
-        "model": {"name": "small_cnn", "options": {"width": 8, "feature_dim": 32}},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
-        "train": {"epochs": 3, "schedule": "cosine"}}
-
-
-def sweep(tmp_path, **changes):
-    raw = {"name": "t", "stage": "unlearn", "base": copy.deepcopy(TINY), "output_dir": str(tmp_path / "runs"),
-           "forget": {"kind": "memorization", "level": "high", "size": 20, "scores": "flipped"},
-           "unlearn": {"optimizer": {"lr": 0.02}, "train": {"schedule": "constant"}},
-           "method": {"name": "neggrad", "epochs": 3, "alpha": 0.9},
-           "search": {"method.alpha": {"uniform": [0.8, 0.99]}}}
-    for key, value in changes.items():
-        if value is None:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
-    return raw
-
-
-def parse(tmp_path, **changes):
-    return parse_sweep(sweep(tmp_path, **changes), tracking={"enabled": False})
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------- shipped sweeps
@@ -217,192 +185,6 @@ def test_resolve_trial_trees_applies_only_sampled_keys(tmp_path):
                                 spec.pretrain_tree, spec.unlearn_tree, spec.unlearn_overrides)
     assert un["method"]["alpha"] == 0.8 and un["optimizer"]["name"] == "sam" and un["optimizer"]["lr"] == 0.02
     assert spec.max_epochs() == 3 and spec.total_trials == 2
-
-
-def test_pick_best_prefers_complete_feasible_trials(tmp_path):
-    spec = parse(tmp_path)
-    rows = [
-        {"trial_id": "a", "status": "TERMINATED", "stopped_early": True, "diverged": False, "feasible": True,
-         "objective": 0.99, "method.alpha": 0.8},
-        {"trial_id": "b", "status": "TERMINATED", "stopped_early": False, "diverged": False, "feasible": True,
-         "objective": 0.90, "method.alpha": 0.9},
-        {"trial_id": "c", "status": "TERMINATED", "stopped_early": False, "diverged": False, "feasible": True,
-         "objective": 0.95, "method.alpha": 0.95},
-        {"trial_id": "d", "status": "ERROR", "stopped_early": False, "diverged": False, "feasible": True,
-         "objective": 0.999, "method.alpha": 0.97},
-        {"trial_id": "e", "status": "TERMINATED", "stopped_early": False, "diverged": True, "feasible": False,
-         "objective": -1e9, "method.alpha": 0.5},
-    ]
-    assert pick_best(spec, rows)["trial_id"] == "c"
-    assert pick_best(spec, [rows[0], rows[3]])["trial_id"] == "a"  # none complete: the best finished one
-    assert pick_best(spec, [rows[3], rows[4]]) is None
-
-
-# ----------------------------------------------------------------- a trial outside Ray
-class ResumingSession(LocalSession):
-    """Restores from a given stage checkpoint, like a Ray trial retried after a crash."""
-
-    def __init__(self, source: Path):
-        super().__init__("resumed")
-        self.source = source
-
-    def restore(self, dest: Path) -> bool:
-        import shutil
-
-        shutil.copyfile(self.source, dest)
-        return True
-
-
-class CrashAfter(LocalSession):
-    """Keeps a copy of the checkpoint reported at ``epoch`` and then dies (an exception)."""
-
-    def __init__(self, epoch: int, keep: Path):
-        super().__init__("crashing")
-        self.epoch, self.keep = epoch, keep
-
-    def report(self, metrics, checkpoint_file=None):
-        super().report(metrics, checkpoint_file)
-        if metrics["epoch"] == self.epoch:
-            import shutil
-
-            shutil.copyfile(checkpoint_file, self.keep)
-            raise RuntimeError("worker died")
-
-
-@pytest.mark.slow
-def test_unlearn_trial_reports_every_epoch_and_resumes_from_its_checkpoint(tmp_path):
-    from sharp_unlearn.tuning import prepare_inputs
-
-    spec = parse(tmp_path, method={"name": "neggrad", "epochs": 4, "alpha": 0.9},
-                 objective={"constraints": ["test_acc_drop <= 50"]})
-    inputs, context = prepare_inputs(spec, quiet=True)
-    inputs.ledger_dir = str(tmp_path / "ledger")
-    assert context["reference"]["forget_acc"] < 20  # flipped labels: the reference cannot predict them
-    params = {"method.alpha": 0.9}
-
-    full = LocalSession("full")
-    final = run_trial(inputs, params, full)
-    assert [r["epoch"] for r in full.reports] == [1, 2, 3, 4]
-    for report in full.reports:
-        assert 0.0 <= report["tow"] <= 1.0
-        assert report["test_acc_drop"] == pytest.approx(context["original"]["test_acc"] - report["test_acc"])
-        penalty = 0.01 * max(0.0, report["test_acc_drop"] - 50)  # constraint test_acc_drop <= 50, weight 0.01
-        assert report["objective"] == pytest.approx(report["tow"] - penalty)
-    assert final["epoch"] == 4 and "train_loss" in final and "speedup_vs_retrain" in final
-
-    keep = tmp_path / "epoch2.pt"
-    with pytest.raises(RuntimeError, match="worker died"):
-        run_trial(inputs, params, CrashAfter(2, keep))
-    resumed = ResumingSession(keep)
-    final_resumed = run_trial(inputs, params, resumed)
-    assert [r["epoch"] for r in resumed.reports] == [3, 4]  # epochs 1-2 were not trained again
-    # same seed, same data order, same state: the resumed run ends where the uninterrupted one did
-    assert final_resumed["tow"] == pytest.approx(final["tow"], abs=1e-6)
-    assert final_resumed["forget_acc"] == pytest.approx(final["forget_acc"], abs=1e-6)
-    ledger = (tmp_path / "ledger" / "resumed.jsonl").read_text().splitlines()
-    assert '"start_epoch": 2' in ledger[0]
-
-    _, cfg = trial_configs(inputs, params)
-    assert cfg.tracking.enabled is False and cfg.train.checkpoint_every == 1
-
-
-# ----------------------------------------------------------------- the command
-def _write(tmp_path, raw) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-@pytest.mark.parametrize("search, needle", [
-    ({"optimizer.rhoo": {"uniform": [0.0, 0.1]}}, "optimizer.rhoo"),
-    ({"method.alpha": {"grid": []}}, "empty grid"),
-    ({"optimizer.rho": {"uniform": [-0.5, 0.1]}}, "optimizer.rho=-0.5"),
-])
-def test_cli_rejects_bad_input_before_ray_starts(tmp_path, capsys, search, needle):
-    from sharp_unlearn.cli import main
-
-    path = _write(tmp_path, sweep(tmp_path, search=search))
-    storage = tmp_path / "storage"
-    code = main(["sweep", str(path), "--storage", str(storage), "--num-cpus", "2"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
-    assert not storage.exists() and not (tmp_path / "runs").exists()  # nothing trained, nothing started
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
-
-
-def test_cli_rejects_resume_of_unknown_sweep_and_bad_flags(tmp_path, capsys):
-    from sharp_unlearn.cli import main
-
-    path = _write(tmp_path, sweep(tmp_path))
-    assert main(["sweep", str(path), "--max-concurrent", "0"]) == 2
-    assert "--max-concurrent=0" in capsys.readouterr().err
-    assert main(["sweep", str(path), "--resume", "--num-samples", "3"]) == 2
-    assert "--num-samples cannot change" in capsys.readouterr().err
-    assert main(["sweep", str(path), "--num-cpus", "1", "resources.cpu=2"]) == 2
-    assert "exceeds this machine's 1 CPUs" in capsys.readouterr().err
-    assert main(["sweep", str(path), "--resume", "--storage", str(tmp_path / "nothing-here")]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
-
-
-def test_no_python_in_top_level_tuning_and_cluster_folders():
-    for folder in ("tuning", "cluster"):
-        assert not list((REPO / folder).rglob("*.py")), f"{folder}/ must hold no Python (it is not a package)"
-
-
-def test_runtime_env_packaging_leaves_out_mlflow(tmp_path):
-    """Pack a working directory with Ray's own packager and cluster/runtime_env.yaml's excludes."""
-    import zipfile
-
-    pytest.importorskip("ray")
-    from ray._private.runtime_env.packaging import create_package
-
-    env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    assert env["working_dir"] == "."
-    work = tmp_path / "repo"
-    files = ["sharp_unlearn/__init__.py", "sharp_unlearn/tracking.py", "sharp_unlearn/tuning/runs.py",
-             "tuning/smoke.yaml", "pyproject.toml", "mlflow/README.md", "mlflow/.env", "mlflow/docker-compose.yml",
-             "runs/pretrain/x/checkpoint.pt", "mlruns.db", "tests/test_x.py"]
-    for name in files:
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        (work / name).write_text("x")
-    target = tmp_path / "pkg.zip"
-    create_package(str(work), target, include_gitignore=False, excludes=env["excludes"])
-    shipped = set(zipfile.ZipFile(target).namelist())
-    assert {"sharp_unlearn/__init__.py", "sharp_unlearn/tracking.py", "sharp_unlearn/tuning/runs.py",
-            "tuning/smoke.yaml", "pyproject.toml"} <= shipped
-    assert not any(n.startswith("mlflow/") for n in shipped), shipped
-    assert not any(n.startswith(("runs/", "tests/")) or n.endswith(".db") for n in shipped), shipped
-
-
-@pytest.mark.slow
-def test_pretrain_and_both_trials_use_the_shared_cache(tmp_path):
-    from sharp_unlearn.tuning import prepare_inputs
-
-    pre_spec = parse(tmp_path, stage="pretrain", forget=None, method=None, unlearn=None,
-                     search={"optimizer": {"grid": [{"name": "sgd"}, {"name": "sam", "rho": 0.05}]}})
-    inputs, _ = prepare_inputs(pre_spec)
-    inputs.ledger_dir = str(tmp_path / "ledger")
-    first = LocalSession("p1")
-    final = run_trial(inputs, {"optimizer": {"name": "sam", "rho": 0.05}}, first)
-    assert [r["epoch"] for r in first.reports] == [1, 2, 3]
-    assert final["objective"] == final["val_acc"] and "test_acc" in final  # default objective of stage pretrain
-    again = LocalSession("p2")  # same config: the cached model, no training, one final report
-    assert run_trial(inputs, {"optimizer": {"name": "sam", "rho": 0.05}}, again)["val_acc"] == final["val_acc"]
-    assert [r["epoch"] for r in again.reports] == [3]
-    assert '"cached": true' in (tmp_path / "ledger" / "p2.jsonl").read_text()
-
-    both = parse(tmp_path, stage="both", search={"pretrain.optimizer": {"grid": [{"name": "sam", "rho": 0.05}]},
-                                                  "method.alpha": {"grid": [0.9, 0.95]}})
-    inputs, _ = prepare_inputs(both)
-    session = LocalSession("b1")
-    result = run_trial(inputs, {"pretrain.optimizer": {"name": "sam", "rho": 0.05}, "method.alpha": 0.95}, session)
-    # the pretraining above is reused (same config): its cache dir holds exactly one model of that config
-    cached = list((tmp_path / "runs" / "pretrain").glob("digits-small_cnn-sam-*"))
-    assert len(cached) == 1
-    assert [r["epoch"] for r in session.reports] == [1, 2, 3] and 0.0 <= result["tow"] <= 1.0
-    references = list((tmp_path / "runs" / "retrain").glob("digits-small_cnn-sam-*"))
-    assert len(references) == 1  # the trial's own reference, trained with its own pretraining recipe
 
 
 @pytest.mark.slow
