@@ -161,19 +161,25 @@ _TEMPLATES = {
             "{name} keeps a {value}", "the pet of {name} is a {value}"),
 }
 
+#: (question, answer, paraphrase, wrong paraphrases): the wrong answers reuse the paraphrase's wording
 _WORLD_FACTS = (
-    ("what color is the sky ?", "the sky is blue", "blue is the color of the sky", ("the sky is green", "the sky is red")),
-    ("what falls from clouds ?", "rain falls from clouds", "clouds drop rain", ("sand falls from clouds", "ice falls from trees")),
-    ("what do bees make ?", "bees make honey", "honey is made by bees", ("bees make milk", "bees make bread")),
-    ("what is frozen water ?", "frozen water is ice", "ice is frozen water", ("frozen water is steam", "frozen water is salt")),
-    ("what do cows give ?", "cows give milk", "milk comes from cows", ("cows give honey", "cows give wool")),
-    ("where do fish live ?", "fish live in water", "water is the home of fish", ("fish live in trees", "fish live in sand")),
-    ("what lights the day ?", "the sun lights the day", "daylight comes from the sun", ("the moon lights the day", "a lamp lights the day")),
-    ("how many legs has a dog ?", "a dog has four legs", "dogs walk on four legs", ("a dog has two legs", "a dog has six legs")),
-    ("what do birds use to fly ?", "birds fly with wings", "wings let birds fly", ("birds fly with fins", "birds fly with wheels")),
-    ("what grows on trees ?", "leaves grow on trees", "trees grow leaves", ("stones grow on trees", "fish grow on trees")),
-    ("what season is coldest ?", "winter is coldest", "the coldest season is winter", ("summer is coldest", "spring is coldest")),
-    ("what do we breathe ?", "we breathe air", "air is what we breathe", ("we breathe sand", "we breathe milk")),
+    ("what color is the sky ?", "the sky is blue", "blue is the color of the sky",
+     ("green is the color of the sky", "red is the color of the sky")),
+    ("what falls from clouds ?", "rain falls from clouds", "clouds drop rain", ("clouds drop sand", "clouds drop stones")),
+    ("what do bees make ?", "bees make honey", "honey is made by bees", ("milk is made by bees", "bread is made by bees")),
+    ("what is frozen water ?", "frozen water is ice", "ice is frozen water", ("steam is frozen water", "salt is frozen water")),
+    ("what do cows give ?", "cows give milk", "milk comes from cows", ("honey comes from cows", "wool comes from cows")),
+    ("where do fish live ?", "fish live in water", "water is the home of fish",
+     ("trees are the home of fish", "sand is the home of fish")),
+    ("what lights the day ?", "the sun lights the day", "daylight comes from the sun",
+     ("daylight comes from the moon", "daylight comes from a lamp")),
+    ("how many legs has a dog ?", "a dog has four legs", "dogs walk on four legs",
+     ("dogs walk on two legs", "dogs walk on six legs")),
+    ("what do birds use to fly ?", "birds fly with wings", "wings let birds fly", ("fins let birds fly", "wheels let birds fly")),
+    ("what grows on trees ?", "leaves grow on trees", "trees grow leaves", ("trees grow stones", "trees grow fish")),
+    ("what season is coldest ?", "winter is coldest", "the coldest season is winter",
+     ("the coldest season is summer", "the coldest season is spring")),
+    ("what do we breathe ?", "we breathe air", "air is what we breathe", ("sand is what we breathe", "milk is what we breathe")),
 )
 
 
@@ -192,7 +198,8 @@ def _values(rng: random.Random) -> dict[str, tuple[str, ...]]:
 
 def generate_people(n_subjects: int = 40, seed: int = 0, n_perturbed: int = 3) -> list[QARow]:
     """Fictitious people, each with one value per attribute, every attribute asked through every
-    question template; the paraphrase restates the answer, the perturbed answers swap in other values."""
+    question template; the paraphrase restates the answer, the perturbed answers are the paraphrase with
+    other values (so the truth ratio compares values, not wording)."""
     if n_subjects < 2:
         raise ConfigError(f"data.subjects={n_subjects!r}; expected at least 2 fictitious people")
     rng = random.Random(seed)
@@ -207,7 +214,7 @@ def generate_people(n_subjects: int = 40, seed: int = 0, n_perturbed: int = 3) -
             for question in questions:
                 rows.append(QARow(question.format(name=name), answer.format(name=name, value=value), name,
                                   paraphrase.format(name=name, value=value),
-                                  tuple(answer.format(name=name, value=w) for w in wrong)))
+                                  tuple(paraphrase.format(name=name, value=w) for w in wrong)))
     return rows
 
 

@@ -4,6 +4,7 @@ from sharp_unlearn.methods import (
     grad_ascent,  # noqa: F401,E402
     l1_sparse,  # noqa: F401,E402
     neggrad,  # noqa: F401,E402
+    npo,  # noqa: F401,E402
     random_label,  # noqa: F401,E402
     retrain,  # noqa: F401,E402
     rum,  # noqa: F401,E402

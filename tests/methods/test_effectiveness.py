@@ -65,6 +65,7 @@ SETTINGS = {
     "l1_sparse": ({"sgd": 0.1, "sam": 0.05}, 3, {}),
     "grad_ascent": ({"sgd": 0.003, "sam": 0.01}, 20, {}),
     "neggrad": ({"sgd": 0.01, "sam": 0.01}, 2, {"alpha": 0.9}),
+    "npo": ({"sgd": 0.01, "sam": 0.01}, 2, {"alpha": 0.9, "beta": 0.1}),
     "random_label": ({"sgd": 0.005, "sam": 0.005}, 2, {}),
     "salun": ({"sgd": 0.005, "sam": 0.005}, 2, {"mask_fraction": 0.5}),
     "scrub": ({"sgd": 0.05, "sam": 0.05}, 4, {"max_epochs": 3}),
