@@ -6,11 +6,6 @@ from sharp_unlearn.data import (  # noqa: F401,E402
     parquet,
     signal_noise,  # noqa: F401,E402  (registers "signal_noise")
 )
-from sharp_unlearn.data.base import DATASETS, DatasetBundle, IndexedTensorDataset
+from sharp_unlearn.data.base import DATASETS, DatasetBundle, IndexedTensorDataset, build_dataset
 
 __all__ = ["DATASETS", "DatasetBundle", "IndexedTensorDataset", "build_dataset"]
-
-
-def build_dataset(cfg, seed: int = 0) -> DatasetBundle:
-    """Build the configured data set (``cfg`` is a DataConfig)."""
-    return DATASETS.get(cfg.name)(cfg, seed)

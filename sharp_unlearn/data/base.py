@@ -86,3 +86,8 @@ def flip_labels(targets: np.ndarray, fraction: float, num_classes: int, seed: in
     shift = rng.integers(1, num_classes, size=count)
     targets[flipped] = (targets[flipped] + shift) % num_classes
     return targets, flipped.astype(np.int64)
+
+
+def build_dataset(cfg, seed: int = 0) -> DatasetBundle:
+    """Build the configured data set (``cfg`` is a DataConfig)."""
+    return DATASETS.get(cfg.name)(cfg, seed)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sharp_unlearn.data.base import DATASETS, DatasetBundle, flip_labels
+from sharp_unlearn.data.base import DATASETS, DatasetBundle, build_dataset, flip_labels
 from sharp_unlearn.data.cifar import ImageTensorDataset
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.files import atomic_path
@@ -190,8 +190,6 @@ def convert_to_parquet(source, out_dir: str | os.PathLike, shard_size: int = 10_
     inside the source's folder is refused. Returns a summary: ``out_dir``, ``format``, rows and
     shards per split.
     """
-    from sharp_unlearn.data import build_dataset
-
     if image_format not in FORMATS:
         raise ConfigError(f"image_format={image_format!r} is not valid; expected one of: {', '.join(FORMATS)}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:

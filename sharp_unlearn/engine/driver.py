@@ -35,6 +35,7 @@ from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state, s
 from sharp_unlearn.engine.determinism import apply_determinism
 from sharp_unlearn.engine.loop import Timer, Trainer, epoch_seed, make_loader
 from sharp_unlearn.engine.objective import Phase
+from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.optim.factory import build_base_optimizer, build_scheduler
 from sharp_unlearn.progress import progress_bar
 from sharp_unlearn.tracking import NullTracker
@@ -44,8 +45,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from sharp_unlearn.errors import ConfigError
-
         raise ConfigError("device='cuda' was requested but no CUDA device is available; use device=cpu or auto")
     return torch.device(name)
 

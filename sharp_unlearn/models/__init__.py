@@ -3,6 +3,7 @@
 ``model.name`` is a built-in name (the registry) or ``<source>:<target>`` for a model this package
 does not define (torchvision, timm, Hugging Face, a user's callable; see ``models/sources.py``).
 """
+from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.models import (  # noqa: F401  (register members)  # noqa: F401,E402
     hf_models,
     mlp,
@@ -16,16 +17,14 @@ from sharp_unlearn.models import (  # noqa: F401  (register members)  # noqa: F4
     vit,
 )
 from sharp_unlearn.models.base import MODELS, FeatureModel, load_model_state
-from sharp_unlearn.models.sources import SOURCES, build_external, is_external
+from sharp_unlearn.models.external import load_weights_file
+from sharp_unlearn.models.sources import SOURCES, build_external, check_name, is_external
 
 __all__ = ["MODELS", "SOURCES", "FeatureModel", "build_model", "check_model_name"]
 
 
 def check_model_name(name: str) -> None:
     """Config-time check of ``model.name`` (a ConfigError naming the value and what was expected)."""
-    from sharp_unlearn.errors import ConfigError
-    from sharp_unlearn.models.sources import check_name
-
     if is_external(name):
         check_name(name)
         return
@@ -42,8 +41,6 @@ def build_model(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_wei
     ``load_weights=False`` skips ``model.weights`` (the caller loads a checkpoint of this model next,
     so the weights file need not exist any more).
     """
-    from sharp_unlearn.errors import ConfigError
-
     if is_external(cfg.name):
         return build_external(cfg, num_classes, tuple(input_shape), load_weights=load_weights)
     builder = MODELS.get(cfg.name)
@@ -52,7 +49,5 @@ def build_model(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_wei
     except TypeError as exc:
         raise ConfigError(f"model {cfg.name!r} rejected its options {cfg.options}: {exc}") from None
     if cfg.weights and load_weights:
-        from sharp_unlearn.models.external import load_weights_file
-
         load_model_state(model, load_weights_file(cfg.weights, cfg.name), f"model.weights={cfg.weights!r}")
     return model

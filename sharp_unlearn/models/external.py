@@ -30,16 +30,11 @@ from torch.nn import functional as F
 
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.models.base import FeatureModel, load_model_state
+from sharp_unlearn.models.resnet import image_shape
 
 #: attribute paths of classifier heads, in the order they are tried (torchvision, Hugging Face
 #: and most hand-written models); timm models answer ``get_classifier()`` first
 HEAD_PATHS = ("fc", "heads.head", "heads", "head", "classifier", "last_linear")
-
-
-def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    from sharp_unlearn.models.resnet import image_shape as shape
-
-    return shape(input_shape)
 
 
 def find_head(module: nn.Module, feature_layer: str | None, label: str) -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.models.external import ExternalModel, find_head, fit_head, load_into, load_weights_file
 from sharp_unlearn.registry import Registry
 
 #: file suffixes that make ``model.weights`` a path even before the file is looked for
@@ -83,14 +84,6 @@ def build_external(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_
 
     ``load_weights=False`` skips ``model.weights`` (the caller loads a checkpoint of this model next).
     """
-    from sharp_unlearn.models.external import (
-        ExternalModel,
-        find_head,
-        fit_head,
-        load_into,
-        load_weights_file,
-    )
-
     source, target = split_name(cfg.name)
     weights = cfg.weights if load_weights else None
     # the head is built at the data's size; weights with another head size resize it to load (load_into),
