@@ -4,7 +4,7 @@ from a DeepSpeed checkpoint bit-exactly (both sides' optimizer states are in it)
 
 One ``torchrun --nproc_per_node 2`` launch (gloo, CPU) runs every stage and case; rank 0 also
 runs the single-process reference (:class:`~sharp_unlearn.engine.loop.Trainer`, itself checked
-against hand-written formulas in ``tests/engine/test_minmax_switches.py``) on the full global
+against hand-written formulas in ``tests/methods/test_sharp_minmax_switches.py``) on the full global
 batch and writes the largest parameter difference per (stage, case) to a JSON file.
 
 Run by hand: ``torchrun --nproc_per_node 2 --master_addr 127.0.0.1
