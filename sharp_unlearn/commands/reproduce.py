@@ -28,6 +28,9 @@ class Reproduce(Command):
                             help="table --sweep: unlearning epochs of every cell, tuning and tuned grid alike "
                                  "(default: each method's epochs in the spec)")
         parser.add_argument("--methods", default=None, help="table: comma-separated subset of methods")
+        parser.add_argument("--workers", type=int, default=None,
+                            help="ablation: processes running (seed, pretraining optimizer) slices side by side, "
+                                 "one torch thread each (default: the machine's CPUs; 1: in sequence, here)")
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
         parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         add_deterministic_argument(parser)
@@ -46,6 +49,8 @@ class Reproduce(Command):
         if args.deterministic:  # the spec's base config reaches every pretraining and unlearning run
             args.overrides = [*args.overrides, "base.deterministic=true"]
         out = args.output_dir or f"runs/reproduce-{args.target}"
+        if args.workers is not None and args.target != "ablation":
+            raise ConfigError(f"--workers is not valid with reproduce {args.target}; expected it with reproduce ablation")
         check_output_dir(out)
         if args.target == "theory":
             return _theory(args, seeds, tracking, out)
@@ -99,9 +104,12 @@ def _ablation(args, seeds, tracking, out):
                               "tracking flags and spec overrides (the arms are fixed: see docs/reproduction.md)")
     if args.sweep:
         raise ConfigError("--sweep is not valid with reproduce ablation; expected it with reproduce table")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers={args.workers} is not valid; expected an integer >= 1")
     from sharp_unlearn.reproduce.ablation import run_ablation
 
-    result = run_ablation(output_dir=out, seeds=seeds, tracking=tracking, overrides=args.overrides, quiet=args.quiet)
+    result = run_ablation(output_dir=out, seeds=seeds, tracking=tracking, overrides=args.overrides, quiet=args.quiet,
+                          workers=args.workers)
     if not args.json:
         print(open(result["report_md"]).read())
     return result

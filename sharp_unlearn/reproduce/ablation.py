@@ -25,6 +25,7 @@ unlearning child carries its variant as the tag ``ablation_variant``.
 from __future__ import annotations
 
 import copy
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 from sharp_unlearn.config import apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import atomic_path, atomic_write
 from sharp_unlearn.progress import stage
 from sharp_unlearn.reproduce.memorization_scores import memorization_scores
 from sharp_unlearn.reproduce.paper_code import (
@@ -302,17 +304,20 @@ def run_rows(grid_rows: Sequence[dict[str, Any]], evaluation: Sequence[dict[str,
 
 def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence[int] | None = None,
                  tracking: dict | None = None, overrides: Sequence[str] = (), quiet: bool = True,
-                 spec_path: str | None = None) -> dict[str, Any]:
+                 spec_path: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Run every arm over seeds x pretraining optimizers x levels; ``workers`` processes run the
+    independent (seed, pretraining optimizer) slices side by side (default: the machine's CPUs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
-    from sharp_unlearn.recipes.grid import model_evaluator, run_grid
     from sharp_unlearn.tracking import check_tracking
     from sharp_unlearn.validation import config_from_dict
 
-    tracking = dict(tracking or {})
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers={workers!r} is not valid; expected an integer >= 1")
     spec = ablation_spec(overrides, spec_path)
+    tracking = ablation_tracking(spec, tracking)
     preset_name = str(spec.pop("preset", PRESET))
     variants = build_variants(spec["methods"], load_yaml(preset_name), preset_name, unlearn_train(spec))
     spec["methods"] = {v.entry: v.overrides for v in variants}
@@ -321,20 +326,21 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
     out = Path(output_dir)
     base_cfg = config_from_dict(merge(spec["base"], {"output_dir": output_dir, "tracking": tracking}))
     check_tracking(base_cfg)
-    evaluator = model_evaluator(spec.get("evaluate") or ["mia"], out / "evaluation")
-    tag = _variant_tagger(base_cfg.tracking)
-    rows: list[dict[str, Any]] = []
     with parent_run(spec, output_dir, tracking, "reproduce", "reproduce-ablation") as tracker:
         tracker.set_tags({"reproduce": "ablation", "preset": preset_name})
+        slices = []
         for number, seed in enumerate(seeds, 1):
-            stage(number, len(seeds), f"seed {seed} (scores, then {len(variants)} arms x levels x pretraining)",
-                  quiet)
             seed_spec = copy.deepcopy(spec)
             if seed_spec["forget"].get("kind") == "memorization" and seed_spec["forget"].get("scores") == "heldout":
+                # the scores train their subset models on every core already (Ray): before the slices
+                stage(number, len(seeds), f"seed {seed}: held-out memorization scores", quiet)
                 seed_spec["forget"]["scores"] = memorization_scores(spec, seed, output_dir, tracking, quiet)
-            grid = run_grid(seed_spec, output_dir=output_dir, tracking=tracking, seeds=[seed], quiet=quiet,
-                            evaluator=evaluator, on_run=tag)
-            rows += run_rows(grid.rows, grid.evaluation)
+            slices += [Slice(seed_spec, seed, pre_opt, output_dir, tracking, tracker.run_id, quiet)
+                       for pre_opt in spec["pretrain_optimizers"]]
+        count = min(workers or _cpus(), len(slices))
+        stage(1, 1, f"{len(slices)} slices (seed x pretraining) of {len(variants)} arms x levels, "
+                    f"{count} worker{'s' if count > 1 else ''}", quiet)
+        rows = [row for part in run_slices(slices, count) for row in part]
         summary = summarize(rows)
         effects = paired_effects(rows, variants)
         lines = verdicts(effects)
@@ -344,11 +350,11 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
                  "effects": out / "effects.parquet"}
         columns = ["seed", "pretrain", "level", "method", "variant", "entry", "unlearn_opt", "run_id",
                    *METRICS, "retain_acc", "forget_acc", "mia_auc", "wall_seconds"]
-        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]), paths["runs"])
-        pq.write_table(pa.Table.from_pylist(summary), paths["summary"])
-        pq.write_table(pa.Table.from_pylist(effects), paths["effects"])
-        paths["report"] = out / "report.md"
-        paths["report"].write_text(markdown)
+        tables = {"runs": [{c: r.get(c) for c in columns} for r in rows], "summary": summary, "effects": effects}
+        for name, table_rows in tables.items():
+            with atomic_path(paths[name]) as tmp:
+                pq.write_table(pa.Table.from_pylist(table_rows), tmp)
+        paths["report"] = atomic_write(out / "report.md", markdown)
         for path in paths.values():
             tracker.log_artifact(path, "report")
         # the parent's ToW table and figure: one "method" per arm so the arms stay apart
@@ -358,6 +364,84 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
         log_grid_summary(tracker, shown, [{**{k: r[k] for k in keys}, **{m: r.get(m) for m in METRICS[1:3]}}
                                           for r in shown], "ablation")
     return {**{k: str(v) for k, v in paths.items()}, "verdicts": lines, "report_md": str(paths["report"])}
+
+
+def ablation_tracking(spec: dict[str, Any], tracking: dict | None) -> dict[str, Any]:
+    """The tracking section every stage gets: model logging (a few seconds per run, and no part of
+    what the ablation measures) is off unless the caller or ``base.tracking.log_models`` asks for it."""
+    tracking = dict(tracking or {})
+    tracking.setdefault("log_models", bool((spec["base"].get("tracking") or {}).get("log_models", False)))
+    return tracking
+
+
+# ----------------------------------------------------------------------------- parallel slices
+@dataclass(frozen=True)
+class Slice:
+    """One (seed, pretraining optimizer) share of the grid: its pretraining, references and every arm
+    at every level. Slices share no model, so they run in any order, in any process."""
+
+    spec: dict[str, Any] = field(hash=False)  # the seed's spec, its held-out scores already computed
+    seed: int
+    pretrain: str
+    output_dir: str
+    tracking: dict[str, Any] = field(hash=False)
+    parent_run_id: str | None  # the ablation's MLflow run: every stage of the slice nests under it
+    quiet: bool
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_slices(slices: Sequence[Slice], workers: int) -> list[list[dict[str, Any]]]:
+    """Each slice's rows, in the order of ``slices`` (the sequential run's order whatever finishes first).
+
+    One worker runs them here, in sequence; more run them in that many spawned processes (torch
+    and Ray do not survive a fork). Ctrl-C / SIGTERM stops the workers (their open MLflow runs end
+    KILLED, finished caches stay) and re-raises, so the command exits 130.
+    """
+    if workers <= 1:
+        return [run_slice(s) for s in slices]
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1)
+    try:
+        pending = [pool.apply_async(run_slice, (s,)) for s in slices]
+        results = [p.get() for p in pending]
+        pool.close()
+    except BaseException:
+        pool.terminate()  # SIGTERM to every worker: their tracked runs unwind and end KILLED
+        raise
+    finally:
+        pool.join()
+    return results
+
+
+def run_slice(piece: Slice) -> list[dict[str, Any]]:
+    """The rows of one slice, evaluated (MIA, ...) and tagged with their arms; one torch thread unless
+    ``base.threads`` says otherwise, in a worker and in sequence alike, so both give the same numbers."""
+    import torch
+
+    from sharp_unlearn.recipes.grid import model_evaluator, run_grid
+    from sharp_unlearn.tracking import children_of
+    from sharp_unlearn.validation import config_from_dict
+
+    spec = piece.spec
+    base_cfg = config_from_dict(merge(spec["base"], {"output_dir": piece.output_dir, "tracking": piece.tracking}))
+    evaluator = model_evaluator(spec.get("evaluate") or ["mia"], Path(piece.output_dir) / "evaluation")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(base_cfg.threads or 1)
+    try:
+        with children_of(piece.parent_run_id):
+            grid = run_grid({**spec, "pretrain_optimizers": [piece.pretrain]}, output_dir=piece.output_dir,
+                            tracking=piece.tracking, seeds=[piece.seed], quiet=piece.quiet, evaluator=evaluator,
+                            on_run=_variant_tagger(base_cfg.tracking))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return run_rows(grid.rows, grid.evaluation)
 
 
 def _variant_tagger(tracking):

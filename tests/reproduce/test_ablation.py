@@ -10,10 +10,13 @@ from bad_input.harness import assert_exit_2_one_line, run_cli, snapshot
 
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.reproduce.ablation import (
+    Slice,
     ablation_spec,
+    ablation_tracking,
     build_variants,
     paired_effects,
     run_rows,
+    run_slices,
     summarize,
     verdicts,
 )
@@ -165,6 +168,8 @@ def test_run_rows_pair_each_run_with_its_own_evaluation():
     (["ablation", "levels=[top]", "preset={preset}"], ["'top'", "high, mid, low"]),
     (["ablation", "methods.salun.mask_fraction=2", "preset={preset}"], ["mask_fraction=2"]),
     (["ablation", "preset=nowhere.yaml"], ["'nowhere.yaml'", "does not exist"]),
+    (["ablation", "--workers", "0"], ["--workers=0", "integer >= 1"]),
+    (["table", "--workers", "2"], ["--workers", "reproduce ablation"]),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     preset = tmp_path / "preset.yaml"
@@ -217,3 +222,37 @@ def test_tiny_ablation_end_to_end(tmp_path):
         e for e in per_seed * 2 if "@" in e)
     paper = [c for c in children if c.data.tags["ablation_variant"] == "sharp_minmax@paper_code"]
     assert all(c.data.params["method.update_order"] == "sequential" for c in paper)
+
+
+def test_model_logging_is_off_for_the_ablation_unless_asked():
+    spec = ablation_spec()
+    assert ablation_tracking(spec, {"uri": "sqlite:///x.db"}) == {"uri": "sqlite:///x.db", "log_models": False}
+    assert ablation_tracking(spec, {"log_models": True})["log_models"] is True
+    asked = ablation_spec(["base.tracking.log_models=true"])
+    assert ablation_tracking(asked, {})["log_models"] is True
+
+
+@pytest.mark.slow
+def test_parallel_slices_give_the_sequential_rows(tmp_path):
+    """Two (seed, SGD) slices of two arms in two spawned workers: the same rows, in the same order and
+    with the same numbers (MIA included), as the same slices run one after the other here."""
+    spec = ablation_spec(["base.train.epochs=4", "base.train.checkpoint_every=0", "levels=[high]",
+                          "forget.scores=flipped", "forget.size=30", "pretrain_optimizers=[sgd]",
+                          "base.model.options={width: 8, feature_dim: 32}", "methods.sharp_minmax.epochs=1"])
+    arms = build_variants(spec["methods"], PRESET)[:2]  # project Sharp MinMax and its mask order
+    spec["methods"] = {v.entry: v.overrides for v in arms}
+    tracking = ablation_tracking(spec, {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+
+    def rows(workers):
+        out = str(tmp_path / f"workers{workers}")
+        slices = [Slice(spec, seed, "sgd", out, tracking, None, True) for seed in (0, 1)]
+        # the run ids differ, and so do the timings (wall seconds, the speed-up over retraining)
+        return [[{k: v for k, v in r.items() if k not in ("run_id", "wall_seconds", "speedup_vs_retrain")}
+                 for r in part]
+                for part in run_slices(slices, workers)]
+
+    sequential, parallel = rows(1), rows(2)
+    assert [[(r["seed"], r["entry"]) for r in part] for part in sequential] == [
+        [(seed, e) for e in ("original", "retrain", *(v.entry for v in arms))] for seed in (0, 1)]
+    assert all(r["mia_efficacy"] == r["mia_efficacy"] for part in sequential for r in part)
+    assert parallel == sequential
