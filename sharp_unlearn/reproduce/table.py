@@ -20,13 +20,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sharp_unlearn.config import merge
+from sharp_unlearn.config import load_yaml, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.progress import stage
-from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
+from sharp_unlearn.ray_cluster import ray_session
+from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
+from sharp_unlearn.recipes.grid import load_spec, method_of, model_evaluator, run_grid, select_methods, write_long
+from sharp_unlearn.report import figure_png, html_table
 from sharp_unlearn.reproduce.memorization_scores import memorization_scores
 from sharp_unlearn.reproduce.paper_code import PRESET, paper_code_entry, unlearn_train
+from sharp_unlearn.results import write_results
 from sharp_unlearn.stats import is_significant, mean_ci95
+from sharp_unlearn.tracking import check_tracking
+from sharp_unlearn.tuning import parse_sweep, run_sweep
 from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_SPEC = "reproduce_digits"
@@ -159,8 +165,6 @@ def plot_summary(summary) -> dict[str, bytes]:
         import matplotlib.pyplot as plt
     except ImportError:
         return {}
-    from sharp_unlearn.report import figure_png
-
     figures = {}
     for level in dict.fromkeys(s["level"] for s in summary):
         cells = [s for s in summary if s["level"] == level and s["method"] not in ("original", "retrain")]
@@ -184,8 +188,6 @@ def plot_summary(summary) -> dict[str, bytes]:
 
 
 def render_html(markdown_text: str, summary, figures: dict[str, bytes], title: str) -> str:
-    from sharp_unlearn.report import html_table
-
     columns = ["level", "pretrain", "method", "unlearn_opt", "seeds"] + [
         c for m in SUMMARY_METRICS for c in (m, f"{m}_ci95")]
     images = "".join(f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,'
@@ -208,10 +210,6 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
     """The table; with ``sweep`` every method x optimizer cell (and the paper-code Sharp MinMax, from
     ``preset``) is tuned first with ``trials`` Ray Tune trials on the first seed, and every seed's grid
     runs each cell's best settings; ``epochs`` fixes every method's unlearning epochs."""
-    from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
-    from sharp_unlearn.results import write_results
-    from sharp_unlearn.tracking import check_tracking
-
     tracking = dict(tracking or {})
     spec_name = spec_path or (CIFAR_SPEC if root else DEFAULT_SPEC)
     extra = list(overrides)
@@ -226,8 +224,6 @@ def run_table(*, output_dir: str = "runs/reproduce-table", seeds: Sequence[int] 
                           "expected them together with --sweep")
     if sweep:
         trials = DEFAULT_TRIALS if trials is None else trials
-        from sharp_unlearn.recipes.grid import method_of, select_methods
-
         if methods:  # only the asked methods are tuned (select_methods checks their names)
             spec["methods"] = {e: o for e, o in select_methods(spec, methods).items() if method_of(e) in methods}
         spec = with_paper_code(spec, preset or PRESET)
@@ -314,8 +310,6 @@ DEFAULT_TRIALS = 6
 
 def with_paper_code(spec: dict[str, Any], preset_name: str) -> dict[str, Any]:
     """The spec plus the paper-code Sharp MinMax entry: the project's entry with the preset applied."""
-    from sharp_unlearn.config import load_yaml
-
     out = copy.deepcopy(spec)
     methods = dict(out.get("methods") or {})
     if "sharp_minmax" not in methods:
@@ -346,8 +340,6 @@ def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dic
     """
     import logging
 
-    from sharp_unlearn.ray_cluster import ray_session
-
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"--trials={num_samples!r} is not valid; expected an integer >= 1")
     # one Ray session for every cell's sweep (each sweep reuses it): starting Ray once per cell cost
@@ -358,9 +350,6 @@ def tune_methods(spec: dict[str, Any], seed: int, output_dir: str, tracking: dic
 
 def _tune_cells(spec: dict[str, Any], seed: int, output_dir: str, tracking: dict, quiet: bool,
                 num_samples: int) -> dict[str, dict[str, Any]]:
-    from sharp_unlearn.recipes.grid import method_of
-    from sharp_unlearn.tuning import parse_sweep, run_sweep
-
     level = (spec.get("levels") or [spec["forget"].get("level", "high")])[-1]
     per_cell: dict[str, dict[str, Any]] = {}
     for entry, over in (spec.get("methods") or {}).items():

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import sharp_unlearn.tuning as tune_module
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.reproduce.table import (
     PAPER_ENTRY,
@@ -46,14 +45,14 @@ def fake_sweeps(monkeypatch):
         seen[raw["name"]] = {"raw": raw, "rows": rows}
         return SimpleNamespace(rows=rows, best=max(rows, key=lambda r: r["tow"]))
 
-    monkeypatch.setattr(tune_module, "parse_sweep", parse_sweep)
-    monkeypatch.setattr(tune_module, "run_sweep", run_sweep)
-    monkeypatch.setattr("sharp_unlearn.ray_cluster.ray_session", lambda **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr("sharp_unlearn.reproduce.table.parse_sweep", parse_sweep)
+    monkeypatch.setattr("sharp_unlearn.reproduce.table.run_sweep", run_sweep)
+    monkeypatch.setattr("sharp_unlearn.reproduce.table.ray_session", lambda **kwargs: contextlib.nullcontext())
     return seen
 
 
 def test_every_cell_gets_the_same_budget_and_its_own_best(fake_sweeps, tmp_path, monkeypatch):
-    monkeypatch.setattr("sharp_unlearn.config.load_yaml", lambda name: PRESET)
+    monkeypatch.setattr("sharp_unlearn.reproduce.table.load_yaml", lambda name: PRESET)
     spec = fix_epochs(with_paper_code(_spec(), "preset"), 2)
     tuned = tune_methods(spec, seed=3, output_dir=str(tmp_path), tracking={"enabled": False}, quiet=True,
                          num_samples=4)
