@@ -14,6 +14,9 @@ class Demo(Command):
     help = "pretrain with SGD and SAM on digits, unlearn with every method, print the ToW table"
 
     def add_arguments(self, parser):
+        parser.add_argument("--task", choices=("images", "lm"), default="images",
+                            help="images: the digits grid (default); lm: language-model unlearning on "
+                                 "fictitious people (tiny GPT, forget quality / model utility table)")
         parser.add_argument("--spec", default=None, help="demo spec YAML (default: packaged demo_digits)")
         parser.add_argument("--output-dir", default="runs", help="where checkpoints and tables go")
         parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
@@ -25,6 +28,8 @@ class Demo(Command):
                             help="spec overrides, e.g. base.train.epochs=20 forget.size=40")
 
     def run(self, args):
+        if args.task == "lm":
+            return self.run_lm(args)
         from sharp_unlearn.recipes.demo import run_demo
 
         tracking = {"enabled": not args.no_tracking}
@@ -37,6 +42,24 @@ class Demo(Command):
         if not args.json:
             print_demo(result)
         return {"rows": result.rows, "results": str(result.results_path), "evaluation": result.evaluation}
+
+    def run_lm(self, args):
+        from sharp_unlearn.recipes.lm import DEFAULT_METHODS, TABLE_COLUMNS, run_lm_demo, settings_from_overrides
+        from sharp_unlearn.commands.console import print_rows
+
+        tracking = {"enabled": not args.no_tracking, **({"uri": args.tracking_uri} if args.tracking_uri else {})}
+        settings = settings_from_overrides(args.overrides)
+        methods = DEFAULT_METHODS
+        if args.methods:
+            methods = {m.strip(): DEFAULT_METHODS.get(m.strip(), {}) for m in args.methods.split(",") if m.strip()}
+        quiet = args.quiet or args.json
+        result = run_lm_demo(settings, methods=methods, output_dir=args.output_dir, tracking=tracking,
+                             log=(lambda *_: None) if quiet else print)
+        if not args.json:
+            print_rows("sharp-unlearn demo --task lm: unlearning fictitious people (retrain = the reference)",
+                       TABLE_COLUMNS, result.rows)
+            print(f"table:   {result.markdown_path}")
+        return {"rows": result.rows, "table": str(result.markdown_path)}
 
 
 def print_demo(result) -> None:
