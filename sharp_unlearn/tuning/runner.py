@@ -34,6 +34,7 @@ from sharp_unlearn.errors import ConfigError, handle_sigterm, note_termination, 
 from sharp_unlearn.files import atomic_path, atomic_write
 from sharp_unlearn.markdown import fmt_result, markdown_table
 from sharp_unlearn.ray_cluster import ray_session
+from sharp_unlearn.tuning.runs import mlflow_client, read_json, reopened_run, trial_tags
 from sharp_unlearn.tuning.sharded import exported
 from sharp_unlearn.tuning.spec import SweepSpec
 from sharp_unlearn.tuning.trainables import tune_trainable
@@ -350,10 +351,6 @@ def export_best(result_grid, best: dict[str, Any], directory: Path) -> Path | No
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4)
@@ -447,14 +444,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
             "experiment_dir": str(exp_dir) if exp_dir else f"{spec.storage}/{spec.name}",
             **{k: context.get(k) for k in ("pretrain_run_id", "reference_run_id", "split_hash", "forget_set",
                                            "pretrain_optimizer")}}
-    from sharp_unlearn.tuning.runs import trial_tags
-
     pre_base, un_base = spec.trial_configs({})
     tags.update(trial_tags(spec.stage, pre_base, un_base))
     parent_id = state.get("parent_run_id") if resume else None
     if parent_id and tracking:
-        from sharp_unlearn.tuning.runs import reopened_run
-
         parent_cm = reopened_run(uri, parent_id)
     else:
         parent_cm = open_run(base_cfg, kind="sweep", tags=tags, run_name=f"sweep-{spec.name}")
@@ -478,8 +471,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
             result_grid = fit_tuner(spec, inputs, resume=resume, quiet=quiet, parent_id=parent_id, uri=uri,
                                     experiment_id=getattr(parent, "experiment_id", None), context=context,
                                     map_file=meta / "mlflow_runs.json")
-        run_ids = _read_json(meta / "mlflow_runs.json")
-        rows = collect_rows(spec, result_grid, run_ids, _read_json(meta / "trial_status.json"))
+        run_ids = read_json(meta / "mlflow_runs.json")
+        rows = collect_rows(spec, result_grid, run_ids, read_json(meta / "trial_status.json"))
         interrupted = any(r["status"] not in ("TERMINATED", "ERROR") for r in rows) or \
             len(rows) < spec.total_trials
         best = None if interrupted else pick_best(spec, rows)
@@ -573,6 +566,4 @@ def _log_outcome(parent, spec: SweepSpec, rows, best, run_ids, results_path, mar
     parent.log_metrics({f"best_{k}": best[k] for k in TABLE_METRICS
                         if k in best and isinstance(best[k], (int, float))})
     if best.get("run_id"):
-        from sharp_unlearn.tuning.runs import mlflow_client
-
         mlflow_client(uri).set_tag(best["run_id"], "best_trial", "true")

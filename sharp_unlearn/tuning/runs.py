@@ -62,7 +62,8 @@ def trial_params(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
     return params
 
 
-def _read_json(path: str | None) -> dict[str, Any]:
+def read_json(path: str | Path | None) -> dict[str, Any]:
+    """A bookkeeping file of the sweep (run ids, trial status); empty when it is not there yet."""
     if path and Path(path).is_file():
         return json.loads(Path(path).read_text())
     return {}
@@ -119,13 +120,13 @@ class TrialRunsMixin:
     @property
     def runs(self) -> dict[str, str]:
         if self._runs is None:
-            self._runs = _read_json(self.map_file)
+            self._runs = read_json(self.map_file)
         return self._runs
 
     @property
     def status(self) -> dict[str, str]:
         if self._status is None:
-            self._status = _read_json(self.status_file)
+            self._status = read_json(self.status_file)
         return self._status
 
     def _set_status(self, trial_id: str, value: str | None) -> None:
