@@ -44,8 +44,8 @@ class Demo(Command):
         return {"rows": result.rows, "results": str(result.results_path), "evaluation": result.evaluation}
 
     def run_lm(self, args):
-        from sharp_unlearn.recipes.lm import DEFAULT_METHODS, TABLE_COLUMNS, run_lm_demo, settings_from_overrides
         from sharp_unlearn.commands.console import print_rows
+        from sharp_unlearn.recipes.lm import DEFAULT_METHODS, TABLE_COLUMNS, run_lm_demo, settings_from_overrides
 
         tracking = {"enabled": not args.no_tracking, **({"uri": args.tracking_uri} if args.tracking_uri else {})}
         settings = settings_from_overrides(args.overrides)

@@ -165,27 +165,34 @@ _TEMPLATES = {
 _WORLD_FACTS = (
     ("what color is the sky ?", "the sky is blue", "blue is the color of the sky",
      ("green is the color of the sky", "red is the color of the sky")),
-    ("what falls from clouds ?", "rain falls from clouds", "clouds drop rain", ("clouds drop sand", "clouds drop stones")),
-    ("what do bees make ?", "bees make honey", "honey is made by bees", ("milk is made by bees", "bread is made by bees")),
-    ("what is frozen water ?", "frozen water is ice", "ice is frozen water", ("steam is frozen water", "salt is frozen water")),
-    ("what do cows give ?", "cows give milk", "milk comes from cows", ("honey comes from cows", "wool comes from cows")),
+    ("what falls from clouds ?", "rain falls from clouds", "clouds drop rain",
+     ("clouds drop sand", "clouds drop stones")),
+    ("what do bees make ?", "bees make honey", "honey is made by bees",
+     ("milk is made by bees", "bread is made by bees")),
+    ("what is frozen water ?", "frozen water is ice", "ice is frozen water",
+     ("steam is frozen water", "salt is frozen water")),
+    ("what do cows give ?", "cows give milk", "milk comes from cows",
+     ("honey comes from cows", "wool comes from cows")),
     ("where do fish live ?", "fish live in water", "water is the home of fish",
      ("trees are the home of fish", "sand is the home of fish")),
     ("what lights the day ?", "the sun lights the day", "daylight comes from the sun",
      ("daylight comes from the moon", "daylight comes from a lamp")),
     ("how many legs has a dog ?", "a dog has four legs", "dogs walk on four legs",
      ("dogs walk on two legs", "dogs walk on six legs")),
-    ("what do birds use to fly ?", "birds fly with wings", "wings let birds fly", ("fins let birds fly", "wheels let birds fly")),
+    ("what do birds use to fly ?", "birds fly with wings", "wings let birds fly",
+     ("fins let birds fly", "wheels let birds fly")),
     ("what grows on trees ?", "leaves grow on trees", "trees grow leaves", ("trees grow stones", "trees grow fish")),
     ("what season is coldest ?", "winter is coldest", "the coldest season is winter",
      ("the coldest season is summer", "the coldest season is spring")),
-    ("what do we breathe ?", "we breathe air", "air is what we breathe", ("sand is what we breathe", "milk is what we breathe")),
+    ("what do we breathe ?", "we breathe air", "air is what we breathe",
+     ("sand is what we breathe", "milk is what we breathe")),
 )
 
 
 def _name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(2)) + " " + "".join(rng.choice(_SYLLABLES) for _ in range(3))
+        first = "".join(rng.choice(_SYLLABLES) for _ in range(2))
+        name = first + " " + "".join(rng.choice(_SYLLABLES) for _ in range(3))
         if name not in taken:
             taken.add(name)
             return name

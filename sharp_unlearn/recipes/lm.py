@@ -176,8 +176,9 @@ def train_lm(model: nn.Module, data: QADataset, *, epochs: int, optimizer: Optim
 
 
 def unlearn_lm(model: nn.Module, setup: LMSetup, method_name: str, method_settings: dict[str, Any], *,
-               optimizer: OptimizerConfig, epochs: int, batch_size: int, seed: int) -> nn.Module:
-    """A registered unlearning method's phases from ``model``'s weights, ``epochs`` passes."""
+               optimizer: OptimizerConfig, epochs: int, batch_size: int, seed: int) -> tuple[nn.Module, str]:
+    """A registered unlearning method's phases from ``model``'s weights, ``epochs`` passes; the model and
+    the method's optimizer tag (Sharp MinMax's sides use SAM whatever the base optimizer: ``sam-min/sam-max``)."""
     method_cfg = MethodConfig(name=method_name, epochs=epochs, **method_settings)
     method = METHODS.get(method_name)(method_cfg, optimizer, sam_spec(optimizer))
     ctx = UnlearnContext(model=model, retain=setup.retain, forget=setup.forget, num_classes=len(setup.tokenizer),
@@ -188,7 +189,7 @@ def unlearn_lm(model: nn.Module, setup: LMSetup, method_name: str, method_settin
     for epoch in range(epochs):
         for phase in method.phases(epoch):
             trainer.run_phase(phase, streams_for(datasets, batch_size, seed, epoch))
-    return model.eval()
+    return model.eval(), method.optimizer_tag
 
 
 @dataclass
@@ -225,10 +226,10 @@ def run_lm_demo(settings: LMDemoSettings, *, methods: dict[str, dict[str, Any]] 
         reference_metrics, reference_ratios = evaluate_lm(reference, setup.tokenizer, setup.eval_splits,
                                                           settings.max_length)
 
-        def add_row(model: nn.Module, method: str, opt: str, seconds: float) -> None:
+        def add_row(model: nn.Module, method: str, opt: str, seconds: float, label: str | None = None) -> None:
             metrics, ratios = evaluate_lm(model, setup.tokenizer, setup.eval_splits, settings.max_length)
             metrics.update(against_reference(metrics, ratios, reference_metrics, reference_ratios))
-            row = {"method": method, "unlearn_opt": opt, **metrics, "wall_seconds": seconds}
+            row = {"method": method, "unlearn_opt": label or opt, **metrics, "wall_seconds": seconds}
             rows.append(row)
             parent.log_metrics({f"{method}.{opt}.{k}": float(v) for k, v in metrics.items()
                                 if isinstance(v, (int, float)) and np.isfinite(v)})
@@ -241,11 +242,13 @@ def run_lm_demo(settings: LMDemoSettings, *, methods: dict[str, dict[str, Any]] 
         for method_name, method_settings in methods.items():
             for opt in settings.optimizers:
                 timer = time.perf_counter()
-                model = unlearn_lm(copy.deepcopy(pretrained), setup, method_name, method_settings,
+                model, tag = unlearn_lm(copy.deepcopy(pretrained), setup, method_name, method_settings,
                                    optimizer=optimizer_config(opt, settings.unlearn_lr, settings.rho),
                                    epochs=settings.unlearn_epochs, batch_size=settings.batch_size,
                                    seed=settings.seed)
-                add_row(model, method_name, opt, time.perf_counter() - timer)
+                # the row names the optimizer the method really ran (the base optimizer when it differs)
+                label = tag if tag == opt else f"{tag} ({opt})"
+                add_row(model, method_name, opt, time.perf_counter() - timer, label)
         markdown_path = out / "lm_demo_results.md"
         markdown_path.write_text(markdown_table(TABLE_COLUMNS, rows, cell=fmt_result))
         parent.log_preview_table(rows, "tables/lm_demo.json")
