@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sharp_unlearn.errors import ConfigError, MissingExtra
+from sharp_unlearn.tracking import _plain, _retry_locked, client_for, resolve_uri, sqlite_path
 
 MODEL_NAME = "model"
 #: where the project's checkpoint sits inside a logged model (mlflow's ``extra_files`` folder)
@@ -139,8 +140,6 @@ def register_model(run_id: str, name: str, tracking_uri: str | None = None,
     The version carries the run's lineage tags (pretrain_run_id, reference_run_id,
     forget_set, method, ...) and ``run_id``.
     """
-    from sharp_unlearn.tracking import _retry_locked, resolve_uri
-
     check_model_name(name)
     uri = resolve_uri(tracking_uri)
     client = _client(uri)
@@ -168,8 +167,6 @@ def _client(tracking_uri: str | None):
     process-wide URI, or ``./mlflow.db``: a registration would land in another database)."""
     from mlflow.tracking import MlflowClient
 
-    from sharp_unlearn.tracking import client_for, resolve_uri
-
     uri = resolve_uri(tracking_uri)
     client_for(uri)  # the store exists (and is migrated once, under its lock) before MLflow opens it
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -193,8 +190,6 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None) 
     text = str(ref)
     if not is_model_uri(text):
         return Path(ref)
-    from sharp_unlearn.tracking import client_for, resolve_uri, sqlite_path
-
     uri = resolve_uri(tracking_uri)
     hint = ("expected runs:/<run id>/model or models:/<name>/<version> of a model sharp-unlearn logged "
             f"in the tracking store {uri!r} (set --tracking-uri / MLFLOW_TRACKING_URI to the store that has it)")
@@ -221,9 +216,3 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None) 
         raise ConfigError(f"checkpoint {text!r} is an MLflow model without a sharp-unlearn checkpoint "
                           f"({'/'.join(CHECKPOINT_IN_MODEL)} missing); {hint}")
     return checkpoint
-
-
-def _plain(value: Any) -> Any:
-    from sharp_unlearn.tracking import _plain as plain
-
-    return plain(value)
