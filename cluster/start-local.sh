@@ -6,7 +6,9 @@
 #   sharp-unlearn sweep tuning/smoke.yaml --address 127.0.0.1:6379
 #
 # `--block` keeps the head in the foreground so stopping it stops exactly this Ray instance
-# (`ray stop` would stop every Ray instance of this user on the machine).
+# (`ray stop` would stop every Ray instance of this user on the machine). The dashboard (loopback
+# only) serves Ray's state API, which Ray Train needs to release the placement group of a sharded
+# sweep trial that the scheduler stopped.
 set -euo pipefail
 NUM_CPUS="${1:-$(nproc)}"
 PORT="${2:-6379}"
@@ -15,5 +17,5 @@ echo "starting a Ray head on 127.0.0.1:$PORT with $NUM_CPUS CPUs (temp dir $TMP_
 echo "sweeps: sharp-unlearn sweep tuning/smoke.yaml --address 127.0.0.1:$PORT"
 exec ray start --head --block \
     --node-ip-address 127.0.0.1 --port "$PORT" \
-    --num-cpus "$NUM_CPUS" --include-dashboard false \
+    --num-cpus "$NUM_CPUS" --include-dashboard true --dashboard-host 127.0.0.1 \
     --temp-dir "$TMP_DIR"

@@ -88,15 +88,20 @@ def _refresh_ray_config() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(*, address: str | None = None, num_cpus: float | None = None, **init_kwargs: Any) -> Iterator[Any]:
+def ray_session(*, address: str | None = None, num_cpus: float | None = None, state_api: bool = False,
+                **init_kwargs: Any) -> Iterator[Any]:
     """Yield the ``ray`` module with a session open for the block.
 
     - Ray already initialized (a notebook, a Ray Tune trial, a caller's session): reuse it and
       never shut it down.
     - Else join ``address``, else ``$RAY_ADDRESS``; a loopback address works against a head started
       by ``cluster/start-local.sh`` (see :func:`_loopback_connect_settings`).
-    - Else start a private local Ray with ``num_cpus`` (default: this machine's CPUs) and no
-      dashboard; never an instance someone else started on this machine.
+    - Else start a private local Ray with ``num_cpus`` (default: this machine's CPUs); never an
+      instance someone else started on this machine. Its dashboard (on 127.0.0.1 only) runs when
+      ``state_api`` is set: Ray Train's placement-group cleaner asks the state API, served by the
+      dashboard, whether a run's controller is still alive; without it the workers' placement group
+      of a Train run whose trial was stopped (ASHA) is never released, and the next sharded trial
+      waits for its CPUs forever. Commands that run no Ray Train job leave it off (start-up time).
 
     ``init_kwargs`` go to ``ray.init`` (those only meaningful for a new instance, like
     ``object_store_memory``, are dropped when joining). Inside the block SIGTERM unwinds like
@@ -114,8 +119,9 @@ def ray_session(*, address: str | None = None, num_cpus: float | None = None, **
             joining = {k: v for k, v in init_kwargs.items() if k not in _NEW_INSTANCE_ONLY}
             init_ray(ray, address=address, **joining)
         else:
-            init_ray(ray, address="local", num_cpus=num_cpus or os.cpu_count() or 1,
-                     **{"include_dashboard": False, **init_kwargs})
+            dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if state_api \
+                else {"include_dashboard": False}
+            init_ray(ray, address="local", num_cpus=num_cpus or os.cpu_count() or 1, **{**dashboard, **init_kwargs})
         with handle_sigterm():
             yield ray
     finally:

@@ -67,6 +67,18 @@ def test_local_instance_is_private_and_shut_down(fake_ray):
     assert shutdown[0] == "shutdown"
 
 
+def test_state_api_starts_the_dashboard_on_loopback_only_for_a_new_instance(fake_ray):
+    # Ray Train releases a stopped run's placement group through the state API the dashboard serves
+    with ray_session(num_cpus=2, state_api=True):
+        pass
+    (_, kwargs), _ = fake_ray.calls
+    assert kwargs["include_dashboard"] is True and kwargs["dashboard_host"] == "127.0.0.1"
+    with ray_session(address="10.0.0.1:6379", state_api=True):  # a joined cluster's dashboard is its own
+        pass
+    (_, joined), _ = fake_ray.calls[2:]
+    assert "include_dashboard" not in joined and "dashboard_host" not in joined
+
+
 def test_address_argument_wins_over_ray_address_and_drops_new_instance_settings(fake_ray, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:1")
     with ray_session(address="10.0.0.1:6379", num_cpus=4, object_store_memory=2**28, log_to_driver=False):

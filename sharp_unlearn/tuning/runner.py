@@ -464,8 +464,9 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
         atomic_write(state_file, json.dumps(state, indent=1))
         if not resume:
             parent.log_text(yaml.safe_dump(spec.raw, sort_keys=False), "sweep.yaml")
-        # trial output stays in each trial's log (Ray prints the path of a failed trial's error file)
-        with ray_session(address=address, num_cpus=num_cpus, log_to_driver=False,
+        # trial output stays in each trial's log (Ray prints the path of a failed trial's error file);
+        # sharded trials are Ray Train runs, whose placement groups are released through the state API
+        with ray_session(address=address, num_cpus=num_cpus, state_api=spec.sharded is not None, log_to_driver=False,
                          logging_level=logging.WARNING if quiet else logging.INFO):
             _check_fit(spec)
             result_grid = fit_tuner(spec, inputs, resume=resume, quiet=quiet, parent_id=parent_id, uri=uri,
