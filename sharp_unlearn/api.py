@@ -200,8 +200,9 @@ def evaluate(checkpoint: Any, metrics: str | Sequence[str] = "auto", *, out_dir:
     ``options`` are the evaluation knobs of ``--eval-option`` (``{"sharpness_samples": 256}``);
     ``settings`` override the checkpoint's config (a forget set for a pretrained model).
     """
-    from sharp_unlearn.evaluation import evaluate_checkpoint, parse_metrics
+    from sharp_unlearn.evaluation import parse_metrics
     from sharp_unlearn.metrics import EvalOptions
+    from sharp_unlearn.recipes.evaluate import evaluate_checkpoint
 
     names = parse_metrics(metrics)
     eval_options = EvalOptions.from_pairs([f"{k}={v}" for k, v in (options or {}).items()])

@@ -11,8 +11,9 @@ import torch
 from sharp_unlearn.cli import main
 from sharp_unlearn.config import load_config
 from sharp_unlearn.errors import ConfigError
-from sharp_unlearn.evaluation import evaluate_checkpoint, parse_metrics, run_metrics
+from sharp_unlearn.evaluation import parse_metrics, run_metrics
 from sharp_unlearn.metrics import EvalContext, EvalOptions
+from sharp_unlearn.recipes.evaluate import evaluate_checkpoint
 from sharp_unlearn.results import SCHEMA
 
 FAST = ["--eval-option", "sharpness_samples=64", "--eval-option", "hessian_iters=5",
@@ -67,7 +68,7 @@ def test_eval_options_reject_bad_values():
 
 # ------------------------------------------------------------------ shared predictions
 def test_predictions_are_extracted_once_per_split_and_shared(trained):
-    from sharp_unlearn.evaluation import prepare_target
+    from sharp_unlearn.recipes.evaluate import prepare_target
 
     target = prepare_target(trained["unlearn"])
     ctx = EvalContext(target.model, target.splits, reference=target.reference,
@@ -207,7 +208,7 @@ def test_a_checkpoint_for_another_number_of_classes_is_refused(trained, tmp_path
 
 
 def test_forget_positions_agree_with_the_unlearning_split(trained):
-    from sharp_unlearn.evaluation import prepare_target
+    from sharp_unlearn.recipes.evaluate import prepare_target
 
     target = prepare_target(trained["unlearn"])
     split = trained["outcome"].split

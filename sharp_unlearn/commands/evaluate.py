@@ -29,8 +29,9 @@ class Evaluate(Command):
         add_config_arguments(parser)
 
     def run(self, args):
-        from sharp_unlearn.evaluation import evaluate_checkpoint, parse_metrics
+        from sharp_unlearn.evaluation import parse_metrics
         from sharp_unlearn.metrics import EvalOptions
+        from sharp_unlearn.recipes.evaluate import evaluate_checkpoint
 
         checkpoint = _checkpoint(args)
         names = parse_metrics(args.metrics)  # unknown names: exit 2 before any loading

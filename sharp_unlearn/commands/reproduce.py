@@ -50,7 +50,8 @@ class Reproduce(Command):
             args.overrides = [*args.overrides, "base.deterministic=true"]
         out = args.output_dir or f"runs/reproduce-{args.target}"
         if args.workers is not None and args.target != "ablation":
-            raise ConfigError(f"--workers is not valid with reproduce {args.target}; expected it with reproduce ablation")
+            raise ConfigError(f"--workers is not valid with reproduce {args.target}; "
+                              "expected it with reproduce ablation")
         check_output_dir(out)
         if args.target == "theory":
             return _theory(args, seeds, tracking, out)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sharp_unlearn.validation import load_config  # names are checked where the registries are
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.models import build_model
 from sharp_unlearn.models.external import ExternalModel, import_state_dict
+from sharp_unlearn.validation import load_config  # names are checked where the registries are
 
 DIGITS = (1, 8, 8)
 
