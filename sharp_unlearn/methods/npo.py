@@ -22,9 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharp_unlearn.config import check_range
-from sharp_unlearn.engine.objective import Batch, Objective, Phase
-from sharp_unlearn.losses import cross_entropy, sequence_log_likelihood
-from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod, scaled
+from sharp_unlearn.engine.objective import Batch
+from sharp_unlearn.losses import sequence_log_likelihood
+from sharp_unlearn.methods.base import METHODS, UnlearnContext
+from sharp_unlearn.methods.neggrad import NegGradPlus
 
 
 @dataclass
@@ -51,7 +52,10 @@ def npo_loss(logp: torch.Tensor, logp_reference: torch.Tensor, beta: float) -> t
 
 
 @METHODS.register("npo")
-class Npo(UnlearningMethod):
+class Npo(NegGradPlus):
+    """NegGrad+'s two objectives with NPO's bounded loss on the forget side."""
+
+    phase_name = "npo"
     params_class = NpoParams
     params: NpoParams
     reference: nn.Module | None = None
@@ -69,12 +73,3 @@ class Npo(UnlearningMethod):
         with torch.no_grad():
             logp_reference = example_log_likelihood(self.reference(batch.x), batch.y)
         return npo_loss(example_log_likelihood(model(batch.x), batch.y), logp_reference, self.params.beta)
-
-    def phases(self, epoch: int) -> list[Phase]:
-        alpha = self.cfg.alpha
-        objectives = []
-        if alpha > 0:
-            objectives.append(Objective("retain", "retain", scaled(cross_entropy, alpha), sam=self.sam))
-        if alpha < 1:
-            objectives.append(Objective("forget", "forget", scaled(self.forget_loss, 1.0 - alpha), sam=self.sam))
-        return [Phase("npo", objectives, driver="forget" if alpha == 0 else "retain")]
