@@ -25,6 +25,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.tracking import check_experiment_name, check_uri
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "sam", "asam")
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -367,8 +368,6 @@ class TrackingConfig:
     log_models: bool = True
 
     def __post_init__(self) -> None:
-        from sharp_unlearn.tracking import check_experiment_name, check_uri  # stdlib-only module: cheap
-
         check_range("tracking.max_artifact_mb", self.max_artifact_mb, 0.0)
         if self.uri:
             check_uri(self.uri)

@@ -35,7 +35,9 @@ from typing import Any
 
 from sharp_unlearn.errors import ConfigError, require
 from sharp_unlearn.markdown import fmt, markdown_table
+from sharp_unlearn.results import rows_from_metrics, write_results
 from sharp_unlearn.stats import mean_ci95
+from sharp_unlearn.tracking import lineage
 
 #: identity columns, from run info and the contract tags (the README's "Names users query")
 ID_COLUMNS = ("run_id", "run_name", "status", "kind", "method", "optimizer", "pretrain_optimizer", "dataset", "model",
@@ -130,8 +132,6 @@ def select_runs(client, *, experiments: Sequence[str] = (), filter_string: str |
 
 
 def _add_lineage(client, runs: list) -> list:
-    from sharp_unlearn.tracking import lineage
-
     seen = {r.info.run_id for r in runs}
     extra = []
     for run in runs:
@@ -373,8 +373,6 @@ def _arrow_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]):
 
 def long_rows(comparison: Comparison) -> list[dict[str, Any]]:
     """The long result format (one row per run x metric), as ``sharp_unlearn.results`` writes it."""
-    from sharp_unlearn.results import rows_from_metrics
-
     out = []
     for row in comparison.rows:
         seed = row.get("seed")
@@ -920,8 +918,6 @@ def write_report(comparison: Comparison, out_dir: str | os.PathLike, *, title: s
     """Write the table (Markdown, CSV, Parquet), the summary, the long results, PNGs and the HTML report."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
-
-    from sharp_unlearn.results import write_results
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset
 
+from sharp_unlearn.config import build_section, parse_override
+from sharp_unlearn.engine.loop import as_batch, make_loader, predict
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.registry import Registry
 
@@ -85,8 +87,6 @@ class EvalOptions:
     @classmethod
     def from_pairs(cls, pairs: Sequence[str]) -> EvalOptions:
         """Build from ``key=value`` strings, with typed coercion and unknown-key errors."""
-        from sharp_unlearn.config import build_section, parse_override
-
         values: dict[str, Any] = {}
         for text in pairs:
             keys, value = parse_override(text)
@@ -223,8 +223,6 @@ class EvalContext:
 
     # -- shared predictions -----------------------------------------------
     def _predict(self, model: nn.Module, split: str) -> SplitOutputs:
-        from sharp_unlearn.engine.loop import predict
-
         out = predict(model, self.dataset(split), self.batch_size, self.device, with_features=True)
         features = out.get("features")
         if features is not None and features.numel() == 0 and len(out["labels"]):
@@ -261,8 +259,6 @@ class EvalContext:
 
     def batches(self, split: str, cap: int, purpose: str) -> list:
         """A seeded sub-sample of ``split`` as a list of device batches (for repeated passes)."""
-        from sharp_unlearn.engine.loop import as_batch, make_loader
-
         positions = self.sample(split, cap, purpose)
         subset = Subset(self.dataset(split), positions.tolist())
         loader = make_loader(subset, self.batch_size, shuffle=False)

@@ -17,6 +17,7 @@ from typing import Any
 from sharp_unlearn.config import merge
 from sharp_unlearn.markdown import fmt_result, markdown_table
 from sharp_unlearn.recipes.grid import load_spec, model_evaluator, run_grid, write_long
+from sharp_unlearn.tracking import children_of, tracked_run
 from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_SPEC = "demo_digits"
@@ -74,8 +75,6 @@ def parent_run(spec: dict[str, Any], output_dir: str, tracking: dict[str, Any] |
     Yields its tracker (a NullTracker when tracking is off); the grid spec is its ``config.yaml``.
     """
     import yaml
-
-    from sharp_unlearn.tracking import children_of, tracked_run
 
     cfg = config_from_dict(merge(spec["base"], {"output_dir": output_dir, "tracking": dict(tracking or {})}))
     tags = {"dataset": cfg.data.name, "model": cfg.model.name, "seed": cfg.seed}
