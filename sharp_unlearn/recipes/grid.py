@@ -29,9 +29,16 @@ from typing import Any
 
 from sharp_unlearn.config import apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.evaluation import parse_metrics, run_metrics
 from sharp_unlearn.files import atomic_path
 from sharp_unlearn.methods import METHODS
+from sharp_unlearn.metrics import EvalContext, EvalOptions
 from sharp_unlearn.progress import stage
+from sharp_unlearn.recipes.pretrain import train_from_scratch
+from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
+from sharp_unlearn.results import SCHEMA, read_results
+from sharp_unlearn.stage_checkpoints import load_trained_model
+from sharp_unlearn.tracking import check_tracking, client_for
 from sharp_unlearn.validation import config_from_dict
 
 REQUIRED = ("base", "forget", "pretrain_optimizers", "unlearn_optimizers")
@@ -77,12 +84,6 @@ def run_grid(spec: dict[str, Any], *, output_dir: str, tracking: dict[str, Any] 
              evaluator: Callable[..., dict[str, float]] | None = None,
              on_run: Callable[[dict[str, Any]], None] | None = None) -> GridResult:
     """Run the grid; ``evaluator(model, pretrained, split, reference_checkpoint)`` adds metrics per run."""
-    from sharp_unlearn.recipes.pretrain import train_from_scratch
-    from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
-    from sharp_unlearn.results import read_results
-    from sharp_unlearn.stage_checkpoints import load_trained_model
-    from sharp_unlearn.tracking import check_tracking
-
     tracking = dict(tracking or {})
     wanted = select_methods(spec, methods)
     base_tree = merge(spec["base"], {"output_dir": output_dir, "tracking": tracking})
@@ -165,10 +166,6 @@ def model_evaluator(metric_names: Sequence[str], out_dir: Path, seed: int = 0):
     import numpy as np
     from torch.utils.data import Subset
 
-    from sharp_unlearn.evaluation import parse_metrics, run_metrics
-    from sharp_unlearn.metrics import EvalContext, EvalOptions
-    from sharp_unlearn.stage_checkpoints import load_trained_model
-
     names = parse_metrics(list(metric_names))
     references: dict[str, Any] = {}
 
@@ -195,8 +192,6 @@ def _log_to_run(cfg, run_id: str | None, metrics: dict[str, float]) -> None:
 
     from mlflow.entities import Metric
 
-    from sharp_unlearn.tracking import client_for
-
     now = int(time.time() * 1000)
     values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
               if isinstance(v, (int, float)) and v == v]
@@ -207,8 +202,6 @@ def write_long(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Long-format table with the grid's extra columns (seed is already in the schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from sharp_unlearn.results import SCHEMA
 
     schema = SCHEMA.append(pa.field("pretrain_optimizer", pa.string())).append(pa.field("level", pa.string()))
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)

@@ -36,6 +36,8 @@ from sharp_unlearn.config import apply_overrides, load_yaml, merge
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.files import atomic_path, atomic_write
 from sharp_unlearn.progress import stage
+from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
+from sharp_unlearn.recipes.grid import method_of, model_evaluator, run_grid
 from sharp_unlearn.reproduce.memorization_scores import memorization_scores
 from sharp_unlearn.reproduce.paper_code import (
     PRESET,
@@ -46,6 +48,8 @@ from sharp_unlearn.reproduce.paper_code import (
     with_optimizer,
 )
 from sharp_unlearn.stats import is_significant, mean_ci95
+from sharp_unlearn.tracking import check_tracking, children_of, client_for
+from sharp_unlearn.validation import config_from_dict
 
 #: the grid spec whose base (data, model, pretraining recipe) and method settings the ablation keeps
 DEMO_SPEC = "demo_digits"
@@ -128,9 +132,6 @@ def build_variants(methods: dict[str, Any], preset: dict[str, Any], source: str 
 
 def check_arms(spec: dict[str, Any], output_dir: str, tracking: dict[str, Any]) -> None:
     """Build every arm's unlearning config at every level now: a bad value fails before any training."""
-    from sharp_unlearn.recipes.grid import method_of
-    from sharp_unlearn.validation import config_from_dict
-
     for level in spec.get("levels") or [spec["forget"].get("level", "high")]:
         for entry, over in spec["methods"].items():
             over = dict(over or {})
@@ -310,10 +311,6 @@ def run_ablation(*, output_dir: str = "runs/reproduce-ablation", seeds: Sequence
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sharp_unlearn.recipes.demo import log_grid_summary, parent_run
-    from sharp_unlearn.tracking import check_tracking
-    from sharp_unlearn.validation import config_from_dict
-
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers={workers!r} is not valid; expected an integer >= 1")
     spec = ablation_spec(overrides, spec_path)
@@ -425,10 +422,6 @@ def run_slice(piece: Slice) -> list[dict[str, Any]]:
     ``base.threads`` says otherwise, in a worker and in sequence alike, so both give the same numbers."""
     import torch
 
-    from sharp_unlearn.recipes.grid import model_evaluator, run_grid
-    from sharp_unlearn.tracking import children_of
-    from sharp_unlearn.validation import config_from_dict
-
     spec = piece.spec
     base_cfg = config_from_dict(merge(spec["base"], {"output_dir": piece.output_dir, "tracking": piece.tracking}))
     evaluator = model_evaluator(spec.get("evaluate") or ["mia"], Path(piece.output_dir) / "evaluation")
@@ -449,7 +442,6 @@ def _variant_tagger(tracking):
     def tag(row: dict[str, Any]) -> None:
         if not tracking.enabled or not row.get("run_id") or not row.get("entry"):
             return
-        from sharp_unlearn.tracking import client_for
 
         client_for(tracking.uri).set_tag(row["run_id"], "ablation_variant", row["entry"])
 

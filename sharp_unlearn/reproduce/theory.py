@@ -43,10 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sharp_unlearn.config import merge
+from sharp_unlearn.config import ForgetConfig, merge
 from sharp_unlearn.data import build_dataset
-from sharp_unlearn.data.forget import ForgetSplit
+from sharp_unlearn.data.forget import ForgetSplit, select_forget_set
 from sharp_unlearn.progress import stage
+from sharp_unlearn.recipes.pretrain import train_from_scratch
+from sharp_unlearn.recipes.unlearn import load_pretrained, run_unlearning, unlearn_config
+from sharp_unlearn.stage_checkpoints import load_trained_model
+from sharp_unlearn.tracking import check_tracking, open_run
 from sharp_unlearn.validation import config_from_dict
 
 DEFAULT_BASE: dict[str, Any] = {
@@ -102,17 +106,11 @@ def _measure(model, bundle, positions: np.ndarray) -> dict[str, float]:
 
 
 def _random_split(bundle, fraction: float, seed: int) -> ForgetSplit:
-    from sharp_unlearn.config import ForgetConfig
-    from sharp_unlearn.data.forget import select_forget_set
-
     return select_forget_set(ForgetConfig(kind="random", fraction=fraction), bundle, seed)
 
 
 def _pretrain(spec: TheorySpec, seed: int, opt: str, signal_norm: float, out: Path, tracking: dict, quiet: bool):
     """Train the two-layer CNN from scratch on signal_noise at this ``||mu||``; returns (Pretrained, result)."""
-    from sharp_unlearn.recipes.pretrain import train_from_scratch
-    from sharp_unlearn.recipes.unlearn import load_pretrained
-
     # the data options are merged by hand: config.merge replaces an ``options`` dict as a whole
     options = {**spec.base.get("data", {}).get("options", {}), "signal_norm": float(signal_norm)}
     tree = merge(spec.base, {"seed": seed, "output_dir": str(out), "tracking": tracking,
@@ -126,9 +124,6 @@ def _pretrain(spec: TheorySpec, seed: int, opt: str, signal_norm: float, out: Pa
 def _unlearn(spec: TheorySpec, pretrained, pre, split: ForgetSplit, opt: str, alpha: float, lr: float, out: Path,
              tracking: dict, quiet: bool):
     """NegGrad+ at this alpha and learning rate for ``spec.unlearn_epochs``; returns (outcome, unlearned model)."""
-    from sharp_unlearn.recipes.unlearn import run_unlearning, unlearn_config
-    from sharp_unlearn.stage_checkpoints import load_trained_model
-
     utree = merge(unlearn_config(pretrained), {
         "tracking": tracking, "output_dir": str(out),
         "optimizer": {"name": opt, "lr": float(lr)},
@@ -143,8 +138,6 @@ def _unlearn(spec: TheorySpec, pretrained, pre, split: ForgetSplit, opt: str, al
 def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory", tracking: dict | None = None,
                quiet: bool = True) -> dict[str, Any]:
     """Run the sweep; returns rows, verdicts and the paths of the table and figure."""
-    from sharp_unlearn.tracking import check_tracking
-
     spec = spec or TheorySpec()
     out = Path(output_dir)
     tracking = {"enabled": False} if tracking is None else tracking
@@ -207,8 +200,6 @@ def run_theory(spec: TheorySpec | None = None, *, output_dir: str = "runs/theory
 
 def _log_summary(spec: TheorySpec, tracking: dict, out: Path, verdicts, artifacts) -> None:
     """One ``kind=reproduce`` run holding the verdicts (as tags and 0/1 metrics) and the report."""
-    from sharp_unlearn.tracking import open_run
-
     cfg = config_from_dict(merge(spec.base, {"output_dir": str(out), "tracking": tracking}))
     with open_run(cfg, kind="reproduce", tags={"reproduce": "theory"}, run_name="reproduce-theory") as tracker:
         tracker.log_metrics({f"prediction_{i + 1}_held": float(v["held"]) for i, v in enumerate(verdicts)})
