@@ -30,13 +30,22 @@ from typing import Any
 import yaml
 
 from sharp_unlearn.config import config_from_dict, stable_hash
+from sharp_unlearn.engine.runner import resolve_device
 from sharp_unlearn.errors import ConfigError, handle_sigterm, note_termination, require
 from sharp_unlearn.files import atomic_path, atomic_write
 from sharp_unlearn.markdown import fmt_result, markdown_table
+from sharp_unlearn.metrics.accuracy import split_accuracies
+from sharp_unlearn.metrics.tow import tow
+from sharp_unlearn.model_store import resolve_checkpoint
 from sharp_unlearn.ray_cluster import ray_session
+from sharp_unlearn.recipes.memorization import select_forget_set
+from sharp_unlearn.recipes.pretrain import train_from_scratch
+from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
+from sharp_unlearn.results import rows_from_metrics, write_results
+from sharp_unlearn.tracking import open_run, preflight
 from sharp_unlearn.tuning.runs import mlflow_client, read_json, reopened_run, trial_tags
 from sharp_unlearn.tuning.sharded import exported
-from sharp_unlearn.tuning.spec import SweepSpec
+from sharp_unlearn.tuning.spec import SHARDED_DRIVER_CPU, SweepSpec
 from sharp_unlearn.tuning.trainables import tune_trainable
 from sharp_unlearn.tuning.trial_state import TrialInputs
 
@@ -117,16 +126,7 @@ def prepare_inputs(spec: SweepSpec, *, quiet: bool = False) -> tuple[TrialInputs
     if spec.stage != "unlearn":
         return inputs, context
 
-    from sharp_unlearn.engine.runner import resolve_device
-    from sharp_unlearn.metrics.accuracy import split_accuracies
-    from sharp_unlearn.metrics.tow import tow
-    from sharp_unlearn.recipes.memorization import select_forget_set
-    from sharp_unlearn.recipes.pretrain import train_from_scratch
-    from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
-
     if spec.checkpoint:  # a file, runs:/<id>/model or models:/<name>/<version>
-        from sharp_unlearn.model_store import resolve_checkpoint
-
         checkpoint = resolve_checkpoint(spec.checkpoint, config_from_dict(spec.unlearn_tree).tracking.uri)
     else:
         checkpoint = train_from_scratch(config_from_dict(spec.pretrain_tree), quiet=quiet).checkpoint
@@ -368,8 +368,6 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
                  best_checkpoint: Path | None = None):
     """``sweep_results.parquet`` (long format, the README's "Names users query"), ``sweep_results.md``,
     ``best_config.yaml`` (naming ``best_checkpoint`` when a sharded sweep exported one)."""
-    from sharp_unlearn.results import rows_from_metrics, write_results
-
     directory.mkdir(parents=True, exist_ok=True)
     cfg = config_from_dict(spec.searched_stage_tree)
     method = cfg.method.name if cfg.method is not None else "pretrain"
@@ -410,7 +408,6 @@ def write_tables(spec: SweepSpec, rows, baseline_rows, best, directory: Path, co
 def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = False, num_cpus: int | None = None,
               quiet: bool = False) -> SweepOutcome:
     require("ray.tune", "tune")
-    from sharp_unlearn.tracking import open_run, preflight
 
     exp_dir = experiment_dir(spec)
     meta = meta_dir(spec)
@@ -513,8 +510,6 @@ def fit_tuner(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool
     if spec.sharded is None:
         resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     else:  # the trial only drives its Train run; the workers get resources.* each, in their own placement group
-        from sharp_unlearn.tuning.spec import SHARDED_DRIVER_CPU
-
         resources = {"cpu": SHARDED_DRIVER_CPU}
         import ray
 
@@ -526,6 +521,7 @@ def fit_tuner(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool
             tuner = tune.Tuner.restore(str(path) if path else f"{spec.storage.rstrip('/')}/{spec.name}",
                                        trainable=trainable, resume_unfinished=True, resume_errored=True)
             return tuner.fit()
+        # lazy: tuning.callback subclasses ray.tune.Callback, so importing it imports ray
         from sharp_unlearn.tuning.callback import TrialRuns
 
         callbacks = [TrialRuns(status_file=str(map_file.with_name("trial_status.json")), uri=uri,

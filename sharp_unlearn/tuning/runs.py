@@ -20,8 +20,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sharp_unlearn.errors import termination_requested
 from sharp_unlearn.files import atomic_write
+from sharp_unlearn.methods import METHODS
+from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.tracking import MlflowTracker, client_for, standard_tags
 from sharp_unlearn.tuning.spec import resolve_trial_trees
+from sharp_unlearn.validation import config_from_dict
 
 #: result keys Ray adds itself, or that are bookkeeping rather than metrics
 _NOT_METRICS = {"epoch", "epochs_planned", "done", "trial_id", "experiment_id", "date", "hostname", "node_ip",
@@ -31,9 +36,7 @@ _NOT_METRICS = {"epoch", "epochs_planned", "done", "trial_id", "experiment_id", 
 
 
 def mlflow_client(uri: str):
-    from sharp_unlearn.tracking import client_for  # creates a fresh SQLite store once, under its lock
-
-    return client_for(uri)
+    return client_for(uri)  # creates a fresh SQLite store once, under its lock
 
 
 def trial_tags(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
@@ -42,9 +45,6 @@ def trial_tags(stage: str, pre_cfg, un_cfg) -> dict[str, Any]:
     tags: dict[str, Any] = {"dataset": cfg.data.name, "model": cfg.model.name, "seed": cfg.seed,
                             "optimizer": cfg.optimizer.tag}
     if un_cfg is not None:
-        from sharp_unlearn.methods import METHODS
-        from sharp_unlearn.optim.factory import sam_spec
-
         method = METHODS.get(un_cfg.method.name)(un_cfg.method, un_cfg.optimizer, sam_spec(un_cfg.optimizer))
         tags.update(method=un_cfg.method.name, optimizer=method.optimizer_tag, forget_set=un_cfg.forget.label)
         if pre_cfg is not None:
@@ -142,8 +142,6 @@ class TrialRunsMixin:
             self._set_status(trial.trial_id, None)
         if self.uri is None:
             return
-        from sharp_unlearn.tracking import MlflowTracker, standard_tags
-        from sharp_unlearn.validation import config_from_dict
 
         existing = self.runs.get(trial.trial_id)
         if existing:  # a retried or resumed trial continues its own run
@@ -169,7 +167,6 @@ class TrialRunsMixin:
         run_id = self.runs.get(trial.trial_id) if self.uri else None
         if run_id is None:
             return
-        from sharp_unlearn.tracking import MlflowTracker
 
         metrics = {k: v for k, v in result.items()
                    if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -180,7 +177,6 @@ class TrialRunsMixin:
         run_id = self.runs.get(trial.trial_id) if self.uri else None
         if run_id is None:
             return
-        from sharp_unlearn.tracking import MlflowTracker
 
         with contextlib.suppress(Exception):
             MlflowTracker(self.client, run_id, uri=self.uri).set_tags(tags)
@@ -223,8 +219,6 @@ def _short(value: Any) -> str:
 @contextlib.contextmanager
 def reopened_run(uri: str, run_id: str) -> Iterator[Any]:
     """Continue an existing run (a resumed sweep's parent): RUNNING again, ended like ``tracked_run``."""
-    from sharp_unlearn.tracking import MlflowTracker
-
     client = mlflow_client(uri)
     client.update_run(run_id, status="RUNNING")
     tracker = MlflowTracker(client, run_id, uri=uri, experiment_id=client.get_run(run_id).info.experiment_id)
@@ -233,8 +227,6 @@ def reopened_run(uri: str, run_id: str) -> Iterator[Any]:
         yield tracker
         status = "FINISHED"
     except BaseException as exc:
-        from sharp_unlearn.errors import termination_requested
-
         if isinstance(exc, KeyboardInterrupt) or termination_requested():  # Ray's SIGTERM handler: SystemExit
             status = "KILLED"
         raise

@@ -45,7 +45,21 @@ from pathlib import Path
 from typing import Any
 
 from sharp_unlearn.config import stable_hash
+from sharp_unlearn.data.forget import memorization_groups
+from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state
 from sharp_unlearn.files import atomic_write
+from sharp_unlearn.metrics.accuracy import split_accuracies
+from sharp_unlearn.metrics.tow import forget_gap, tow
+from sharp_unlearn.models import build_model
+from sharp_unlearn.recipes.distributed import (
+    OUTCOME_FILE,
+    build_torch_trainer,
+    distributed_config_hash,
+    make_spec,
+    make_unlearn_spec,
+)
+from sharp_unlearn.recipes.memorization import select_forget_set
+from sharp_unlearn.recipes.unlearn import Reference, load_pretrained
 from sharp_unlearn.tuning.trial_state import (
     EpochReporter,
     Ledger,
@@ -205,8 +219,6 @@ def run_train(spec: dict[str, Any], *, cpus_per_worker: float, name: str,
     from ray.train import FailureConfig, RunConfig
     from ray.util.queue import Empty, Queue
 
-    from sharp_unlearn.recipes.distributed import OUTCOME_FILE, build_torch_trainer
-
     out_dir = Path(spec["out_dir"])
     (out_dir / OUTCOME_FILE).unlink(missing_ok=True)  # only this run's outcome counts
     queue = Queue(actor_options={"num_cpus": 0})
@@ -252,8 +264,6 @@ def run_train(spec: dict[str, Any], *, cpus_per_worker: float, name: str,
 
 def _completed_export(path: Path, config_hash: str, split_hash: str | None = None) -> dict[str, Any] | None:
     """A finished export of the same run (sharded pretraining caches by hash, as single-device does)."""
-    from sharp_unlearn.engine.checkpoint import load_checkpoint
-
     if not path.is_file():
         return None
     state = load_checkpoint(path)
@@ -267,9 +277,6 @@ def _completed_export(path: Path, config_hash: str, split_hash: str | None = Non
 def _train_cached(cfg, *, kind: str, cpus_per_worker: float, name: str, train_indices=None,
                   split_hash: str | None = None, inputs: TrialInputs) -> tuple[Path, dict[str, Any]]:
     """Sharded pretraining (or a retrain reference) of ``cfg``, unless a finished export exists; (path, state)."""
-    from sharp_unlearn.engine.checkpoint import load_checkpoint
-    from sharp_unlearn.recipes.distributed import distributed_config_hash, make_spec
-
     spec = make_spec(cfg, kind=kind, train_indices=train_indices, split_hash=split_hash, quiet=True)
     out_dir = Path(spec["out_dir"])
     export = out_dir / "checkpoint.pt"
@@ -289,8 +296,6 @@ def _cpus(inputs: TrialInputs) -> float:
 
 def sharded_pretrain_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``pretrain``, sharded: into the shared pretraining cache (sharded layout), reporting every epoch."""
-    from sharp_unlearn.recipes.distributed import distributed_config_hash, make_spec
-
     cfg, _ = trial_configs(inputs, params)
     sharded_session = ShardedSession(session)
     ledger = Ledger(inputs.ledger_dir, session.trial_id)
@@ -316,12 +321,6 @@ def sharded_pretrain_trial(inputs: TrialInputs, params: dict[str, Any], session)
 
 def _measure(cfg, export: Path, pretrained, split, reference) -> dict[str, float]:
     """ToW of the consolidated export, on this process's CPU (the trial's own process holds no GPU)."""
-    from sharp_unlearn.data.forget import memorization_groups
-    from sharp_unlearn.engine.checkpoint import load_checkpoint, load_model_state
-    from sharp_unlearn.metrics.accuracy import split_accuracies
-    from sharp_unlearn.metrics.tow import forget_gap, tow
-    from sharp_unlearn.models import build_model
-
     bundle = pretrained.bundle
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
     load_model_state(model, load_checkpoint(export)["model"], f"sharded export {str(export)!r}")
@@ -342,8 +341,6 @@ def unlearn_run_dir(cfg, pretrained, split) -> Path:
 
 def _sharded_unlearn(cfg, pretrained, split, reference, original, inputs: TrialInputs,
                      session) -> dict[str, float]:
-    from sharp_unlearn.recipes.distributed import make_unlearn_spec
-
     sharded_session = ShardedSession(session)
     ledger = Ledger(inputs.ledger_dir, session.trial_id)
     base = unlearn_run_dir(cfg, pretrained, split)
@@ -384,8 +381,6 @@ def _sharded_unlearn(cfg, pretrained, split, reference, original, inputs: TrialI
 
 def sharded_unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``unlearn``, sharded: the driver's pretrained model, split and reference; the phases on N ranks."""
-    from sharp_unlearn.recipes.unlearn import Reference
-
     _, cfg = trial_configs(inputs, params)
     pretrained = shared_pretrained(inputs.pretrained_bytes)
     # the workers read the driver's own file (output_dir is shared by every node of a sharded sweep)
@@ -401,13 +396,6 @@ def sharded_unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) 
 
 def sharded_both_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``both``, sharded: pretrain, its reference (both cached by hash), then unlearn; unlearning reported."""
-    from sharp_unlearn.engine.checkpoint import load_model_state
-    from sharp_unlearn.metrics.accuracy import split_accuracies
-    from sharp_unlearn.metrics.tow import tow
-    from sharp_unlearn.models import build_model
-    from sharp_unlearn.recipes.memorization import select_forget_set
-    from sharp_unlearn.recipes.unlearn import Reference, load_pretrained
-
     pre_cfg, cfg = trial_configs(inputs, params)
     cpus = _cpus(inputs)
     export, _ = _train_cached(pre_cfg, kind="pretrain", cpus_per_worker=cpus, inputs=inputs,

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from sharp_unlearn.config import ExperimentConfig, MethodConfig, apply_overrides, load_yaml, merge
+from sharp_unlearn.data.forget import PROXIES
+from sharp_unlearn.engine.checkpoint import load_checkpoint
+from sharp_unlearn.engine.deepspeed_config import validate_distributed
 from sharp_unlearn.errors import ConfigError, MissingExtra
+from sharp_unlearn.model_store import resolve_checkpoint
 from sharp_unlearn.validation import config_from_dict, method_param_classes
 
 STAGES = ("pretrain", "unlearn", "both")
@@ -573,8 +577,6 @@ def check_sharded(stage: str, pre_tree: dict[str, Any] | None,
     Only the stages a trial trains count: in stage ``unlearn`` the pretrained model and the
     reference are trained once by the sweep's driver (sharded or not, as their config says).
     """
-    from sharp_unlearn.engine.deepspeed_config import validate_distributed
-
     trained = {"pretrain": ("pretrain",), "unlearn": ("unlearn",), "both": ("pretrain", "unlearn")}[stage]
     trees = {"pretrain": pre_tree, "unlearn": unlearn_tree}
     found: dict[str, Any] = {}
@@ -655,8 +657,6 @@ def _absolute_paths(tree: dict[str, Any] | None) -> dict[str, Any] | None:
                 and not node[key].startswith("proxy:") and "://" not in node[key]:
             node[key] = str(Path(node[key]).expanduser().resolve())
 
-    from sharp_unlearn.data.forget import PROXIES
-
     fix("data", "root")
     fix("forget", "scores", keep=PROXIES)
     fix("method", "mask_path")
@@ -665,9 +665,6 @@ def _absolute_paths(tree: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _checkpoint_config(path: str) -> dict[str, Any]:
-    from sharp_unlearn.engine.checkpoint import load_checkpoint
-    from sharp_unlearn.model_store import resolve_checkpoint
-
     state = load_checkpoint(resolve_checkpoint(path))
     if "config" not in state:
         raise ConfigError(f"checkpoint {path!r} carries no config; expected a sharp-unlearn pretrained checkpoint")

@@ -25,7 +25,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sharp_unlearn.engine.checkpoint import load_checkpoint
+from sharp_unlearn.engine.runner import resolve_device
+from sharp_unlearn.errors import TrainingDiverged
 from sharp_unlearn.files import atomic_path
+from sharp_unlearn.metrics.accuracy import split_accuracies
+from sharp_unlearn.metrics.tow import tow
+from sharp_unlearn.recipes.memorization import select_forget_set
+from sharp_unlearn.recipes.pretrain import stage_dir, train_from_scratch
+from sharp_unlearn.recipes.unlearn import Reference, get_reference, load_pretrained, run_unlearning
 from sharp_unlearn.tuning.sharded import SHARDED_TRIALS
 from sharp_unlearn.tuning.trial_state import (
     EpochReporter,
@@ -82,10 +90,6 @@ class RaySession:
 # --------------------------------------------------------------------------- the trials
 def _unlearn_and_report(cfg, pretrained, split, reference, original, inputs: TrialInputs, session,
                         workdir: Path) -> dict[str, float]:
-    from sharp_unlearn.engine.checkpoint import load_checkpoint
-    from sharp_unlearn.errors import TrainingDiverged
-    from sharp_unlearn.recipes.unlearn import run_unlearning
-
     ledger = Ledger(inputs.ledger_dir, session.trial_id)
     stage_file = workdir / CHECKPOINT_FILE
     restored = session.restore(stage_file)
@@ -105,8 +109,6 @@ def _unlearn_and_report(cfg, pretrained, split, reference, original, inputs: Tri
 
 def unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``unlearn``: the pretrained model, split and reference come from the driver."""
-    from sharp_unlearn.recipes.unlearn import Reference
-
     _, cfg = trial_configs(inputs, params)
     pretrained = shared_pretrained(inputs.pretrained_bytes)
     ref = inputs.reference
@@ -119,9 +121,6 @@ def unlearn_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[
 
 def pretrain_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str, float]:
     """Stage ``pretrain``: train into the shared pretraining cache, so later sweeps can reuse the models."""
-    from sharp_unlearn.engine.checkpoint import load_checkpoint
-    from sharp_unlearn.recipes.pretrain import stage_dir, train_from_scratch
-
     cfg, _ = trial_configs(inputs, params)
     ledger = Ledger(inputs.ledger_dir, session.trial_id)
     directory = stage_dir(cfg, "pretrain")
@@ -152,13 +151,6 @@ def both_trial(inputs: TrialInputs, params: dict[str, Any], session) -> dict[str
     reported (they carry the objective).
     """
     import copy
-
-    from sharp_unlearn.engine.runner import resolve_device
-    from sharp_unlearn.metrics.accuracy import split_accuracies
-    from sharp_unlearn.metrics.tow import tow
-    from sharp_unlearn.recipes.memorization import select_forget_set
-    from sharp_unlearn.recipes.pretrain import stage_dir, train_from_scratch
-    from sharp_unlearn.recipes.unlearn import get_reference, load_pretrained
 
     pre_cfg, cfg = trial_configs(inputs, params)
     with cache_lock(inputs, stage_dir(pre_cfg, "pretrain")):

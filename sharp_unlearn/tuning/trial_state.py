@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
+from sharp_unlearn.config import config_from_dict, merge
 from sharp_unlearn.files import atomic_write
+from sharp_unlearn.methods import METHODS
+from sharp_unlearn.optim.factory import sam_spec
+from sharp_unlearn.recipes.unlearn import load_pretrained
 from sharp_unlearn.tuning.spec import Dimension, Objective, resolve_trial_trees
 
 
@@ -58,8 +62,6 @@ def trial_configs(inputs: TrialInputs, params: dict[str, Any]):
     Trials do not log to MLflow themselves (the driver logs each trial as a
     child run from its reports), checkpoint and evaluate every epoch.
     """
-    from sharp_unlearn.config import config_from_dict, merge
-
     pre, un = resolve_trial_trees(inputs.stage, inputs.dims, params, inputs.pretrain_tree, inputs.unlearn_tree,
                                   inputs.unlearn_overrides)
     trial_settings = {"tracking": {"enabled": False}, "train": {"checkpoint_every": 1, "eval_every": 1}}
@@ -187,9 +189,6 @@ class EpochReporter:
 
 def planned_epochs(cfg) -> int:
     """Epochs the method will run (RUM multiplies by its groups; those are only known after prepare)."""
-    from sharp_unlearn.methods import METHODS
-    from sharp_unlearn.optim.factory import sam_spec
-
     try:
         return int(METHODS.get(cfg.method.name)(cfg.method, cfg.optimizer, sam_spec(cfg.optimizer)).epochs)
     except Exception:  # noqa: BLE001 - a method whose epoch count needs prepare(): fall back to the config
@@ -202,8 +201,6 @@ _PRETRAINED_CACHE: dict[str, Any] = {}
 
 def shared_pretrained(data: bytes):
     """The driver's pretrained checkpoint, written and loaded once per worker process (actors are reused)."""
-    from sharp_unlearn.recipes.unlearn import load_pretrained
-
     key = hashlib.sha1(data).hexdigest()
     if key not in _PRETRAINED_CACHE:
         directory = Path(tempfile.gettempdir()) / f"sharp-unlearn-{os.getpid()}"
