@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# lazy: the sharp_unlearn imports inside the functions below keep `import sharp_unlearn.api` cheap: the
+# recipes they reach import torch, and mlflow or ray when a run tracks or sweeps
+
 __all__ = ["EvaluateResult", "PretrainResult", "SweepResult", "UnlearnResult", "evaluate", "pretrain", "sweep",
            "unlearn"]
 

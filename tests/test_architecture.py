@@ -2,6 +2,9 @@
 
 Every ``import`` in ``sharp_unlearn/**/*.py`` counts, at module top and inside functions alike: a
 function-level import does not make an upward dependency go away, it only hides it from start-up.
+A ``sharp_unlearn`` import inside a function is allowed only where start-up speed needs it (the CLI,
+the API, the package itself, ``commands/``) or where it is marked ``lazy:`` with the reason (it would
+import a heavy optional package such as ray where that must not be needed).
 """
 from __future__ import annotations
 
@@ -61,6 +64,15 @@ MODULE_FLOORS = {
 #: its import is gone (test_known_upward_imports_still_exist fails on a stale one); never add one.
 KNOWN_UPWARD_IMPORTS: set[tuple[str, str]] = set()
 
+#: files whose function-level package imports keep ``sharp-unlearn --help`` and ``import sharp_unlearn``
+#: fast (they would pull torch, mlflow, ray at start-up); paths relative to the repository, a trailing
+#: "/" is a folder
+START_UP_PATHS = ("sharp_unlearn/cli.py", "sharp_unlearn/api.py", "sharp_unlearn/__init__.py",
+                  "sharp_unlearn/commands/")
+
+#: the comment marker that explains a function-level package import elsewhere
+LAZY_MARKER = "lazy:"
+
 
 @dataclass(frozen=True)
 class UpwardImport:
@@ -113,6 +125,27 @@ def imported_modules(tree: ast.AST, importer: str, is_package: bool, known: set[
                 candidate = f"{source}.{alias.name}"
                 found.append((node.lineno, candidate if candidate in known else source))
     return [(line, name) for line, name in found if name == PACKAGE or name.startswith(PACKAGE + ".")]
+
+
+def unmarked_function_imports(sources: dict[str, tuple[str, str, bool]]) -> list[str]:
+    """``path:line: module`` for each package import inside a function outside START_UP_PATHS whose line
+    (or the line above) has no LAZY_MARKER comment. ``sources``: module -> (path, code, is_package)."""
+    known = set(sources)
+    found = []
+    for importer, (path, code, is_package) in sorted(sources.items()):
+        if any(path == start or (start.endswith("/") and path.startswith(start)) for start in START_UP_PATHS):
+            continue
+        lines = code.splitlines()
+        for function in ast.walk(ast.parse(code, path)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for line, module in imported_modules(function, importer, is_package, known):
+                above = lines[line - 2].strip() if line >= 2 else ""
+                marked = LAZY_MARKER in lines[line - 1] or (above.startswith("#") and LAZY_MARKER in above)
+                entry = f"{path}:{line}: {module}"
+                if not marked and entry not in found:
+                    found.append(entry)
+    return found
 
 
 def upward_imports(sources: dict[str, tuple[str, str, bool]]) -> list[UpwardImport]:
@@ -185,3 +218,31 @@ def test_relative_imports_resolve_to_the_module_they_name():
     known = {"sharp_unlearn.recipes.mask", "sharp_unlearn.engine.loop", "sharp_unlearn.optim"}
     assert imported_modules(tree, "sharp_unlearn.recipes.unlearn", False, known) == [
         (1, "sharp_unlearn.recipes.mask"), (2, "sharp_unlearn.engine.loop"), (3, "sharp_unlearn.optim")]
+
+
+def test_no_unmarked_package_import_inside_a_function():
+    found = unmarked_function_imports(package_sources())
+    assert not found, ("package imports inside functions: move them to module top (a cycle means a module sits "
+                       f"on the wrong floor), or mark them '# {LAZY_MARKER} <why>':\n" + "\n".join(found))
+
+
+def test_the_checker_flags_an_unmarked_function_import_outside_start_up_paths():
+    code = ("from sharp_unlearn.errors import ConfigError\n"           # 1: module top, fine
+            "def f():\n"
+            "    from sharp_unlearn.tracking import client_for\n"      # 3: flagged
+            "    import ray\n"                                         # 4: not a package import
+            "    from sharp_unlearn.results import SCHEMA  # lazy: pyarrow\n"
+            "    # lazy: subclasses a ray class\n"
+            "    from sharp_unlearn.tuning.callback import TrialRuns\n"
+            "    # unrelated comment\n"
+            "    from .spec import SweepSpec\n")                       # 9: relative, flagged
+    sources = {
+        "sharp_unlearn.tuning.fake": ("sharp_unlearn/tuning/fake.py", code, False),
+        "sharp_unlearn.commands.fake": ("sharp_unlearn/commands/fake.py", code, False),
+        "sharp_unlearn.cli": ("sharp_unlearn/cli.py", code, False),
+        "sharp_unlearn.tuning.spec": ("sharp_unlearn/tuning/spec.py", "", False),
+    }
+    assert unmarked_function_imports(sources) == [
+        "sharp_unlearn/tuning/fake.py:3: sharp_unlearn.tracking",
+        "sharp_unlearn/tuning/fake.py:9: sharp_unlearn.tuning.spec",
+    ]

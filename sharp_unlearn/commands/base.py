@@ -9,6 +9,9 @@ from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.registry import Registry
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 
 class Command:
     help: str = ""

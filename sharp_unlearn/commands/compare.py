@@ -14,6 +14,9 @@ import datetime as _dt
 
 from sharp_unlearn.commands.base import COMMANDS, Command
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 #: columns the terminal shows (the files hold them all)
 _TERMINAL_IDS = ("run_id", "kind", "method", "optimizer", "pretrain_optimizer", "forget_set", "seed", "status")
 _TERMINAL_METRICS = ("tow", "forget_acc", "retain_acc", "test_acc", "mia_efficacy", "wall_seconds")

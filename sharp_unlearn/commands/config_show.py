@@ -4,6 +4,9 @@ from __future__ import annotations
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments
 from sharp_unlearn.errors import ConfigError
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 #: commands whose config is an ExperimentConfig built from --config files and key=value overrides
 RUN_COMMANDS = ("pretrain", "unlearn", "retrain", "mask", "evaluate", "memorization", "convert")
 #: commands driven by a grid spec (overrides address the spec: base.train.epochs=...)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 #: evaluation metrics left out of the terminal table (they are in MLflow, the Parquet and the Markdown table)
 CONSOLE_HIDDEN_METRICS = ("entanglement_variance_bounded", "entanglement_variance_classwise_weighted",
                           "entanglement_variance_classwise_weighted_bounded",

@@ -5,6 +5,9 @@ from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments
 from sharp_unlearn.commands.console import format_value, print_metrics, print_rows
 from sharp_unlearn.progress import progress_bar
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 
 @COMMANDS.register("evaluate")
 class Evaluate(Command):

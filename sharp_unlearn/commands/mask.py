@@ -5,6 +5,9 @@ from __future__ import annotations
 from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
 from sharp_unlearn.commands.console import print_rows
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 
 @COMMANDS.register("mask")
 class Mask(Command):

@@ -4,6 +4,9 @@ from __future__ import annotations
 from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument, check_output_dir
 from sharp_unlearn.errors import ConfigError
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 TARGETS = ("theory", "table", "ablation")
 
 

@@ -6,6 +6,9 @@ import contextlib
 from sharp_unlearn.commands.base import COMMANDS, Command, add_deterministic_argument
 from sharp_unlearn.progress import stdout_to_stderr
 
+# lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
+# imports every command, and the recipes a command runs import torch, and mlflow or ray
+
 
 @COMMANDS.register("sweep")
 class Sweep(Command):
