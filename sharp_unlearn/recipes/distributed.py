@@ -216,9 +216,7 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     backend = _backend(cfg, device, out_dir, export_path)
     # the driver holds the MLflow run; workers log nothing (it logs the history afterwards)
     result = unlearn_stage(cfg, model, bundle, split, method, backend,
-                           checkpoint_meta={"config_hash": spec["config_hash"], "kind": "unlearn",
-                                            "split_hash": split.split_hash, "model_name": cfg.model.name,
-                                            "dataset": cfg.data.name},
+                           checkpoint_meta=unlearn_export_meta(spec, cfg, bundle, split, method, pretrained),
                            evaluate=evaluate, quiet=bool(spec.get("quiet")), resume=bool(spec.get("resume", True)),
                            on_epoch_end=_epoch_reporter(spec))
     outcome = None
@@ -226,6 +224,23 @@ def run_unlearn_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
         outcome = {"checkpoint": str(export_path), "wall_seconds": result.wall_seconds,
                    "history": result.history, "resumed_from": result.resumed_from}
     return _finish(backend, out_dir, outcome)
+
+
+def unlearn_export_meta(spec: Mapping[str, Any], cfg: ExperimentConfig, bundle, split, method,
+                        pretrained) -> dict[str, Any]:
+    """What a sharded unlearning export records besides its weights: the same as a single-process
+    unlearning checkpoint, so ``sharp-unlearn evaluate`` rebuilds its forget set and finds its retrained
+    reference (a sweep's ``best_checkpoint.pt`` is such an export)."""
+    meta = {"config_hash": spec["config_hash"], "kind": "unlearn", "split_hash": split.split_hash,
+            "model_name": cfg.model.name, "dataset": cfg.data.name, "method": cfg.method.name,
+            "optimizer_tag": method.optimizer_tag, "num_classes": bundle.num_classes,
+            "input_shape": list(bundle.input_shape), "forget_label": split.label,
+            "forget_indices": [int(i) for i in split.forget_indices],
+            "forget_positions": [int(i) for i in split.forget_positions],
+            "pretrain_checkpoint": spec["checkpoint"], "pretrain_config": pretrained.state.get("config")}
+    if spec.get("reference_checkpoint"):
+        meta["reference_checkpoint"] = spec["reference_checkpoint"]
+    return meta
 
 
 def _epoch_reporter(spec: Mapping[str, Any]):
@@ -440,11 +455,13 @@ def launch_deepspeed(cfg: ExperimentConfig, *, train_indices=None, split_hash: s
 
 def make_unlearn_spec(cfg: ExperimentConfig, checkpoint: str | Path, split, out_dir: str | Path, *,
                       config_hash: str, quiet: bool = False, resume: bool = True,
-                      reference_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+                      reference_metrics: Mapping[str, float] | None = None,
+                      reference_checkpoint: str | Path | None = None) -> dict[str, Any]:
     """A sharded unlearning stage's spec: the run config, the pretrained checkpoint and the split itself.
 
     With ``reference_metrics`` (the retrained reference's accuracies, which the driver
-    holds) the workers evaluate every epoch as a single-process run does (``tow`` etc.).
+    holds) the workers evaluate every epoch as a single-process run does (``tow`` etc.);
+    ``reference_checkpoint`` is recorded in the export for ``sharp-unlearn evaluate``.
     """
     cfg = _absolute(cfg)
 
@@ -460,6 +477,7 @@ def make_unlearn_spec(cfg: ExperimentConfig, checkpoint: str | Path, split, out_
         "config_hash": config_hash, "quiet": quiet, "resume": resume,
         "reference_metrics": None if reference_metrics is None
         else {k: float(v) for k, v in reference_metrics.items()},
+        "reference_checkpoint": None if reference_checkpoint is None else str(Path(reference_checkpoint).resolve()),
         "out_dir": str(Path(out_dir).resolve() / f"zero{cfg.distributed.zero_stage}x{cfg.distributed.num_workers}"),
     }
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import json
 import os
 import shutil
@@ -344,12 +343,10 @@ def _sharded_unlearn(cfg, pretrained, split, reference, original, inputs: TrialI
     sharded_session = ShardedSession(session)
     ledger = Ledger(inputs.ledger_dir, session.trial_id)
     base = unlearn_run_dir(cfg, pretrained, split)
-    extra = {}
-    if "reference_metrics" in inspect.signature(make_unlearn_spec).parameters:
-        # the workers then evaluate every epoch (ToW against the reference) sharded, and ASHA compares on it
-        extra["reference_metrics"] = reference.metrics
+    # with the reference's accuracies the workers evaluate every epoch (ToW) sharded, and ASHA compares on it;
+    # its checkpoint is recorded in the export, so `sharp-unlearn evaluate best_checkpoint.pt` finds it
     spec = make_unlearn_spec(cfg, pretrained.path, split, base, config_hash=base.name, quiet=True, resume=True,
-                             **extra)
+                             reference_metrics=reference.metrics, reference_checkpoint=reference.checkpoint)
     out_dir = Path(spec["out_dir"])
     sharded_dir = out_dir / "deepspeed"
     export = out_dir / "unlearned_fp32.pt"

@@ -121,13 +121,15 @@ def test_sharded_asha_sweep_with_mlflow_best_checkpoint_and_evaluate(tmp_path, s
     assert best_cfg["checkpoint"] == str(checkpoint) and checkpoint.is_file()
     assert (out_dir / "sweep_results.md").is_file() and (out_dir / "sweep_results.parquet").is_file()
 
-    # `evaluate` loads it on one device and scores what the sharded trial reported
-    code = main(["evaluate", str(checkpoint), "--metrics", "accuracy", "--json", "--no-tracking",
+    # `evaluate` loads it on one device and scores what the sharded trial reported, ToW included: the
+    # export records its forget set and retrained reference as a single-process checkpoint does
+    code = main(["evaluate", str(checkpoint), "--metrics", "accuracy,tow", "--json", "--no-tracking",
                  "--out", str(tmp_path / "eval")])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     headline = json.loads(captured.out)["headline"]
-    assert headline["test_acc"] == pytest.approx(best[0].data.metrics["test_acc"], abs=1e-4)
+    for key in ("test_acc", "forget_acc", "retain_acc", "tow"):
+        assert headline[key] == pytest.approx(best[0].data.metrics[key], abs=1e-4), key
 
 
 def test_sharded_trial_equals_single_process(tmp_path, shared_runs):
