@@ -145,3 +145,17 @@ def test_sweep_joins_a_local_head(head, tmp_path, via_env):
     result = json.loads(done.stdout[start:])
     assert len(result["rows"]) == 1 and result["rows"][0]["status"] == "TERMINATED", result
     assert pid in head.drivers()
+
+
+@pytest.mark.parametrize("via_env", [False, True], ids=["--address", "RAY_ADDRESS"])
+def test_sharded_pretrain_joins_a_local_head(head, tmp_path, via_env):
+    # a DeepSpeed run of 2 workers (1 CPU each: the head's 2 CPUs) launched through Ray Train on the head
+    args = ["pretrain", "--json", "--quiet", "--no-tracking", f"output_dir={tmp_path}", "data.name=digits",
+            "data.augment=false", "model.name=mlp", "model.options={hidden: [16]}", "train.epochs=1",
+            "distributed.backend=deepspeed", "distributed.launcher=ray", "distributed.num_workers=2",
+            "distributed.zero_stage=1"]
+    done, pid = _run(head, args, via_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert Path(result["checkpoint"]).is_file(), result
+    assert pid in head.drivers()
