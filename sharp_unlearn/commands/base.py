@@ -37,6 +37,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. optimizer.name=sam optimizer.rho=0.1")
 
 
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """``--address`` of the commands whose sharded runs (``distributed.backend=deepspeed``) go through Ray."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster for distributed.backend=deepspeed (same as distributed.address=...; "
+                             "default: $RAY_ADDRESS, else a local Ray for this run)")
+
+
 def add_deterministic_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-identical reruns: deterministic kernels and a fixed CPU thread count "
@@ -51,6 +58,8 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Expe
         overrides.append("tracking.enabled=false")
     if getattr(args, "deterministic", False):
         overrides.append("deterministic=true")
+    if getattr(args, "address", None):
+        overrides.append(f"distributed.address={args.address}")
     # imported here: the registries it checks names against load torch, and the CLI starts without it
     from sharp_unlearn.validation import load_config
 

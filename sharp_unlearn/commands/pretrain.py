@@ -1,7 +1,7 @@
 """``sharp-unlearn pretrain``: train a model with SGD, SAM or ASAM."""
 from __future__ import annotations
 
-from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
+from sharp_unlearn.commands.base import COMMANDS, Command, add_address_argument, add_config_arguments, config_from_args
 from sharp_unlearn.commands.console import print_metrics
 
 # lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
@@ -15,14 +15,11 @@ class Pretrain(Command):
     def add_arguments(self, parser):
         add_config_arguments(parser)
         parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-        parser.add_argument("--address", default=None,
-                            help="Ray cluster for distributed.backend=deepspeed (same as distributed.address=...)")
+        add_address_argument(parser)
 
     def run(self, args):
         from sharp_unlearn.recipes.pretrain import train_from_scratch
 
-        if args.address:
-            args.overrides = [*args.overrides, f"distributed.address={args.address}"]
         cfg = config_from_args(args)
         outcome = train_from_scratch(cfg, quiet=args.quiet, resume=not args.no_resume, use_cache=False)
         result = {"checkpoint": str(outcome.checkpoint), "run_id": outcome.run_id, **outcome.metrics}

@@ -1,7 +1,7 @@
 """``sharp-unlearn unlearn`` and ``sharp-unlearn retrain``."""
 from __future__ import annotations
 
-from sharp_unlearn.commands.base import COMMANDS, Command, add_config_arguments, config_from_args
+from sharp_unlearn.commands.base import COMMANDS, Command, add_address_argument, add_config_arguments, config_from_args
 from sharp_unlearn.commands.console import print_rows
 
 # lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
@@ -40,6 +40,7 @@ class Unlearn(Command):
                             help="register the unlearned model in MLflow's model registry as a new version of "
                                  "NAME, with lineage tags (needs tracking)")
         add_config_arguments(parser)
+        add_address_argument(parser)
 
     def run(self, args):
         from sharp_unlearn.errors import ConfigError
@@ -84,6 +85,7 @@ class Retrain(Command):
                             help="pretrained checkpoint whose recipe to reuse (a file, runs:/<run id>/model or "
                                  "models:/<name>/<version>)")
         add_config_arguments(parser)
+        add_address_argument(parser)
 
     def run(self, args):
         from sharp_unlearn.errors import ConfigError

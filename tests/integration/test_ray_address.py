@@ -148,14 +148,25 @@ def test_sweep_joins_a_local_head(head, tmp_path, via_env):
 
 
 @pytest.mark.parametrize("via_env", [False, True], ids=["--address", "RAY_ADDRESS"])
-def test_sharded_pretrain_joins_a_local_head(head, tmp_path, via_env):
-    # a DeepSpeed run of 2 workers (1 CPU each: the head's 2 CPUs) launched through Ray Train on the head
-    args = ["pretrain", "--json", "--quiet", "--no-tracking", f"output_dir={tmp_path}", "data.name=digits",
-            "data.augment=false", "model.name=mlp", "model.options={hidden: [16]}", "train.epochs=1",
-            "distributed.backend=deepspeed", "distributed.launcher=ray", "distributed.num_workers=2",
-            "distributed.zero_stage=1"]
+def test_sharded_pretrain_and_unlearn_join_a_local_head(head, tmp_path, via_env):
+    # DeepSpeed runs of 2 workers (1 CPU each: the head's 2 CPUs) launched through Ray Train on the head:
+    # the pretraining, then an unlearning run (its retrained reference follows the pretraining's recipe,
+    # so it runs sharded on the head too)
+    common = ["--json", "--quiet", "--no-tracking", f"output_dir={tmp_path}"]
+    sharded = ["distributed.backend=deepspeed", "distributed.launcher=ray", "distributed.num_workers=2",
+               "distributed.zero_stage=1"]
+    args = ["pretrain", *common, "data.name=digits", "data.augment=false", "model.name=mlp",
+            "model.options={hidden: [16]}", "train.epochs=1", *sharded]
+    done, pid = _run(head, args, via_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = json.loads(done.stdout)["checkpoint"]
+    assert Path(checkpoint).is_file()
+    assert pid in head.drivers()
+
+    args = ["unlearn", "--checkpoint", checkpoint, *common, "forget.kind=random", "forget.size=20",
+            "method.name=neggrad", "method.epochs=1", *sharded]
     done, pid = _run(head, args, via_env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert Path(result["checkpoint"]).is_file(), result
+    assert Path(result["checkpoint"]).is_file() and 0.0 <= result["metrics"]["tow"] <= 1.0, result
     assert pid in head.drivers()
