@@ -25,6 +25,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.files import file_digest
 from sharp_unlearn.tracking import check_experiment_name, check_uri
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "sam", "asam")
@@ -414,7 +415,10 @@ class ExperimentConfig:
     def training_hash(self) -> str:
         """Hash of what determines a trained model: data, model, optimizer, schedule, seed.
 
-        Tracking, output paths and device do not change the result and are left out.
+        Tracking, output paths and device do not change the result and are left out. A
+        ``model.weights`` file enters by its content (SHA-256), not its path: moving the file keeps
+        cached stages, overwriting it with other weights retrains them. A weights name (torchvision's
+        ``IMAGENET1K_V1``) or a file that no longer exists enters as written.
         """
         keep = {k: v for k, v in self.to_dict().items()
                 if k in ("seed", "data", "model", "optimizer", "train")}
@@ -422,6 +426,9 @@ class ExperimentConfig:
                         if k not in ("num_workers", "eval_batch_size", "download")}
         keep["train"] = {k: v for k, v in keep["train"].items()
                          if k not in ("eval_every", "checkpoint_every")}
+        weights = self.model.weights
+        if weights and Path(weights).expanduser().is_file():
+            keep["model"]["weights"] = {"sha256": file_digest(weights)}
         return stable_hash(keep)
 
     def to_yaml(self) -> str:

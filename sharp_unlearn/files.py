@@ -8,11 +8,14 @@ included) removes the temp file and leaves the old destination untouched.
 The new file gets the permissions a plain ``open(path, "w")`` would give it: the existing
 destination's mode if there is one, else ``0o666`` less the umask; ``mode=`` sets them explicitly.
 One writer per destination per process: two threads writing the same path at once share the temp name.
+
+:func:`file_digest` is a file's content hash, for config hashes that must follow a file's bytes, not its name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -103,3 +106,27 @@ def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+#: (resolved path, size, mtime in ns) -> SHA-256 hex digest; a file is read once per content version
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), cached by (resolved path, size, mtime).
+
+    Hashing a large weights file takes seconds and config hashes are asked for often, so a file
+    whose size and modification time are unchanged is not read again; rewriting it (even with the
+    same size) changes its mtime and so its entry.
+    """
+    resolved = Path(path).expanduser().resolve()
+    info = os.stat(resolved)
+    key = (str(resolved), info.st_size, info.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        hasher = hashlib.sha256()
+        with open(resolved, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(chunk)
+        digest = _DIGESTS[key] = hasher.hexdigest()
+    return digest

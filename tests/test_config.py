@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from sharp_unlearn import files
 from sharp_unlearn.config import ExperimentConfig
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.validation import load_config
@@ -195,6 +196,48 @@ def test_training_hash_ignores_what_does_not_change_the_model(tmp_path):
                  ["train.epochs=3"], ["model.options={width: 8}"], ["data.label_noise=0.05"], ["data.batch_size=32"]]
     hashes = {load_config([], [OFF, *overrides]).training_hash() for overrides in different}
     assert ref not in hashes and len(hashes) == len(different)
+
+
+def test_training_hash_follows_the_weights_file_content_not_its_path(tmp_path):
+    def hash_with(weights) -> str:
+        return load_config([], [OFF, f"model.weights={weights}"]).training_hash()
+
+    original = tmp_path / "a" / "start.pt"
+    original.parent.mkdir()
+    original.write_bytes(b"weights, first version")
+    ref = hash_with(original)
+    assert ref != load_config([], [OFF]).training_hash()
+    copy = tmp_path / "b" / "renamed.pth"  # the same bytes elsewhere under another name
+    copy.parent.mkdir()
+    copy.write_bytes(original.read_bytes())
+    assert hash_with(copy) == ref
+    # other bytes of the same size at the same path, with a later mtime (what rewriting the file gives)
+    original.write_bytes(b"weights, other version")
+    stat = original.stat()
+    os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = hash_with(original)
+    assert changed != ref
+    # a weights name is no file: it enters as written
+    assert hash_with("IMAGENET1K_V1") != hash_with("IMAGENET1K_V2")
+
+
+def test_weights_digest_is_read_once_per_file_version(tmp_path, monkeypatch):
+    reads = []
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", counting_open, raising=False)  # shadows the builtin in files only
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x" * 100)
+    cfg = load_config([], [OFF, f"model.weights={weights}"])
+    assert cfg.training_hash() == cfg.training_hash() == cfg.training_hash()
+    assert len(reads) == 1
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: read again
+    cfg.training_hash()
+    assert len(reads) == 2
 
 
 def test_training_hash_is_stable_across_processes():
