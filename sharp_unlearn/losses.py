@@ -26,6 +26,16 @@ def cross_entropy(model: nn.Module, batch, reduction: str = "mean") -> torch.Ten
     return F.cross_entropy(logits, batch.y, reduction=reduction)
 
 
+def scored_per_row(labels: torch.Tensor) -> torch.Tensor:
+    """Per row of a batch: how many of its labels a mean loss over scored labels averages over
+    (labels not ``-100``): 1 for a classifier's row, the answer tokens of a causal LM's sequence.
+
+    A loss that is a mean over the batch's scored labels (:func:`cross_entropy`) split over ranks needs
+    each rank's share of them, not of the rows, for the ranks' average to be the full-batch mean.
+    """
+    return (labels != IGNORE_INDEX).reshape(len(labels), -1).sum(1)
+
+
 def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed log-probability of the scored tokens (labels not ``-100``) and their count."""
     scored = labels != IGNORE_INDEX

@@ -27,7 +27,9 @@ full batch, exactly as the single-process loop computes it.
 
 Each rank's loss on its slice is weighted by ``n_rank * N / n_global`` so
 DeepSpeed's gradient average equals the gradient of the full-batch mean even
-when the last batch does not split evenly.
+when the last batch does not split evenly; ``n`` counts what the loss averages
+over (``Objective.mean_over``): rows, or scored labels, which for a causal LM's
+``(batch, tokens)`` answer-only labels are the answer tokens.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from sharp_unlearn.engine.deepspeed_shards import Shard, ShardView, share_stage3
 from sharp_unlearn.engine.loop import StepStats, Trainer
 from sharp_unlearn.engine.objective import Batch, Objective, step_groups
 from sharp_unlearn.errors import ConfigError, TrainingDiverged, require
+from sharp_unlearn.losses import scored_per_row
 from sharp_unlearn.optim.sam import SIGNS, combine, frozen_bn_stats, perturbation, scaled_grads, squared_norm
 from sharp_unlearn.optim.side_states import SideStates, side_states_of
 
@@ -187,12 +190,19 @@ class DeepSpeedTrainer(Trainer):
         return side_states_of(base)
 
     # ------------------------------------------------------------ data
-    def _local(self, batch: Batch) -> tuple[Batch, float]:
+    def _local(self, batch: Batch, mean_over: str = "labels") -> tuple[Batch, float]:
         """This rank's rows of a global batch and the loss weight that makes the
-        rank-average of gradients the full-batch gradient."""
+        rank-average of gradients the full-batch gradient: the rank's share of what
+        the loss averages over (``Objective.mean_over``), times N. Sequence batches
+        (answer-only labels) weigh a rank by its scored tokens, since its rows' answers
+        differ in length; a classifier's rows are one scored label each."""
         total = len(batch.y)
         start, count = split_rows(total, self.world, self.rank)
-        weight = count * self.world / total
+        if mean_over == "examples":
+            weight = count * self.world / total
+        else:
+            units = scored_per_row(batch.y)
+            weight = int(units[start:start + count].sum()) * self.world / int(units.sum())
         if count == 0:  # fewer rows than ranks: still take part in the collectives, with weight 0
             start, count, weight = 0, 1, 0.0
         x = batch.x[start:start + count]
@@ -413,7 +423,7 @@ class DeepSpeedTrainer(Trainer):
         awaiting_restore = False
         for k, objective in enumerate(objectives):
             last = k == len(objectives) - 1
-            micro = [self._local(b) for b in batches[objective.stream]]
+            micro = [self._local(b, objective.mean_over) for b in batches[objective.stream]]
             if k > 0:
                 view.before_second_backward()
             loss1 = self._backward(objective, micro)

@@ -33,6 +33,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 MASK_SCOPES = ("update", "perturbed")
 PERTURBATIONS = ("masked", "full")
+MEANS_OVER = ("labels", "examples")
 
 
 @dataclass
@@ -58,6 +59,12 @@ class Objective:
     one after another in order of first appearance, each at the weights the
     previous one left and each with its own base-optimizer state. ``None``
     (every objective) is one summed step.
+
+    ``mean_over`` says what the loss averages over, which a sharded engine
+    needs to weight each rank's slice of a batch: ``labels``, the scored labels
+    (not ``-100``), as :func:`sharp_unlearn.losses.cross_entropy` does (a
+    classifier's rows, a causal LM's answer tokens); ``examples``, the rows
+    (NPO's per-sequence loss). One process sees the whole batch and ignores it.
     """
 
     name: str
@@ -68,6 +75,7 @@ class Objective:
     mask_scope: str = "update"
     perturbation: str = "masked"
     step_group: str | None = None
+    mean_over: str = "labels"
 
     def __post_init__(self) -> None:
         # internal contract (methods build objectives from validated configs): a typo here is a bug
@@ -76,6 +84,8 @@ class Objective:
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"objective {self.name!r}: perturbation={self.perturbation!r}; "
                              f"expected one of {PERTURBATIONS}")
+        if self.mean_over not in MEANS_OVER:
+            raise ValueError(f"objective {self.name!r}: mean_over={self.mean_over!r}; expected one of {MEANS_OVER}")
 
     @property
     def optimizer_tag(self) -> str:

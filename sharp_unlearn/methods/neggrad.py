@@ -19,6 +19,8 @@ from sharp_unlearn.methods.base import METHODS, UnlearningMethod, scaled
 class NegGradPlus(UnlearningMethod):
     #: the phase's name in progress output and logs
     phase_name = "neggrad"
+    #: what forget_loss averages over (Objective.mean_over): cross-entropy's scored labels
+    forget_mean_over = "labels"
 
     def forget_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """What the forget side minimizes, weighted by ``1 - alpha``: here the negated cross-entropy (ascent)."""
@@ -30,5 +32,6 @@ class NegGradPlus(UnlearningMethod):
         if alpha > 0:
             objectives.append(Objective("retain", "retain", scaled(cross_entropy, alpha), sam=self.sam))
         if alpha < 1:
-            objectives.append(Objective("forget", "forget", scaled(self.forget_loss, 1.0 - alpha), sam=self.sam))
+            objectives.append(Objective("forget", "forget", scaled(self.forget_loss, 1.0 - alpha), sam=self.sam,
+                                        mean_over=self.forget_mean_over))
         return [Phase(self.phase_name, objectives, driver="forget" if alpha == 0 else "retain")]

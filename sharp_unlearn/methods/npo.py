@@ -56,6 +56,7 @@ class Npo(NegGradPlus):
     """NegGrad+'s two objectives with NPO's bounded loss on the forget side."""
 
     phase_name = "npo"
+    forget_mean_over = "examples"  # npo_loss is a mean over sequences, not over answer tokens
     params_class = NpoParams
     params: NpoParams
     reference: nn.Module | None = None
