@@ -118,6 +118,9 @@ class ModelConfig:
     input_size: int | None = None
     #: channels an external model takes; one-channel images are repeated to them; None: its first conv's
     input_channels: int | None = None
+    #: recompute each block's activations in the backward pass instead of keeping them from the forward
+    #: pass: less memory for about one more forward per step, the same gradients (models/checkpointing.py)
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -138,6 +141,9 @@ class ModelConfig:
             check_range("model.input_size", self.input_size, 1)
         if self.input_channels is not None:
             check_range("model.input_channels", self.input_channels, 1)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(f"model.activation_checkpointing={self.activation_checkpointing!r} is not valid; "
+                              "expected true or false")
 
     @property
     def external(self) -> bool:
@@ -426,6 +432,8 @@ class ExperimentConfig:
                         if k not in ("num_workers", "eval_batch_size", "download")}
         keep["train"] = {k: v for k, v in keep["train"].items()
                          if k not in ("eval_every", "checkpoint_every")}
+        # recomputing activations changes memory and time, not the trained model (like device)
+        keep["model"].pop("activation_checkpointing", None)
         weights = self.model.weights
         if weights and Path(weights).expanduser().is_file():
             keep["model"]["weights"] = {"sha256": file_digest(weights)}

@@ -17,6 +17,7 @@ from sharp_unlearn.models import (  # noqa: F401  (register members)  # noqa: F4
     vit,
 )
 from sharp_unlearn.models.base import MODELS, FeatureModel, load_model_state
+from sharp_unlearn.models.checkpointing import enable_activation_checkpointing
 from sharp_unlearn.models.external import load_weights_file
 from sharp_unlearn.models.sources import SOURCES, build_external, check_name, is_external
 
@@ -50,4 +51,6 @@ def build_model(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_wei
         raise ConfigError(f"model {cfg.name!r} rejected its options {cfg.options}: {exc}") from None
     if cfg.weights and load_weights:
         load_model_state(model, load_weights_file(cfg.weights, cfg.name), f"model.weights={cfg.weights!r}")
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model, model, None, cfg.name)
     return model

@@ -50,4 +50,17 @@ def build(target: str, cfg, num_classes: int | None) -> nn.Module:
                           "save_pretrained directory or a hub id in the local cache") from None
 
 
-register_source(Source("hf", "<local dir or cached hub id>", check, build))
+def enable_checkpointing(module: nn.Module) -> bool:
+    """Hugging Face's own switch, non-reentrant (the training loop takes gradients with
+    torch.autograd.grad); False for a model that does not support it."""
+    if not getattr(module, "supports_gradient_checkpointing", False):
+        return False
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers 5 renamed it
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
+register_source(Source("hf", "<local dir or cached hub id>", check, build, enable_checkpointing=enable_checkpointing))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sharp_unlearn.errors import ConfigError
+from sharp_unlearn.models.checkpointing import enable_activation_checkpointing
 from sharp_unlearn.models.external import ExternalModel, find_head, fit_head, load_into, load_weights_file
 from sharp_unlearn.registry import Registry
 
@@ -42,6 +43,9 @@ class Source:
     #: ``named_weights(target, name, download)``: a state dict for a weights *name* (not a file); None:
     #: this source takes files only
     named_weights: Callable[[str, str, bool], dict[str, torch.Tensor]] | None = None
+    #: ``enable_checkpointing(module)``: turn on the family's own activation checkpointing; False where the
+    #: module has none (then its top-level blocks are checkpointed, see models/checkpointing.py)
+    enable_checkpointing: Callable[[nn.Module], bool] | None = None
 
 
 #: source name -> Source
@@ -108,6 +112,8 @@ def build_external(cfg, num_classes: int, input_shape: tuple[int, ...], *, load_
     model = ExternalModel(module, label=cfg.name, input_shape=tuple(input_shape), num_classes=num_classes,
                           feature_layer=head_path, input_size=cfg.input_size, input_channels=cfg.input_channels)
     model.check_outputs()
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model, module, source.enable_checkpointing, cfg.name)
     return model
 
 

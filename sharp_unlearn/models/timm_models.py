@@ -38,4 +38,21 @@ def build(name: str, cfg, num_classes: int | None) -> nn.Module:
         raise rejected_options(cfg.name, options, exc) from None
 
 
-register_source(Source("timm", "<name>", check, build))
+def enable_checkpointing(module: nn.Module) -> bool:
+    """timm's own switch (blocks checkpointed inside the model's forward); False for a model without one."""
+    setter = getattr(module, "set_grad_checkpointing", None)
+    if not callable(setter):
+        return False
+    try:
+        setter(True)
+    except (NotImplementedError, AssertionError):  # timm models that do not implement it say so this way
+        return False
+    layers = _timm().layers
+    # TIMM_REENTRANT_CKPT=1 makes timm checkpoint reentrantly, which the training loop's
+    # torch.autograd.grad refuses
+    if getattr(layers, "use_reentrant_ckpt", lambda: False)():
+        layers.set_reentrant_ckpt(False)
+    return True
+
+
+register_source(Source("timm", "<name>", check, build, enable_checkpointing=enable_checkpointing))
