@@ -15,6 +15,10 @@ A step, for a phase with objectives ``O_1..O_k``::
 
 Gradients are taken with ``torch.autograd.grad`` so objectives never see each
 other's gradients; the sum is written to ``p.grad`` once, for the base optimizer.
+The arithmetic runs in place on those gradients: a SAM objective holds one
+parameter-sized buffer beyond a plain step during its second pass (``e``, or
+``g`` for ``s*lamb != 1``; ASAM with ``s*lamb != 1`` both), measured by
+``benchmarks/sam_memory.py`` and asserted in ``tests/engine/test_sam_memory.py``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from sharp_unlearn.engine.objective import Batch, Objective, Phase, step_groups
 from sharp_unlearn.errors import TrainingDiverged
-from sharp_unlearn.optim.sam import combine, frozen_bn_stats, perturbation
+from sharp_unlearn.optim.sam import (
+    SamSpec,
+    combine_,
+    frozen_bn_stats,
+    is_textbook,
+    perturbation_,
+    perturbation_scale,
+    restore_and_combine_,
+    shift_,
+    squared_norm,
+)
 from sharp_unlearn.optim.side_states import SideStates, side_states_of
 
 
@@ -53,6 +67,32 @@ def as_batch(item) -> Batch:
         return item
     x, y, index = item
     return Batch(x, y, index)
+
+
+def _writable(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``torch.autograd.grad``'s result as tensors safe to modify in place (zeros for unused parameters).
+
+    They are nearly always fresh tensors that nothing else holds, but a backward may hand
+    one tensor to two inputs (an addition passes its gradient through to both) or an
+    expanded view (the gradient of a sum): writing through those would change another
+    parameter's gradient or fail, so they are copied.
+    """
+    owned = []
+    storages: set[int] = set()
+    for g, p in zip(grads, params):
+        if g is None:
+            owned.append(torch.zeros_like(p))
+            continue
+        if g.layout != torch.strided:  # a sparse gradient (nn.Embedding(sparse=True)) has no storage to share
+            owned.append(g)
+            continue
+        storage = g.untyped_storage().data_ptr()
+        if storage in storages or any(stride == 0 and size > 1 for stride, size in zip(g.stride(), g.shape)):
+            g = g.clone()
+        else:
+            storages.add(storage)
+        owned.append(g)
+    return owned
 
 
 class _Cycle:
@@ -133,11 +173,14 @@ class Trainer:
         return cached[1]
 
     def _grad(self, objective: Objective, micro: Sequence[Batch]) -> tuple[list[torch.Tensor], float]:
-        """Average gradient of the objective's loss over its micro-batches."""
+        """Average gradient of the objective's loss over its micro-batches, as tensors the
+        caller may modify in place (SAM and the masks work on them in place)."""
         total: list[torch.Tensor] | None = None
         loss_sum = 0.0
         for batch in micro:
-            loss = objective.loss(self.model, batch) / len(micro)
+            loss = objective.loss(self.model, batch)
+            if len(micro) > 1:  # x / 1 is x: one micro-batch skips the op and its tensor
+                loss = loss / len(micro)
             # one host read serves the finiteness check and the logged value (a sync on GPU)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -145,10 +188,9 @@ class Trainer:
                     f"objective {objective.name!r} produced a non-finite loss ({loss_value}); "
                     "lower the learning rate (or rho); nothing was written"
                 )
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+            grads = _writable(torch.autograd.grad(loss, self.params, allow_unused=True), self.params)
             if total is None:
-                total = list(grads)
+                total = grads
             else:
                 torch._foreach_add_(total, grads)
             loss_sum += loss_value
@@ -161,26 +203,76 @@ class Trainer:
         mask = self._mask_list(objective)
         spec = objective.sam
         if spec is not None and spec.rho > 0:
-            masked_e = mask is not None and objective.perturbation == "masked"
-            probe = torch._foreach_mul(grads, mask) if masked_e else grads
-            with torch.no_grad():
-                e = perturbation(self.params, probe, spec.rho, spec.adaptive)
-                if masked_e:
-                    torch._foreach_mul_(e, mask)  # ASAM's |w| scaling keeps the subspace, but be exact
-                torch._foreach_add_(self.params, e)
-            try:
-                with frozen_bn_stats(self.model):
-                    second, _ = self._grad(objective, micro)
-            finally:
-                with torch.no_grad():
-                    torch._foreach_sub_(self.params, e)
-            if mask is not None and objective.mask_scope == "perturbed":
-                # only g(w+e) is masked; the clean g enters the combination unmasked
-                return combine(grads, torch._foreach_mul(second, mask), spec.sign, spec.lamb), loss
-            grads = combine(grads, second, spec.sign, spec.lamb)
+            return self._sam_gradient(objective, spec, micro, grads, mask), loss
         if mask is not None:
-            grads = torch._foreach_mul(grads, mask)
+            torch._foreach_mul_(grads, mask)
         return grads, loss
+
+    def _sam_gradient(self, objective: Objective, spec: SamSpec, micro: Sequence[Batch], grads: list[torch.Tensor],
+                      mask: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """SAM's second pass and combination for one objective, given its clean gradient ``g``.
+
+        Memory: one parameter-sized buffer beyond what a plain step holds lives through
+        the second pass. Textbook SAM (``s*lamb == 1``) writes ``e`` over ``g``, which its
+        update never reads. Otherwise ``g`` is kept for the combination and ``e`` is
+        recomputed from it, one tensor at a time, to perturb and to restore, the
+        combination written over ``g(w+e)`` (ASAM stashes ``e`` as well, a second
+        buffer: its ``e`` depends on ``|w|``, which the perturbation changes).
+        Every step is the same arithmetic as ``e = perturbation(M*g)``, ``w += e``,
+        ``w -= e``, ``combine``, ``* M``, in place, so the weights are bit for bit those
+        of the out-of-place form.
+        """
+        textbook = is_textbook(spec.sign, spec.lamb)
+        e_mask = mask if mask is not None and objective.perturbation == "masked" else None
+        g2_only = mask is not None and objective.mask_scope == "perturbed"  # only g(w+e) is masked
+        probe_mask = None  # set: e is built from g*M while g itself stays unmasked
+        if e_mask is not None:
+            if textbook or not g2_only:
+                # g outside the mask is never read again: textbook SAM's update is g(w+e) alone, and
+                # with mask_scope "update" the result is masked (M*lerp(g, g2) == M*lerp(M*g, g2), M 0/1)
+                torch._foreach_mul_(grads, e_mask)
+            else:
+                probe_mask = e_mask
+        with torch.no_grad():
+            if textbook:
+                e = perturbation_(self.params, grads, spec.rho, spec.adaptive)  # written over g
+            elif spec.adaptive:
+                # g is kept for the combination: e gets its own buffer (g*M, or a copy of g)
+                e = torch._foreach_mul(grads, probe_mask) if probe_mask is not None else [g.clone() for g in grads]
+                e = perturbation_(self.params, e, spec.rho, True)
+            else:
+                probe = torch._foreach_mul(grads, probe_mask) if probe_mask is not None else grads
+                e_scale = perturbation_scale(spec.rho, squared_norm(probe))
+                del probe  # a transient copy (mask_scope "perturbed" only): gone before the second pass
+                shift_(self.params, grads, e_scale, masks=e_mask, grad_masks=probe_mask)
+                e = None
+            if e is not None:
+                if e_mask is not None:
+                    torch._foreach_mul_(e, e_mask)  # ASAM's |w| scaling keeps the subspace, but be exact
+                torch._foreach_add_(self.params, e)
+        try:
+            with frozen_bn_stats(self.model):
+                second, _ = self._grad(objective, micro)
+        except BaseException:
+            with torch.no_grad():
+                if e is not None:
+                    torch._foreach_sub_(self.params, e)
+                else:
+                    shift_(self.params, grads, e_scale, subtract=True, masks=e_mask, grad_masks=probe_mask)
+            raise
+        with torch.no_grad():
+            if g2_only:
+                torch._foreach_mul_(second, mask)
+            if e is None:  # back to w with e recomputed from g, the combination written over g2
+                grads = restore_and_combine_(self.params, grads, second, e_scale, spec.sign, spec.lamb,
+                                             masks=e_mask, grad_masks=probe_mask)
+            else:
+                torch._foreach_sub_(self.params, e)
+                del e
+                grads = combine_(grads, second, spec.sign, spec.lamb)
+            if mask is not None and not g2_only:
+                torch._foreach_mul_(grads, mask)
+        return grads
 
     def step(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]]) -> StepStats:
         self.model.train()

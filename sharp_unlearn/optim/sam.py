@@ -69,22 +69,111 @@ def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(norms[0].device) for n in norms]).pow(2).sum()
 
 
+def perturbation_scale(rho: float, sq_norm: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``rho / ||T g||``, the scalar ``T^2 g`` is multiplied by to give ``e``."""
+    return rho / (sq_norm.sqrt() + eps)
+
+
+def mul_abs_(tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+    """``t *= |w|`` in place, one tensor at a time: ``|w|`` is then a temporary of one
+    tensor, not of the whole model (what ``_foreach_abs`` would allocate)."""
+    for t, p in zip(tensors, params):
+        t.mul_(p.abs())
+
+
 def perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float,
                  adaptive: bool, global_sq_norm: torch.Tensor | None = None,
                  eps: float = 1e-12) -> list[torch.Tensor]:
-    """``e = rho * T^2 g / ||T g||``.
+    """``e = rho * T^2 g / ||T g||`` (new tensors; see :func:`perturbation_` for one written over ``g``).
 
     ``global_sq_norm`` lets a sharded caller pass ``||T g||^2`` summed over all
     ranks; by default it is computed from ``grads`` here.
     """
     tg = scaled_grads(params, grads, adaptive)
     sq = squared_norm(tg) if global_sq_norm is None else global_sq_norm
-    scale = rho / (sq.sqrt() + eps)
+    scale = perturbation_scale(rho, sq, eps)
     # T^2 g = |w| * (T g) for ASAM; plain g otherwise
     e = torch._foreach_mul(torch._foreach_abs(params), tg) if adaptive else list(tg)
     if not e:
         return []
     return torch._foreach_mul(e, scale.to(e[0].device))
+
+
+def perturbation_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float,
+                  adaptive: bool, global_sq_norm: torch.Tensor | None = None, eps: float = 1e-12, *,
+                  scaled: bool = False) -> list[torch.Tensor]:
+    """:func:`perturbation` written over ``grads``, for a caller that no longer needs ``g``
+    (textbook SAM: the update is ``g(w+e)`` alone). Returns ``grads``, now holding ``e``,
+    bit for bit what :func:`perturbation` returns; allocates nothing parameter-sized.
+    ``scaled``: ``grads`` already hold ``T g`` (ASAM; a caller that took the norm first).
+    """
+    grads = list(grads)
+    if adaptive and not scaled:
+        mul_abs_(grads, params)  # T g
+    sq = squared_norm(grads) if global_sq_norm is None else global_sq_norm
+    if adaptive:
+        mul_abs_(grads, params)  # T^2 g
+    if grads:
+        torch._foreach_mul_(grads, perturbation_scale(rho, sq, eps).to(grads[0].device))
+    return grads
+
+
+def _e_of(g: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, grad_mask: torch.Tensor | None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of ``e = ((g * grad_mask) * scale) * mask``, in a new tensor or written over ``out``
+    (the same products in the same order as :func:`perturbation` and the masking around it)."""
+    if out is None:
+        e = g * grad_mask if grad_mask is not None else g * scale
+    else:
+        e = out.mul_(grad_mask) if grad_mask is not None else out.mul_(scale)
+    if grad_mask is not None:
+        e.mul_(scale)
+    if mask is not None:
+        e.mul_(mask)
+    return e
+
+
+@torch.no_grad()
+def shift_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: torch.Tensor, *,
+           subtract: bool = False, masks: Sequence[torch.Tensor] | None = None,
+           grad_masks: Sequence[torch.Tensor] | None = None) -> None:
+    """``w += e`` (``w -= e`` with ``subtract``) for SAM's ``e = ((g * grad_mask) * scale) * mask``
+    (``scale`` from :func:`perturbation_scale`), recomputed one tensor at a time.
+
+    For SAM with ``s*lamb != 1`` the clean ``g`` is kept anyway; recomputing ``e``
+    from it (bit for bit) instead of stashing it costs a temporary of one tensor,
+    not a second model-sized buffer. Not for ASAM: its ``e`` depends on ``|w|``,
+    which the perturbation changes.
+    """
+    for i, (p, g) in enumerate(zip(params, grads)):
+        e = _e_of(g, scale, None if masks is None else masks[i], None if grad_masks is None else grad_masks[i])
+        if subtract:
+            p.sub_(e)
+        else:
+            p.add_(e)
+
+
+@torch.no_grad()
+def restore_and_combine_(params: Sequence[torch.Tensor], first: Sequence[torch.Tensor],
+                         second: Sequence[torch.Tensor], scale: torch.Tensor, sign: str, lamb: float, *,
+                         masks: Sequence[torch.Tensor] | None = None,
+                         grad_masks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """After SAM's second pass with ``e`` recomputed (:func:`shift_`): ``w -= e`` and the
+    combination, with no temporaries at all. Tensor by tensor, the combination
+    ``g + s*lamb*(g2 - g)`` is written over ``g2`` (``second``, returned), then
+    ``e`` over ``g`` (``first``, garbage afterwards) and subtracted from ``w``.
+    """
+    coeff = SIGNS[sign] * lamb
+    for i, (p, g, g2) in enumerate(zip(params, first, second)):
+        torch.lerp(g, g2, coeff, out=g2)  # what combine's fused lerp computes, written over g2
+        p.sub_(_e_of(g, scale, None if masks is None else masks[i], None if grad_masks is None else grad_masks[i],
+                     out=g))
+    return list(second)
+
+
+def is_textbook(sign: str, lamb: float) -> bool:
+    """``s*lamb == 1``: the update is ``g(w+e)`` alone, the clean ``g`` is not needed after ``e``."""
+    return SIGNS[sign] * lamb == 1.0
 
 
 def combine(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], sign: str,
@@ -95,10 +184,20 @@ def combine(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], sign:
     are returned as they are. Otherwise one fused lerp (new tensors) instead of a
     subtract and an add: the step's hot path on small models is op count.
     """
-    coeff = SIGNS[sign] * lamb
-    if coeff == 1.0:
+    if is_textbook(sign, lamb):
         return list(second)
-    return torch._foreach_lerp(list(first), list(second), coeff)
+    return torch._foreach_lerp(list(first), list(second), SIGNS[sign] * lamb)
+
+
+def combine_(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], sign: str,
+             lamb: float) -> list[torch.Tensor]:
+    """:func:`combine` written over ``first`` (the same fused lerp, so the same bits), for a
+    caller that owns ``g``: no new parameter-sized tensors. Textbook SAM returns ``second``."""
+    if is_textbook(sign, lamb):
+        return list(second)
+    first = list(first)
+    torch._foreach_lerp_(first, list(second), SIGNS[sign] * lamb)
+    return first
 
 
 # --------------------------------------------------------------- BatchNorm
@@ -165,20 +264,60 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb ``w <- w + e``, keeping no more than the restore and the update need.
+
+        With ``zero_grad`` the gradients are dropped here anyway, so they are ours
+        to overwrite: textbook SAM (``s*lamb == 1``) writes ``e`` over ``g`` (one
+        buffer, ``e``); other ``lamb``/``sign`` keep ``g`` itself for the
+        combination and recompute ``e`` from it to restore ``w`` (one buffer, ``g``;
+        ASAM also stashes ``e``, which depends on ``|w|``). Without ``zero_grad``
+        the caller still holds ``p.grad``: ``e`` is a new tensor and ``g`` a copy.
+        """
         # one ||T g|| over every parameter with a gradient, across groups: splitting
         # parameters into groups (e.g. for weight decay) must not change the perturbation
         with_grad = [self._with_grad(group) for group in self.param_groups]
-        partial = [squared_norm(scaled_grads(params, grads, group["adaptive"]))
-                   for group, (params, grads) in zip(self.param_groups, with_grad) if params]
-        global_sq_norm = torch.stack([n.to(partial[0].device) for n in partial]).sum() if partial else None
-        for group, (params, grads) in zip(self.param_groups, with_grad):
+        in_place = [zero_grad and is_textbook(group["sign"], group["lamb"]) for group in self.param_groups]
+        partial = []
+        for group, (params, grads), overwrite in zip(self.param_groups, with_grad, in_place):
             if not params:
                 continue
-            e = perturbation(params, grads, group["rho"], group["adaptive"], global_sq_norm=global_sq_norm)
-            for p, g, e_p in zip(params, grads, e):
-                state = self.state[p]
-                state["old_grad"] = g.clone()
-                state["e"] = e_p
+            if overwrite and group["adaptive"]:
+                mul_abs_(grads, params)  # T g written over g: perturbation_ takes it from there
+                partial.append(squared_norm(grads))
+            else:
+                partial.append(squared_norm(scaled_grads(params, grads, group["adaptive"])))
+        global_sq_norm = torch.stack([n.to(partial[0].device) for n in partial]).sum() if partial else None
+        for group, (params, grads), overwrite in zip(self.param_groups, with_grad, in_place):
+            if not params:
+                continue
+            rho, adaptive = group["rho"], group["adaptive"]
+            if overwrite:
+                e = perturbation_(params, grads, rho, adaptive, global_sq_norm=global_sq_norm, scaled=adaptive)
+                for p, e_p in zip(params, e):
+                    self.state[p]["e"] = e_p
+                    p.grad = None  # e now lives in the gradient's memory
+                torch._foreach_add_(params, e)
+                continue
+            if is_textbook(group["sign"], group["lamb"]):
+                e = perturbation(params, grads, rho, adaptive, global_sq_norm=global_sq_norm)
+            else:
+                if zero_grad:  # the gradient is dropped below: keep it instead of a copy
+                    old = list(grads)
+                    for p in params:
+                        p.grad = None
+                else:
+                    old = [g.clone() for g in grads]
+                for p, g in zip(params, old):
+                    self.state[p]["old_grad"] = g
+                if not adaptive:
+                    scale = perturbation_scale(rho, global_sq_norm)
+                    for p in params:
+                        self.state[p]["e_scale"] = scale
+                    shift_(params, old, scale)
+                    continue
+                e = perturbation(params, old, rho, adaptive, global_sq_norm=global_sq_norm)
+            for p, e_p in zip(params, e):
+                self.state[p]["e"] = e_p
             torch._foreach_add_(params, e)
         if zero_grad:
             self.zero_grad()
@@ -186,14 +325,20 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         for group in self.param_groups:
-            params = [p for p in group["params"] if "e" in self.state[p]]
+            params = [p for p in group["params"] if "e" in self.state[p] or "e_scale" in self.state[p]]
             if not params:
                 continue
-            e = [self.state[p].pop("e") for p in params]
-            torch._foreach_sub_(params, e)  # back to w
-            old = [self.state[p].pop("old_grad") for p in params]
+            states = [self.state[p] for p in params]
             second = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            final = combine(old, second, group["sign"], group["lamb"])
+            old = [state.pop("old_grad") for state in states] if "old_grad" in states[0] else None
+            if "e_scale" in states[0]:  # back to w with e recomputed from g; the update written over g2
+                final = restore_and_combine_(params, old, second, states[0]["e_scale"], group["sign"], group["lamb"])
+                for state in states:
+                    del state["e_scale"]
+            else:
+                torch._foreach_sub_(params, [state.pop("e") for state in states])  # back to w
+                # textbook SAM keeps no old gradient: its update is g(w+e) alone
+                final = second if old is None else combine_(old, second, group["sign"], group["lamb"])
             for p, g in zip(params, final):
                 p.grad = g
         self.base_optimizer.step()
