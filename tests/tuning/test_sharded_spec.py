@@ -26,6 +26,21 @@ def test_smoke_sharded_file_is_a_zero2_sweep_of_two_cpu_workers_per_trial():
     assert spec.trial_resources()["CPU"] <= 2.0 and spec.trial_resources()["GPU"] == 0.0
 
 
+def test_both_sharded_file_shards_pretraining_and_unlearning_from_base_alone():
+    from sharp_unlearn.tuning import prepare_inputs, trial_configs
+
+    spec = load_sweep(REPO / "tuning" / "both_sharded.yaml", tracking=NO_TRACKING)
+    assert spec.stage == "both" and spec.sharded is not None
+    assert spec.sharded.stages == ("pretrain", "unlearn")
+    assert (spec.sharded.zero_stage, spec.sharded.num_workers, spec.sharded.use_gpu) == (2, 2, False)
+    assert spec.total_trials == 4 and spec.trial_resources()["CPU"] <= 2.0
+    # a SAM-pretrained trial: SAM pretraining, sharded; its unlearning inherits distributed.* from base
+    inputs, _ = prepare_inputs(spec, quiet=True)  # stage both: nothing is trained before the trials
+    pre, un = trial_configs(inputs, {"pretrain.optimizer": {"name": "sam", "rho": 0.05}, "method.alpha": 0.95})
+    assert pre.optimizer.name == "sam" and un.optimizer.name == "sgd"
+    assert pre.distributed == un.distributed and un.distributed.backend == "deepspeed"
+
+
 def test_zero3_file_is_resnet50_on_cifar100_bf16_on_8_gpus_per_trial():
     from sharp_unlearn.config import config_from_dict
     from sharp_unlearn.engine.deepspeed_config import resolve_deepspeed_config
