@@ -20,6 +20,7 @@ from one device:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -155,6 +156,21 @@ class DeepSpeedBackend:
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.engine = None
         self.resumed_from = 0
+
+    def model_construction(self, model_cfg) -> contextlib.AbstractContextManager:
+        """The context a stage's model is built in. Under ZeRO-3 with ``model.weights`` it is
+        ``deepspeed.zero.Init``: each parameter is partitioned as soon as its module is built, so no
+        rank ever holds the whole model, and the weights file is loaded module by module
+        (:func:`~sharp_unlearn.models.base.load_model_state`). From scratch the model is built whole
+        as before: a constructor that re-initialises its built children (ResNets, ViTs) would reach
+        only empty partitions, and the initial weights would no longer be a single process's."""
+        stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        if stage != 3 or not model_cfg.weights:
+            return contextlib.nullcontext()
+        deepspeed = require("deepspeed", "deepspeed")
+        # the run's config gives the parameters' dtype (fp16 / bf16 / fp32) and the partitioning settings
+        return deepspeed.zero.Init(config_dict_or_path=self.ds_config,
+                                   data_parallel_group=torch.distributed.group.WORLD)
 
     def start(self, model, optimizer, scheduler, train_cfg, cfg) -> DeepSpeedTrainer:
         deepspeed = require("deepspeed", "deepspeed")

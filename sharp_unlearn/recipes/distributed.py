@@ -177,7 +177,8 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     result = train_stage(cfg, bundle, backend, out_dir=out_dir, checkpoint_path=ckpt_path, meta=meta,
                          train_indices=spec.get("train_indices"), split_hash=split_hash, kind=kind, tags=tags,
                          quiet=bool(spec.get("quiet")), resume=bool(spec.get("resume", True)),
-                         epoch_callback=_epoch_reporter(spec))
+                         epoch_callback=_epoch_reporter(spec),
+                         build_context=backend.model_construction(cfg.model))
     outcome = None
     if rank == 0:
         outcome = {"checkpoint": str(ckpt_path), "metrics": result.metrics, "run_id": result.run_id,

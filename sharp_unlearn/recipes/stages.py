@@ -8,6 +8,7 @@ reference. ``recipes.pretrain`` and ``recipes.unlearn`` run them on one device;
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,17 +61,20 @@ def stage_meta(cfg: ExperimentConfig, bundle: DatasetBundle, kind: str, split_ha
 def train_stage(cfg: ExperimentConfig, bundle: DatasetBundle, backend: Backend, *, out_dir: Path,
                 checkpoint_path: Path, meta: dict[str, Any], train_indices: Sequence[int] | np.ndarray | None,
                 split_hash: str | None, kind: str, tags: Mapping[str, Any] | None, quiet: bool, resume: bool,
-                epoch_callback: Callable[[int, dict[str, float]], None] | None) -> TrainOutcome:
+                epoch_callback: Callable[[int, dict[str, float]], None] | None,
+                build_context: contextlib.AbstractContextManager | None = None) -> TrainOutcome:
     """Train a fresh model on ``backend`` (one device, or every rank of a sharded run), evaluate it,
     record its final metrics in the checkpoint ``checkpoint_path`` (which the backend writes) and log
-    the run. With several ranks all call this; rank 0 writes the files."""
+    the run. With several ranks all call this; rank 0 writes the files. ``build_context``: the context
+    the model is built in (a sharded run's ``DeepSpeedBackend.model_construction``)."""
     writer = backend.rank == 0
     ckpt_path = checkpoint_path
     train = bundle.train if train_indices is None else Subset(bundle.train, np.asarray(train_indices).tolist())
     train_eval = (bundle.train_eval if train_indices is None
                   else Subset(bundle.train_eval, np.asarray(train_indices).tolist()))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as a single process
-    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    with build_context or contextlib.nullcontext():
+        model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
     spec = sam_spec(cfg.optimizer)
     phase = Phase(kind, [Objective("ce", "train", cross_entropy, sam=spec)])
     eval_bs = cfg.data.eval_batch_size
