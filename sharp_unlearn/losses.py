@@ -19,11 +19,15 @@ def cross_entropy(model: nn.Module, batch, reduction: str = "mean") -> torch.Ten
     Sequence logits ``(batch, tokens, vocab)`` against ``(batch, tokens)`` labels (a causal LM) are
     flattened: the mean is over the scored tokens, positions labelled ``-100`` are not scored.
     """
-    logits = model(batch.x)
+    return logits_cross_entropy(model(batch.x), batch.y, reduction)
+
+
+def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """:func:`cross_entropy` of logits already computed (a loss that also uses them for something else)."""
     if logits.dim() == 3:
-        return F.cross_entropy(logits.flatten(0, 1), batch.y.flatten(), ignore_index=IGNORE_INDEX,
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
-    return F.cross_entropy(logits, batch.y, reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def scored_per_row(labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ their size across temperatures):
   ``kd_weight * KL_T(teacher || student) + ce_weight * CE``.
 
 Both phases use the run's optimizer (SGD, Adam or SAM/ASAM with its sign).
+
+On a causal LM (logits ``(batch, tokens, vocab)``, answer-only labels) both terms are means over the
+answer tokens: the divergence is token-level and the prompt's positions are not distilled.
 """
 from __future__ import annotations
 
@@ -25,13 +28,22 @@ from torch.nn import functional as F
 
 from sharp_unlearn.config import check_range
 from sharp_unlearn.engine.objective import Batch, Objective, Phase
+from sharp_unlearn.losses import IGNORE_INDEX, logits_cross_entropy
 from sharp_unlearn.methods.base import METHODS, UnlearnContext, UnlearningMethod
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over a classifier batch's rows (logits
+    ``(B, C)``), or over the scored tokens of causal-LM logits ``(B, T, V)``: the positions whose label is
+    not ``-100`` (the answer), so the prompt and the padding neither count nor move the student."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+    if student_logits.dim() == 3:
+        if labels is None:
+            raise ValueError("sequence logits (B, T, V) need their labels to know which tokens are scored")
+        scored = labels != IGNORE_INDEX
+        student_logits, teacher_logits = student_logits[scored], teacher_logits[scored]
+    return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
                     reduction="batchmean", log_target=True) * (t * t)
 
 
@@ -74,14 +86,14 @@ class Scrub(UnlearningMethod):
         return self.teacher(x)
 
     def max_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return -distill_kl(model(batch.x), self.teacher_logits(batch.x), self.params.temperature)
+        return -distill_kl(model(batch.x), self.teacher_logits(batch.x), self.params.temperature, batch.y)
 
     def min_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits = model(batch.x)
-        loss = self.params.ce_weight * F.cross_entropy(logits, batch.y)
+        loss = self.params.ce_weight * logits_cross_entropy(logits, batch.y)
         if self.params.kd_weight:
             loss = loss + self.params.kd_weight * distill_kl(logits, self.teacher_logits(batch.x),
-                                                             self.params.temperature)
+                                                             self.params.temperature, batch.y)
         return loss
 
     def is_max_epoch(self, epoch: int) -> bool:
