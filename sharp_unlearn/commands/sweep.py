@@ -38,8 +38,10 @@ class Sweep(Command):
                             help="overrides of the sweep file, e.g. num_samples=4 base.train.epochs=10")
 
     def run(self, args):
+        from sharp_unlearn.config import load_yaml
         from sharp_unlearn.errors import ConfigError
         from sharp_unlearn.tuning import SweepInterrupted, load_sweep, run_sweep
+        from sharp_unlearn.tuning.lm import is_lm_sweep
 
         for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent),
                             ("--num-cpus", args.num_cpus)):
@@ -52,6 +54,8 @@ class Sweep(Command):
             tracking["enabled"] = False
         if args.tracking_uri:
             tracking["uri"] = args.tracking_uri
+        if is_lm_sweep(load_yaml(args.sweep)):
+            return _run_lm(args)
         # everything is validated here, before Ray starts
         overrides = [*args.overrides, *(["base.deterministic=true"] if args.deterministic else [])]
         spec = load_sweep(args.sweep, overrides, num_samples=args.num_samples,
@@ -83,6 +87,31 @@ class Sweep(Command):
                 "best": outcome.best, "rows": outcome.rows, "baseline": outcome.baseline_rows,
                 "results": outcome.results_path, "best_config": outcome.best_config_path,
                 "best_checkpoint": outcome.best_checkpoint_path}
+
+
+def _run_lm(args) -> dict:
+    """A ``task: lm`` sweep: trials of the LM recipe (no MLflow runs, no resume; see tuning/lm.py)."""
+    from sharp_unlearn.commands.console import print_rows
+    from sharp_unlearn.errors import ConfigError
+    from sharp_unlearn.tuning.lm import LM_METRICS, load_lm_sweep, run_lm_sweep
+
+    if args.resume or args.deterministic:
+        raise ConfigError("--resume and --deterministic are not supported by task: lm sweeps (their trials keep "
+                          "no checkpoints); run the sweep again without them")
+    spec = load_lm_sweep(args.sweep, args.overrides, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                         storage=args.storage, name=args.name)
+    if not args.quiet and not args.json:
+        print(f"sweep {spec.name}: task lm, method {spec.method['name']} ({spec.optimizer}), {spec.total_trials} "
+              f"trials, {spec.objective.describe()}, scheduler {spec.scheduler.name}")
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        outcome = run_lm_sweep(spec, address=args.address, num_cpus=args.num_cpus, quiet=args.quiet or args.json)
+    if not args.json:
+        print_rows(f"sweep {outcome.name}: {spec.objective.describe()}",
+                   ["trial_id", *spec.keys, "epochs", "objective", *LM_METRICS[:4]], outcome.rows)
+        if outcome.best is not None:
+            print(f"best trial {outcome.best['trial_id']}: objective {outcome.best['objective']:.4f}")
+        print(f"results: {outcome.results_path} and {outcome.markdown_path}")
+    return {"name": outcome.name, "rows": outcome.rows, "best": outcome.best, "results": outcome.results_path}
 
 
 def _print(outcome, spec) -> None:

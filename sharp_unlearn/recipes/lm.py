@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,9 +183,11 @@ def train_lm(model: nn.Module, data: QADataset, *, epochs: int, optimizer: Optim
 
 
 def unlearn_lm(model: nn.Module, setup: LMSetup, method_name: str, method_settings: dict[str, Any], *,
-               optimizer: OptimizerConfig, epochs: int, batch_size: int, seed: int) -> tuple[nn.Module, str]:
+               optimizer: OptimizerConfig, epochs: int, batch_size: int, seed: int,
+               on_epoch_end: Callable[[int, nn.Module], None] | None = None) -> tuple[nn.Module, str]:
     """A registered unlearning method's phases from ``model``'s weights, ``epochs`` passes; the model and
-    the method's optimizer tag (Sharp MinMax's sides use SAM whatever the base optimizer: ``sam-min/sam-max``)."""
+    the method's optimizer tag (Sharp MinMax's sides use SAM whatever the base optimizer: ``sam-min/sam-max``).
+    ``on_epoch_end(epoch, model)`` runs after each pass (1-based epoch; a sweep trial reports there)."""
     method_cfg = MethodConfig(name=method_name, epochs=epochs, **method_settings)
     method = METHODS.get(method_name)(method_cfg, optimizer, sam_spec(optimizer))
     ctx = UnlearnContext(model=model, retain=setup.retain, forget=setup.forget, num_classes=len(setup.tokenizer),
@@ -196,6 +198,8 @@ def unlearn_lm(model: nn.Module, setup: LMSetup, method_name: str, method_settin
     for epoch in range(epochs):
         for phase in method.phases(epoch):
             trainer.run_phase(phase, streams_for(datasets, batch_size, seed, epoch))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model.eval())
     return model.eval(), method.optimizer_tag
 
 

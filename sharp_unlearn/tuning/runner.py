@@ -172,7 +172,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return {dim.key: _domain(dim) for dim in spec.dims}
 
 
-def _scheduler(spec: SweepSpec):
+def tune_scheduler(spec: SweepSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler.name == "fifo":
@@ -182,7 +182,7 @@ def _scheduler(spec: SweepSpec):
                          reduction_factor=spec.scheduler.reduction_factor)
 
 
-def _search_alg(spec: SweepSpec, max_concurrent: int | None = None):
+def tune_search_alg(spec: SweepSpec, max_concurrent: int | None = None):
     max_concurrent = max_concurrent or spec.max_concurrent
     if spec.searcher.name == "optuna":
         from ray.tune.search import ConcurrencyLimiter
@@ -533,8 +533,8 @@ def fit_tuner(spec: SweepSpec, inputs: TrialInputs, *, resume: bool, quiet: bool
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(spec),
-            tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, scheduler=_scheduler(spec),
-                                        search_alg=_search_alg(spec, concurrency), num_samples=spec.num_samples,
+            tune_config=tune.TuneConfig(metric="objective", mode=spec.objective.mode, scheduler=tune_scheduler(spec),
+                                        search_alg=tune_search_alg(spec, concurrency), num_samples=spec.num_samples,
                                         # a stopped sharded trial's process must end: its Train run (and
                                         # the workers' placement group) ends with it
                                         reuse_actors=spec.sharded is None,

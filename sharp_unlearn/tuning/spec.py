@@ -390,13 +390,20 @@ def parse_dimension(key: str, spec: Any, stage: str, optuna: bool) -> Dimension:
     target, parts = _target_of(str(key), stage)
     kind_of_path = check_config_path(str(key), parts)
     _check_target_rules(str(key), target, stage, parts)
+    return parse_distribution(Dimension(str(key), target, tuple(parts), ""), spec, optuna, kind_of_path)
+
+
+def parse_distribution(dim: Dimension, spec: Any, optuna: bool, kind_of_path: str = "value") -> Dimension:
+    """``dim`` (key and path already checked) with its distribution from ``spec``; ``kind_of_path`` says
+    whether the path names a config ``section`` (searched by mappings) or a ``value``."""
+    key, parts = dim.key, dim.path
     expected = f"one of {', '.join(DISTRIBUTIONS)} as a mapping, e.g. {{uniform: [0.01, 0.2]}}"
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"search space {key!r}: {spec!r} is not a distribution; expected {expected}")
     (kind, args), = spec.items()
     if kind not in DISTRIBUTIONS:
         raise ConfigError(f"search space {key!r}: unknown distribution {kind!r}; expected {expected}")
-    dim = Dimension(str(key), target, tuple(parts), kind)
+    dim.kind = kind
     if kind in ("grid", "choice"):
         if not isinstance(args, list):
             raise ConfigError(f"search space {key!r}: {kind} needs a list of values, got {args!r}")
@@ -465,8 +472,25 @@ def _metric_error(what: str, name: str, stage: str) -> ConfigError:
                        f"(or loss_*{'' if stage == 'pretrain' else ', forget_acc_<level>'})")
 
 
-def parse_objective(raw: Any, stage: str) -> Objective:
-    default_metric = "val_acc" if stage == "pretrain" else "tow"
+@dataclass(frozen=True)
+class ReportedMetrics:
+    """What a kind of trial reports, for checking an objective against it (LM sweeps have their own)."""
+
+    names: tuple[str, ...]
+    default: str
+    lower_is_better: tuple[str, ...] = ()
+    what: str = "these"
+
+    def check(self, kind: str, name: str) -> None:
+        if name not in self.names:
+            raise ConfigError(f"{kind} {name!r} is not reported by {self.what} trials; expected one of: "
+                              f"{', '.join(self.names)}")
+
+
+def parse_objective(raw: Any, stage: str, reported: ReportedMetrics | None = None) -> Objective:
+    """The objective of a sweep of ``stage`` (metrics checked against what its trials report), or of
+    trials reporting ``reported``."""
+    default_metric = reported.default if reported else ("val_acc" if stage == "pretrain" else "tow")
     if raw is None:
         raw = {}
     if isinstance(raw, str):
@@ -477,10 +501,17 @@ def parse_objective(raw: Any, stage: str) -> Objective:
     if unknown:
         raise ConfigError(f"unknown key objective.{unknown[0]}; expected one of: constraint_mode, constraints, "
                           f"metric, mode, penalty_weight")
+
+    def check(kind: str, name: str) -> None:
+        if reported is not None:
+            reported.check(kind, name)
+        elif not _known_metric(name, stage):
+            raise _metric_error(kind, name, stage)
+
     metric = str(raw.get("metric", default_metric))
-    if not _known_metric(metric, stage):
-        raise _metric_error("objective.metric", metric, stage)
-    mode = str(raw.get("mode", "min" if metric in LOWER_IS_BETTER or metric.startswith("loss_") else "max"))
+    check("objective.metric", metric)
+    lower = reported.lower_is_better if reported else LOWER_IS_BETTER
+    mode = str(raw.get("mode", "min" if metric in lower or metric.startswith("loss_") else "max"))
     if mode not in MODES:
         raise ConfigError(f"objective.mode={mode!r} is not valid; expected one of: max, min")
     cmode = str(raw.get("constraint_mode", "penalty"))
@@ -504,13 +535,12 @@ def parse_objective(raw: Any, stage: str) -> Objective:
             raise ConfigError(f"objective constraint {text!r} is malformed; expected 'METRIC OP NUMBER' "
                               f"with OP one of <=, >=, <, > (e.g. 'test_acc_drop <= 2')")
         name, op, bound = match.group(1), match.group(2), float(match.group(3))
-        if not _known_metric(name, stage):
-            raise _metric_error("constraint metric", name, stage)
+        check("constraint metric", name)
         constraints.append(Constraint(name, op, bound))
     return Objective(metric, mode, constraints, cmode, weight)
 
 
-def _mapping(raw: Any, what: str, shorthand: str | None = None) -> dict[str, Any]:
+def mapping_setting(raw: Any, what: str, shorthand: str | None = None) -> dict[str, Any]:
     if raw is None:
         return {}
     if isinstance(raw, str) and shorthand:
@@ -526,7 +556,7 @@ def _only(raw: dict[str, Any], allowed: Sequence[str], what: str) -> None:
         raise ConfigError(f"unknown key {what}.{unknown[0]}; expected one of: {', '.join(sorted(allowed))}")
 
 
-def _int(raw: Any, what: str, low: int) -> int:
+def int_setting(raw: Any, what: str, low: int) -> int:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or float(raw) != int(raw):
         raise ConfigError(f"{what}={raw!r} is not an integer")
     if int(raw) < low:
@@ -541,12 +571,12 @@ def _number(raw: Any, what: str) -> float:
 
 
 def parse_scheduler(raw: Any) -> SchedulerSpec:
-    raw = _mapping(raw, "scheduler", "name")
+    raw = mapping_setting(raw, "scheduler", "name")
     _only(raw, ("name", "grace_period", "reduction_factor"), "scheduler")
     name = str(raw.get("name", "asha"))
     if name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name={name!r} is not valid; expected one of: {', '.join(SCHEDULERS)}")
-    grace = _int(raw.get("grace_period", 1), "scheduler.grace_period", 1)
+    grace = int_setting(raw.get("grace_period", 1), "scheduler.grace_period", 1)
     factor = _number(raw.get("reduction_factor", 2), "scheduler.reduction_factor")
     if not factor > 1:
         raise ConfigError(f"scheduler.reduction_factor={factor:g} must be > 1")
@@ -554,14 +584,14 @@ def parse_scheduler(raw: Any) -> SchedulerSpec:
 
 
 def parse_searcher(raw: Any) -> SearcherSpec:
-    raw = _mapping(raw, "searcher", "name")
+    raw = mapping_setting(raw, "searcher", "name")
     _only(raw, ("name", "seed"), "searcher")
     name = str(raw.get("name", "random"))
     if name not in SEARCHERS:
         raise ConfigError(f"searcher.name={name!r} is not valid; expected one of: {', '.join(SEARCHERS)}")
     seed = raw.get("seed", 0)
     if seed is not None:
-        seed = _int(seed, "searcher.seed", 0)
+        seed = int_setting(seed, "searcher.seed", 0)
     if name == "optuna":
         import importlib.util
 
@@ -623,7 +653,7 @@ def _sharded_resources(sharded: Sharding, resources: Resources, raw: dict[str, A
 
 
 def parse_resources(raw: Any) -> Resources:
-    raw = _mapping(raw, "resources")
+    raw = mapping_setting(raw, "resources")
     _only(raw, ("cpu", "gpu"), "resources")
     cpu = _number(raw.get("cpu", 1), "resources.cpu")
     gpu = _number(raw.get("gpu", 0), "resources.gpu")
@@ -692,8 +722,8 @@ def _normalize_base(raw: dict[str, Any], stage: str) -> tuple[dict | None, str |
                           "`method`), not both")
     checkpoint = raw.get("checkpoint")
     if "config" in raw:
-        config = _mapping(raw["config"], "config")
-        pretrain = _mapping(raw.get("pretrain"), "pretrain")
+        config = mapping_setting(raw["config"], "config")
+        pretrain = mapping_setting(raw.get("pretrain"), "pretrain")
         if stage == "pretrain":
             if pretrain:
                 raise ConfigError("stage 'pretrain' searches `config` itself; remove the `pretrain` section")
@@ -711,11 +741,11 @@ def _normalize_base(raw: dict[str, Any], stage: str) -> tuple[dict | None, str |
     for key in ("forget", "method"):
         if key in raw and stage == "pretrain":
             raise ConfigError(f"stage 'pretrain' does not use `{key}`; remove it or use stage: both")
-    base = _mapping(raw.get("base"), "base") if "base" in raw else None
-    overrides = copy.deepcopy(_mapping(raw.get("unlearn"), "unlearn"))
+    base = mapping_setting(raw.get("base"), "base") if "base" in raw else None
+    overrides = copy.deepcopy(mapping_setting(raw.get("unlearn"), "unlearn"))
     for key in ("forget", "method"):
         if key in raw:
-            overrides[key] = merge(overrides.get(key) or {}, _mapping(raw[key], key))
+            overrides[key] = merge(overrides.get(key) or {}, mapping_setting(raw[key], key))
     return (copy.deepcopy(base) if base is not None else None), checkpoint, overrides
 
 
@@ -733,6 +763,9 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
                 max_concurrent: int | None = None, storage: str | None = None, name: str | None = None,
                 default_name: str = "sweep", tracking: dict[str, Any] | None = None) -> SweepSpec:
     """Validate a sweep definition; keyword arguments (the CLI's options) win over the file's keys."""
+    if raw.get("task") == "lm":  # the language-model task has its own trials (tuning/lm.py)
+        raise ConfigError("this sweep file says task: lm; load it with sharp_unlearn.tuning.lm.load_lm_sweep "
+                          "(`sharp-unlearn sweep` does)")
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in the sweep file; expected one of: "
@@ -800,12 +833,12 @@ def parse_sweep(raw: dict[str, Any], *, source: str | None = None, num_samples: 
     if sharded is not None:
         resources = _sharded_resources(sharded, resources, raw.get("resources") or {})
     samples = num_samples if num_samples is not None else raw.get("num_samples", 1)
-    samples = _int(samples, "num_samples", 1)
+    samples = int_setting(samples, "num_samples", 1)
     concurrent = max_concurrent if max_concurrent is not None else raw.get("max_concurrent")
     if concurrent is not None:
-        concurrent = _int(concurrent, "max_concurrent", 1)
-    failures = _int(raw.get("max_failures", 2), "max_failures", 0)
-    keep = _int(raw.get("keep_checkpoints", 2), "keep_checkpoints", 1)
+        concurrent = int_setting(concurrent, "max_concurrent", 1)
+    failures = int_setting(raw.get("max_failures", 2), "max_failures", 0)
+    keep = int_setting(raw.get("keep_checkpoints", 2), "keep_checkpoints", 1)
     budget = raw.get("time_budget_s")
     if budget is not None:
         budget = _number(budget, "time_budget_s")
