@@ -36,6 +36,15 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, t_critical_95(len(values) - 1) * math.sqrt(var / len(values))
 
 
+def fmt_mean_ci(mean: float | None, half: float | None, digits: int = 3) -> str:
+    """``0.123 ± 0.045`` for a table cell; the mean alone without an interval, empty without a mean."""
+    if mean is None or mean != mean:
+        return ""
+    if half is None or half != half:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
 def is_significant(mean: float, half: float | None) -> bool:
     """The 95 % CI of the mean paired difference excludes 0 (one seed: no CI, never significant)."""
     return half is not None and half == half and mean == mean and abs(mean) > half

@@ -7,19 +7,20 @@ from sharp_unlearn.errors import ConfigError
 # lazy: the sharp_unlearn imports inside the functions below keep `sharp-unlearn --help` fast: cli.py
 # imports every command, and the recipes a command runs import torch, and mlflow or ray
 
-TARGETS = ("theory", "table", "ablation")
+TARGETS = ("theory", "table", "ablation", "lm")
 
 
 @COMMANDS.register("reproduce")
 class Reproduce(Command):
     help = ("reproduce the paper's claims: `theory` (signal-noise model), `table` (methods x SGD/SAM) or "
-            "`ablation` (project Sharp MinMax -> the released code's, one switch at a time)")
+            "`ablation` (project Sharp MinMax -> the released code's, one switch at a time) or `lm` (the "
+            "language-model table: methods x AdamW/SAM over seeds)")
 
     def add_arguments(self, parser):
         parser.add_argument("target", help=f"one of: {', '.join(TARGETS)}")
         parser.add_argument("--output-dir", default=None, help="default: runs/reproduce-<target>")
         parser.add_argument("--seeds", default=None,
-                            help="comma-separated seeds (default: theory 0; table and ablation 0,1,2)")
+                            help="comma-separated seeds (default: theory 0; table, ablation and lm 0,1,2)")
         parser.add_argument("--root", default=None, help="table: a CIFAR root (default: digits)")
         parser.add_argument("--dataset", default=None, help="table: cifar10 or cifar100 when --root is given")
         parser.add_argument("--sweep", action="store_true",
@@ -30,7 +31,7 @@ class Reproduce(Command):
         parser.add_argument("--epochs", type=int, default=None,
                             help="table --sweep: unlearning epochs of every cell, tuning and tuned grid alike "
                                  "(default: each method's epochs in the spec)")
-        parser.add_argument("--methods", default=None, help="table: comma-separated subset of methods")
+        parser.add_argument("--methods", default=None, help="table, lm: comma-separated subset of methods")
         parser.add_argument("--workers", type=int, default=None,
                             help="ablation: processes running (seed, pretraining optimizer) slices side by side, "
                                  "one torch thread each (default: the machine's CPUs; 1: in sequence, here)")
@@ -60,6 +61,8 @@ class Reproduce(Command):
             return _theory(args, seeds, tracking, out)
         if args.target == "ablation":
             return _ablation(args, seeds, tracking, out)
+        if args.target == "lm":
+            return _lm(args, seeds, tracking, out)
         from sharp_unlearn.reproduce.table import run_table
 
         result = run_table(output_dir=out, seeds=seeds, tracking=tracking, root=args.root, dataset=args.dataset,
@@ -98,6 +101,24 @@ def _theory(args, seeds, tracking, out):
         print(open(result["report"]).read())
         print(f"figure: {result['figure']}  table: {result['table']}")
     return {k: v for k, v in result.items() if k != "rows"}
+
+
+def _lm(args, seeds, tracking, out):
+    for flag, value in (("--root", args.root), ("--dataset", args.dataset), ("--trials", args.trials),
+                        ("--epochs", args.epochs), ("--workers", args.workers)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not valid with reproduce lm; expected --seeds, --methods, --output-dir, "
+                              "tracking flags and the LM demo's key=value settings")
+    if args.sweep or args.deterministic:
+        raise ConfigError("--sweep and --deterministic are not valid with reproduce lm; expected them with "
+                          "reproduce table")
+    from sharp_unlearn.reproduce.lm_table import run_lm_table
+
+    result = run_lm_table(output_dir=out, seeds=seeds, methods=args.methods.split(",") if args.methods else None,
+                          overrides=args.overrides, tracking=tracking, quiet=args.quiet)
+    if not args.json:
+        print(open(result["report_md"]).read())
+    return result
 
 
 def _ablation(args, seeds, tracking, out):

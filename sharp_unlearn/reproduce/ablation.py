@@ -47,7 +47,7 @@ from sharp_unlearn.reproduce.paper_code import (
     unlearn_train,
     with_optimizer,
 )
-from sharp_unlearn.stats import is_significant, mean_ci95
+from sharp_unlearn.stats import fmt_mean_ci, is_significant, mean_ci95
 from sharp_unlearn.tracking import check_tracking, children_of, client_for
 from sharp_unlearn.validation import config_from_dict
 
@@ -245,14 +245,6 @@ def _signed(mean: float, half: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-def _fmt(mean: float | None, half: float | None, digits: int = 3) -> str:
-    if mean is None or mean != mean:
-        return ""
-    if half is None or half != half:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
 def render_markdown(summary, effects, lines, seeds: Sequence[int], preset_name: str) -> str:
     out = [f"# Sharp MinMax ablation: project -> released code ({preset_name}), seeds "
            f"{', '.join(map(str, seeds))}", "",
@@ -269,7 +261,7 @@ def render_markdown(summary, effects, lines, seeds: Sequence[int], preset_name: 
         for s in summary:
             if s["level"] == level:
                 out.append(f"| {s['pretrain']} | {s['method']} | {s['variant']} | {s['unlearn_opt']} | "
-                           + " | ".join(_fmt(s.get(m), s.get(f"{m}_ci95")) for m in METRICS) + " |")
+                           + " | ".join(fmt_mean_ci(s.get(m), s.get(f"{m}_ci95")) for m in METRICS) + " |")
         out.append("")
     out += ["## Paired differences against the baseline (mean ± 95 % CI; * = CI excludes 0)", "",
             "| level | pretrain | method | variant | unlearn | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
