@@ -38,6 +38,15 @@ DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("none", "deepspeed")
 DIST_LAUNCHERS = ("ray", "torchrun")
 MASK_ORDERS = ("largest", "smallest")
+SAM_SUBSETS = ("random", "saliency")
+
+#: keys added after config hashes began naming stored checkpoints, caches and run folders: while a key
+#: holds the value that reproduces the earlier behaviour it is left out of every hash (hash_tree), so
+#: those files stay valid; MLflow params and saved configs still show it
+HASH_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "optimizer": {"sam_every": 1, "sam_fraction": 1.0, "sam_subset": "random"},
+    "method": {"sam_sides": "both"},
+}
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -163,6 +172,10 @@ class OptimizerConfig:
     ``sam``/``asam`` wrap ``base`` (sgd, adam, adamw); ``sign`` picks sharpness
     minimization (``min``) or maximization (``max``); ``lamb`` weighs the
     sharpness term: update gradient ``g + s*lamb*(g(w+e) - g)``.
+
+    ``sam_every``, ``sam_fraction`` and ``sam_subset`` make every SAM pass of
+    the stage cheaper (Sharp MinMax's too, whatever ``name``); their defaults
+    are exact SAM (see :mod:`sharp_unlearn.optim.sam_variants`).
     """
 
     name: str = "sgd"
@@ -175,6 +188,12 @@ class OptimizerConfig:
     rho: float = 0.05
     lamb: float = 1.0
     sign: str = "min"
+    #: a full SAM step every `sam_every` steps; in between one pass reusing the last sharpness direction
+    sam_every: int = 1
+    #: share of the entries SAM's perturbation uses (1.0: all, exact SAM)
+    sam_fraction: float = 1.0
+    #: which entries when sam_fraction < 1: `random` (re-drawn every step, seeded) or `saliency` (largest |g|)
+    sam_subset: str = "random"
 
     def __post_init__(self) -> None:
         check_choice("optimizer.name", self.name, OPTIMIZERS)
@@ -185,6 +204,9 @@ class OptimizerConfig:
         check_range("optimizer.weight_decay", self.weight_decay, 0.0)
         check_range("optimizer.rho", self.rho, 0.0)
         check_range("optimizer.lamb", self.lamb, 0.0)
+        check_range("optimizer.sam_every", self.sam_every, 1)
+        check_range("optimizer.sam_fraction", self.sam_fraction, 0.0, 1.0, lo_open=True)
+        check_choice("optimizer.sam_subset", self.sam_subset, SAM_SUBSETS)
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives lists
         if len(self.betas) != 2:
             raise ConfigError(f"optimizer.betas={list(self.betas)!r} must hold two values (beta1, beta2)")
@@ -406,6 +428,12 @@ class ExperimentConfig:
         check_range("seed", self.seed, 0, 2**32 - 1)
         if self.threads is not None:
             check_range("threads", self.threads, 1)
+        opt = self.optimizer
+        if self.distributed.backend == "deepspeed" and (opt.sam_every != 1 or opt.sam_fraction != 1.0):
+            # the sharded engine's SAM pass has no reuse or subset step yet: refuse rather than run exact SAM
+            raise ConfigError(f"optimizer.sam_every={opt.sam_every} / optimizer.sam_fraction={opt.sam_fraction:g} "
+                              "with distributed.backend=deepspeed; expected 1 and 1 there (SAM's cheaper variants "
+                              "run single-process; method.sam_sides works sharded too)")
 
     # -- serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -418,6 +446,16 @@ class ExperimentConfig:
         """Dotted keys for MLflow params (``optimizer.rho``, ``method.alpha``)."""
         return flatten(self.to_dict())
 
+    def hash_tree(self) -> dict[str, Any]:
+        """``to_dict()`` without the keys of ``HASH_NEUTRAL_DEFAULTS`` that hold their neutral value:
+        what config hashes are computed from."""
+        tree = self.to_dict()
+        for section, neutral in HASH_NEUTRAL_DEFAULTS.items():
+            values = tree.get(section)
+            if isinstance(values, dict):
+                tree[section] = {k: v for k, v in values.items() if not (k in neutral and v == neutral[k])}
+        return tree
+
     def training_hash(self) -> str:
         """Hash of what determines a trained model: data, model, optimizer, schedule, seed.
 
@@ -426,7 +464,7 @@ class ExperimentConfig:
         cached stages, overwriting it with other weights retrains them. A weights name (torchvision's
         ``IMAGENET1K_V1``) or a file that no longer exists enters as written.
         """
-        keep = {k: v for k, v in self.to_dict().items()
+        keep = {k: v for k, v in self.hash_tree().items()
                 if k in ("seed", "data", "model", "optimizer", "train")}
         keep["data"] = {k: v for k, v in keep["data"].items()
                         if k not in ("num_workers", "eval_batch_size", "download")}

@@ -237,6 +237,9 @@ def run_epochs(
     with progress_bar(description, max(epochs - start_epoch, 0), quiet or backend.rank != 0) as advance:
         for epoch in range(start_epoch, epochs):
             torch.manual_seed(epoch_seed(seed, epoch, 99))  # dropout / augmentation, resume-stable
+            # SAM variants: reuse restarts with a full step and subsets draw anew each epoch, so resuming
+            # from an epoch checkpoint takes the same steps as an uninterrupted run
+            trainer.sam_variants.restart(epoch_seed(seed, epoch, 98))
             record: dict[str, float] = {"epoch": epoch + 1}
             phases = phases_fn(epoch)
             for phase in phases:

@@ -15,6 +15,9 @@ A step, for a phase with objectives ``O_1..O_k``::
 
 Gradients are taken with ``torch.autograd.grad`` so objectives never see each
 other's gradients; the sum is written to ``p.grad`` once, for the base optimizer.
+An objective whose SAM has a cheaper variant (``SamSpec.variant``: direction reuse
+every k steps, a perturbation on a subset of the entries) takes
+``_variant_sam_gradient`` instead (:mod:`sharp_unlearn.optim.sam_variants`).
 The arithmetic runs in place on those gradients: a SAM objective holds one
 parameter-sized buffer beyond a plain step during its second pass (``e``, or
 ``g`` for ``s*lamb != 1``; ASAM with ``s*lamb != 1`` both), measured by
@@ -34,16 +37,20 @@ from torch.utils.data import DataLoader, Dataset
 from sharp_unlearn.engine.objective import Batch, Objective, Phase, step_groups
 from sharp_unlearn.errors import TrainingDiverged
 from sharp_unlearn.optim.sam import (
+    SIGNS,
     SamSpec,
+    combine,
     combine_,
     frozen_bn_stats,
     is_textbook,
+    perturbation,
     perturbation_,
     perturbation_scale,
     restore_and_combine_,
     shift_,
     squared_norm,
 )
+from sharp_unlearn.optim.sam_variants import VariantState, measure_direction, perturbed_subset, reused_direction
 from sharp_unlearn.optim.side_states import SideStates, side_states_of
 
 
@@ -143,6 +150,8 @@ class Trainer:
         self._mask_cache: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         # step groups after the first keep their own base-optimizer state (sequential updates)
         self.side_states = self._make_side_states()
+        #: what SAM's cheaper variants remember between steps (the driver restarts it every epoch)
+        self.sam_variants = VariantState()
 
     def _make_side_states(self) -> SideStates:
         return side_states_of(self.optimizer)
@@ -203,6 +212,8 @@ class Trainer:
         mask = self._mask_list(objective)
         spec = objective.sam
         if spec is not None and spec.rho > 0:
+            if not spec.variant.exact:
+                return self._variant_sam_gradient(objective, spec, micro, grads, mask), loss
             return self._sam_gradient(objective, spec, micro, grads, mask), loss
         if mask is not None:
             torch._foreach_mul_(grads, mask)
@@ -273,6 +284,46 @@ class Trainer:
             if mask is not None and not g2_only:
                 torch._foreach_mul_(grads, mask)
         return grads
+
+    def _variant_sam_gradient(self, objective: Objective, spec: SamSpec, micro: Sequence[Batch],
+                              grads: list[torch.Tensor], mask: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """SAM with a cheaper variant (``spec.variant``, :mod:`sharp_unlearn.optim.sam_variants`):
+        a reuse step (one pass: ``g + s*lamb*d'`` with the last measured direction re-fitted to
+        ``g``), or a full step whose ``e`` lives on a subset of the entries and which measures the
+        direction ``d = g(w+e) - g`` (``M*g(w+e) - g`` for mask_scope "perturbed") for reuse.
+        Out of place: ``g``, ``e`` and the remembered direction are separate buffers."""
+        variant = spec.variant
+        memory = self.sam_variants
+        g2_only = mask is not None and objective.mask_scope == "perturbed"  # only g(w+e) is masked
+        if variant.every > 1 and memory.reuse_due(objective.name, variant.every):
+            direction = reused_direction(memory.direction(objective.name), grads)
+            combined = torch._foreach_add(grads, direction, alpha=SIGNS[spec.sign] * spec.lamb)
+        else:
+            e_mask = mask if mask is not None and objective.perturbation == "masked" else None
+            probe = torch._foreach_mul(grads, e_mask) if e_mask is not None else grads
+            subset = perturbed_subset(variant, probe, memory.generator, e_mask)
+            if subset is not None:
+                probe = torch._foreach_mul(probe, subset)
+            with torch.no_grad():
+                e = perturbation(self.params, probe, spec.rho, spec.adaptive)
+                for keep in (e_mask, subset):  # ASAM's |w| scaling keeps the subspace, but be exact
+                    if keep is not None:
+                        torch._foreach_mul_(e, keep)
+                torch._foreach_add_(self.params, e)
+            try:
+                with frozen_bn_stats(self.model):
+                    second, _ = self._grad(objective, micro)
+            finally:
+                with torch.no_grad():
+                    torch._foreach_sub_(self.params, e)
+            if g2_only:
+                torch._foreach_mul_(second, mask)
+            if variant.every > 1:
+                memory.remember(objective.name, measure_direction(grads, torch._foreach_sub(second, grads)))
+            combined = combine(grads, second, spec.sign, spec.lamb)
+        if mask is not None and not g2_only:
+            torch._foreach_mul_(combined, mask)
+        return combined
 
     def step(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]]) -> StepStats:
         self.model.train()

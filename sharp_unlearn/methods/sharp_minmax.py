@@ -31,6 +31,11 @@ sides still use SAM with the radii above (``rho_*=0`` makes a side first
 order, and the tag says so). ``optimizer.sign`` is ignored: the signs are the
 method's. One epoch is one pass over the retain set (the forget set when
 ``alpha == 0``).
+
+``sam_sides`` (``both``, ``forget``, ``retain``) keeps SAM on one side only;
+the other side is then plain first-order, as with its ``rho_*=0``, and the tag
+shows its base optimizer. ``optimizer.sam_every`` / ``sam_fraction`` /
+``sam_subset`` make both sides' SAM passes cheaper (exact SAM by default).
 """
 from __future__ import annotations
 
@@ -46,11 +51,13 @@ from sharp_unlearn.methods.base import (
     saliency_mask_for,
     scaled,
 )
+from sharp_unlearn.optim.factory import sam_variant
 from sharp_unlearn.optim.saliency import complement
 
 FORGET_MASK_SCOPES = ("update", "perturbed")
 PERTURBATIONS = ("masked", "full")
 UPDATE_ORDERS = ("joint", "sequential")
+SAM_SIDES = ("both", "forget", "retain")
 
 
 @dataclass
@@ -76,6 +83,8 @@ class SharpMinMaxParams:
     #: `joint` sums retain and forget into one step; `sequential` steps retain, then forget at the updated
     #: weights, each side with its own base-optimizer state (released code)
     update_order: str = "joint"
+    #: the sides that get SAM: `both`, or only `forget` / only `retain` (the other side first-order)
+    sam_sides: str = "both"
 
     def __post_init__(self) -> None:
         for key in ("rho_min", "rho_max", "lamb_min", "lamb_max"):
@@ -86,6 +95,7 @@ class SharpMinMaxParams:
         check_choice("method.forget_perturbation", self.forget_perturbation, PERTURBATIONS)
         check_choice("method.retain_perturbation", self.retain_perturbation, PERTURBATIONS)
         check_choice("method.update_order", self.update_order, UPDATE_ORDERS)
+        check_choice("method.sam_sides", self.sam_sides, SAM_SIDES)
 
 
 def _pick(value: float | None, default: float) -> float:
@@ -102,11 +112,15 @@ class SharpMinMax(UnlearningMethod):
     def __init__(self, cfg: MethodConfig, optimizer: OptimizerConfig, sam: SamSpec | None):
         super().__init__(cfg, optimizer, sam)
         params = self.params
+        variant = sam_variant(optimizer)
+        #: each side's SAM, None for a side that sam_sides leaves first-order
         self.min_spec = SamSpec(rho=_pick(params.rho_min, optimizer.rho),
-                                lamb=_pick(params.lamb_min, optimizer.lamb), sign="min", adaptive=optimizer.adaptive)
+                                lamb=_pick(params.lamb_min, optimizer.lamb), sign="min", adaptive=optimizer.adaptive,
+                                variant=variant) if params.sam_sides in ("both", "retain") else None
         self.max_spec = SamSpec(rho=_pick(params.rho_max, optimizer.rho),
                                 lamb=_pick(params.lamb_max, optimizer.lamb), sign="max",
-                                adaptive=optimizer.adaptive if params.adaptive_max is None else params.adaptive_max)
+                                adaptive=optimizer.adaptive if params.adaptive_max is None else params.adaptive_max,
+                                variant=variant) if params.sam_sides in ("both", "forget") else None
 
     def prepare(self, ctx: UnlearnContext) -> None:
         self.mask = saliency_mask_for(ctx, self.cfg)
@@ -134,8 +148,8 @@ class SharpMinMax(UnlearningMethod):
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("sharp_minmax", self.objectives(), driver="retain" if self.cfg.alpha > 0 else "forget")]
 
-    def _side_tag(self, spec: SamSpec) -> str:
-        return spec.tag if spec.rho > 0 else self.optimizer_cfg.base_name
+    def _side_tag(self, spec: SamSpec | None) -> str:
+        return spec.tag if spec is not None and spec.rho > 0 else self.optimizer_cfg.base_name
 
     @property
     def optimizer_tag(self) -> str:

@@ -6,7 +6,7 @@ import math
 import torch
 
 from sharp_unlearn.config import OptimizerConfig, TrainConfig
-from sharp_unlearn.optim.sam import SamSpec
+from sharp_unlearn.optim.sam import SamSpec, SamVariant
 from sharp_unlearn.optim.side_states import side_states_of
 
 
@@ -28,11 +28,16 @@ def build_base_optimizer(params, cfg: OptimizerConfig, lr: float | None = None) 
     return optimizer
 
 
+def sam_variant(cfg: OptimizerConfig) -> SamVariant:
+    """How cheaply every SAM pass of the stage runs (``optimizer.sam_*``; the defaults are exact SAM)."""
+    return SamVariant(every=cfg.sam_every, fraction=cfg.sam_fraction, subset=cfg.sam_subset)
+
+
 def sam_spec(cfg: OptimizerConfig) -> SamSpec | None:
     """The SAM semantics of the configured optimizer, or None for a first-order one."""
     if not cfg.is_sam:
         return None
-    return SamSpec(rho=cfg.rho, lamb=cfg.lamb, sign=cfg.sign, adaptive=cfg.adaptive)
+    return SamSpec(rho=cfg.rho, lamb=cfg.lamb, sign=cfg.sign, adaptive=cfg.adaptive, variant=sam_variant(cfg))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int,

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sharp_unlearn.config import SAM_SUBSETS
+
 SIGNS = {"min": 1.0, "max": -1.0}
 
 
@@ -37,6 +39,30 @@ def validate_sam_args(rho: float, sign: str, lamb: float) -> None:
 
 
 @dataclass(frozen=True)
+class SamVariant:
+    """How cheaply SAM runs (the arithmetic: :mod:`sharp_unlearn.optim.sam_variants`): a full step
+    every ``every`` steps, reusing the last sharpness direction in between, and a perturbation on a
+    ``fraction`` of the entries chosen by ``subset``. The defaults are exact SAM."""
+
+    every: int = 1
+    fraction: float = 1.0
+    subset: str = "random"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"SAM every={self.every!r} is invalid; expected an integer >= 1")
+        if not isinstance(self.fraction, (int, float)) or not (0 < self.fraction <= 1):
+            raise ValueError(f"SAM fraction={self.fraction!r} is invalid; expected a number in (0, 1]")
+        if self.subset not in SAM_SUBSETS:
+            raise ValueError(f"SAM subset={self.subset!r} is invalid; expected one of {SAM_SUBSETS}")
+
+    @property
+    def exact(self) -> bool:
+        """Exact SAM: every step full, every entry perturbed (``subset`` then plays no part)."""
+        return self.every == 1 and self.fraction == 1.0
+
+
+@dataclass(frozen=True)
 class SamSpec:
     """The SAM semantics one objective gets (what the engine's loop and the :class:`SAM` helpers apply)."""
 
@@ -44,6 +70,7 @@ class SamSpec:
     lamb: float = 1.0
     sign: str = "min"
     adaptive: bool = False
+    variant: SamVariant = SamVariant()
 
     def __post_init__(self) -> None:
         validate_sam_args(self.rho, self.sign, self.lamb)

@@ -144,7 +144,7 @@ def _log_previews(tracker, results_path: Path, split_path: Path, history: list[d
 
 
 def _output_dir(cfg: ExperimentConfig, split: ForgetSplit, pretrained: Pretrained) -> Path:
-    key = stable_hash({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "output_dir")},
+    key = stable_hash({"cfg": {k: v for k, v in cfg.hash_tree().items() if k not in ("tracking", "output_dir")},
                        "pretrain": pretrained.state.get("config_hash"), "split": split.split_hash})
     name = f"{split.label}-{cfg.method.name}-{cfg.optimizer.tag}-s{cfg.seed}-{key}"
     return Path(cfg.output_dir) / "unlearn" / name

@@ -333,7 +333,7 @@ def _measure(cfg, export: Path, pretrained, split, reference) -> dict[str, float
 
 def unlearn_run_dir(cfg, pretrained, split) -> Path:
     """A sharded unlearning trial's folder: one per (config, pretrained model, split)."""
-    key = stable_hash({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "output_dir")},
+    key = stable_hash({"cfg": {k: v for k, v in cfg.hash_tree().items() if k not in ("tracking", "output_dir")},
                        "pretrain": pretrained.state.get("config_hash"), "split": split.split_hash})
     return Path(cfg.output_dir) / "sweep-unlearn" / f"{split.label}-{cfg.method.name}-{cfg.optimizer.tag}-{key}"
 
