@@ -1,6 +1,7 @@
 """Sharp MinMax's switches (perturbed mask scope, full perturbation, sequential updates with
-two optimizer states) under ZeRO 0-3 equal the single-process loop, and a sequential run resumes
-from a DeepSpeed checkpoint bit-exactly (both sides' optimizer states are in it).
+two optimizer states, SAM on the forget side only as method.sam_sides=forget runs it) under ZeRO
+0-3 equal the single-process loop, and a sequential run resumes from a DeepSpeed checkpoint
+bit-exactly (both sides' optimizer states are in it).
 
 One ``torchrun --nproc_per_node 2`` launch (gloo, CPU) runs every stage and case; rank 0 also
 runs the single-process reference (:class:`~sharp_unlearn.engine.loop.Trainer`, itself checked
@@ -29,7 +30,10 @@ CASES = {
     "perturb-full": ("update", "full", False, True, "sgd"),
     "sequential": ("update", "masked", True, False, "sgd"),
     "paper-code": ("perturbed", "full", True, True, "adamw"),
+    "forget-sam-only": ("update", "masked", False, False, "sgd"),
 }
+#: case -> the side that is plain first-order (method.sam_sides=forget leaves the retain side without SAM)
+FIRST_ORDER_SIDE = {"forget-sam-only": "retain"}
 STEPS = 3
 GLOBAL_BATCH = 16
 FEATURES, CLASSES = 13, 5
@@ -53,8 +57,9 @@ def _objectives(case: str, named_params):
     gen = torch.Generator().manual_seed(7)
     mask = {n: (torch.rand(p.shape, generator=gen) < 0.5).float() for n, p in named_params}
     other = {n: 1.0 - m for n, m in mask.items()}
-    return [Objective("retain", "retain", ce, sam=SamSpec(rho=0.05, lamb=1.0), mask=other,
-                      perturbation=perturbation, step_group="retain" if sequential else None),
+    plain = FIRST_ORDER_SIDE.get(case)
+    return [Objective("retain", "retain", ce, sam=None if plain == "retain" else SamSpec(rho=0.05, lamb=1.0),
+                      mask=other, perturbation=perturbation, step_group="retain" if sequential else None),
             Objective("forget", "forget", neg_ce, sam=SamSpec(rho=0.1, lamb=0.5, sign="max", adaptive=adaptive),
                       mask=mask, mask_scope=scope, perturbation=perturbation,
                       step_group="forget" if sequential else None)]
