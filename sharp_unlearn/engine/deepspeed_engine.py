@@ -423,6 +423,10 @@ class DeepSpeedTrainer(Trainer):
         awaiting_restore = False
         for k, objective in enumerate(objectives):
             last = k == len(objectives) - 1
+            if objective.sam is not None and not objective.sam.variant.exact:
+                # configs refuse these for sharded runs; an objective built by hand must not get exact SAM silently
+                raise ValueError(f"objective {objective.name!r}: SAM variant {objective.sam.variant} has no sharded "
+                                 "step; expected exact SAM (every=1, fraction=1) with DeepSpeed")
             micro = [self._local(b, objective.mean_over) for b in batches[objective.stream]]
             if k > 0:
                 view.before_second_backward()

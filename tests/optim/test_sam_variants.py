@@ -4,13 +4,16 @@ for one or two SGD steps on a tiny linear model (plain torch ops and ``torch.aut
 functional copy (W, b); the engine under test is only asked for its result)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
-from sharp_unlearn.engine.loop import Trainer
+from sharp_unlearn.engine.deepspeed_engine import DeepSpeedTrainer
+from sharp_unlearn.engine.loop import StepStats, Trainer
 from sharp_unlearn.engine.objective import Batch, Objective
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.losses import cross_entropy
@@ -256,3 +259,11 @@ def test_sharded_runs_refuse_reuse_and_subsets_but_take_sam_sides():
         with pytest.raises(ConfigError, match="distributed.backend=deepspeed"):
             load_config([], [*sharded, override])
     assert load_config([], [*sharded, "method.sam_sides=forget"]).method.sam_sides == "forget"
+
+
+def test_the_sharded_engine_refuses_a_variant_objective_rather_than_running_exact_sam():
+    # the check runs before any collective: a stand-in engine view with no shards reaches it
+    stand_in = SimpleNamespace(engine=None, view=SimpleNamespace(refresh=lambda: None, shards=[]))
+    objective = Objective("ce", "train", cross_entropy, sam=SamSpec(rho=RHO, variant=SamVariant(every=2)))
+    with pytest.raises(ValueError, match="has no sharded step"):
+        DeepSpeedTrainer._step_group(stand_in, [objective], {"train": _batches(1)}, StepStats())
