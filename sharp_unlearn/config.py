@@ -46,6 +46,7 @@ SAM_SUBSETS = ("random", "saliency")
 HASH_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "optimizer": {"sam_every": 1, "sam_fraction": 1.0, "sam_subset": "random"},
     "method": {"sam_sides": "both"},
+    "model": {"activation_checkpointing": False},
 }
 
 

@@ -240,6 +240,15 @@ def test_weights_digest_is_read_once_per_file_version(tmp_path, monkeypatch):
     assert len(reads) == 2
 
 
+def test_activation_checkpointing_leaves_config_hashes_alone():
+    plain = load_config([], [OFF])
+    checkpointed = load_config([], [OFF, "model.activation_checkpointing=true"])
+    # off (the default) it is left out of every hash: unlearning folders and caches named before it existed stay valid
+    assert "activation_checkpointing" not in plain.hash_tree()["model"]
+    assert "activation_checkpointing" in checkpointed.hash_tree()["model"]
+    assert checkpointed.training_hash() == plain.training_hash()  # memory and time only: cached stages are reused
+
+
 def test_training_hash_is_stable_across_processes():
     script = ("from sharp_unlearn.config import load_config;"
               "print(load_config([], ['optimizer.name=sam', 'model.options={b: 1, a: 2}']).training_hash())")
