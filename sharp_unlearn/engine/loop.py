@@ -37,9 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from sharp_unlearn.engine.objective import Batch, Objective, Phase, step_groups
 from sharp_unlearn.errors import TrainingDiverged
 from sharp_unlearn.optim.sam import (
-    SIGNS,
     SamSpec,
-    combine,
     combine_,
     frozen_bn_stats,
     is_textbook,
@@ -50,7 +48,7 @@ from sharp_unlearn.optim.sam import (
     shift_,
     squared_norm,
 )
-from sharp_unlearn.optim.sam_variants import VariantState, measure_direction, perturbed_subset, reused_direction
+from sharp_unlearn.optim.sam_variants import VariantState
 from sharp_unlearn.optim.side_states import SideStates, side_states_of
 
 
@@ -292,18 +290,12 @@ class Trainer:
         ``g``), or a full step whose ``e`` lives on a subset of the entries and which measures the
         direction ``d = g(w+e) - g`` (``M*g(w+e) - g`` for mask_scope "perturbed") for reuse.
         Out of place: ``g``, ``e`` and the remembered direction are separate buffers."""
-        variant = spec.variant
         memory = self.sam_variants
         g2_only = mask is not None and objective.mask_scope == "perturbed"  # only g(w+e) is masked
-        if variant.every > 1 and memory.reuse_due(objective.name, variant.every):
-            direction = reused_direction(memory.direction(objective.name), grads)
-            combined = torch._foreach_add(grads, direction, alpha=SIGNS[spec.sign] * spec.lamb)
-        else:
+        combined = memory.reuse_gradient(objective.name, spec, grads)
+        if combined is None:
             e_mask = mask if mask is not None and objective.perturbation == "masked" else None
-            probe = torch._foreach_mul(grads, e_mask) if e_mask is not None else grads
-            subset = perturbed_subset(variant, probe, memory.generator, e_mask)
-            if subset is not None:
-                probe = torch._foreach_mul(probe, subset)
+            probe, subset = memory.subset_probe(spec.variant, grads, e_mask)
             with torch.no_grad():
                 e = perturbation(self.params, probe, spec.rho, spec.adaptive)
                 for keep in (e_mask, subset):  # ASAM's |w| scaling keeps the subspace, but be exact
@@ -318,9 +310,7 @@ class Trainer:
                     torch._foreach_sub_(self.params, e)
             if g2_only:
                 torch._foreach_mul_(second, mask)
-            if variant.every > 1:
-                memory.remember(objective.name, measure_direction(grads, torch._foreach_sub(second, grads)))
-            combined = combine(grads, second, spec.sign, spec.lamb)
+            combined = memory.full_step_gradient(objective.name, spec, grads, second)
         if mask is not None and not g2_only:
             torch._foreach_mul_(combined, mask)
         return combined
