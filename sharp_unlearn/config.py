@@ -429,12 +429,6 @@ class ExperimentConfig:
         check_range("seed", self.seed, 0, 2**32 - 1)
         if self.threads is not None:
             check_range("threads", self.threads, 1)
-        opt = self.optimizer
-        if self.distributed.backend == "deepspeed" and (opt.sam_every != 1 or opt.sam_fraction != 1.0):
-            # the sharded engine's SAM pass has no reuse or subset step yet: refuse rather than run exact SAM
-            raise ConfigError(f"optimizer.sam_every={opt.sam_every} / optimizer.sam_fraction={opt.sam_fraction:g} "
-                              "with distributed.backend=deepspeed; expected 1 and 1 there (SAM's cheaper variants "
-                              "run single-process; method.sam_sides works sharded too)")
 
     # -- serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,15 @@ temporaries bounded by ``chunk_numel`` elements. Nothing full-size is
 gathered. For SGD the update equals ``w - lr*(g + s*lamb*(g2 - g))`` on the
 full batch, exactly as the single-process loop computes it.
 
+SAM's cheaper variants (``SamSpec.variant``: direction reuse every k steps, a
+perturbation on a random or salient subset) take ``_variant_sam_objective``:
+the single-process step through the same
+:class:`~sharp_unlearn.optim.sam_variants.VariantState` (which the epoch driver
+restarts every epoch, as for one process), with norms, dot products and the
+saliency threshold summed over the ranks' pieces. It is out of place, as the
+single-process variant step is: ``g``, ``e`` and a remembered direction are
+partition-sized fp32 buffers.
+
 Each rank's loss on its slice is weighted by ``n_rank * N / n_global`` so
 DeepSpeed's gradient average equals the gradient of the full-batch mean even
 when the last batch does not split evenly; ``n`` counts what the loss averages
@@ -394,6 +403,76 @@ class DeepSpeedTrainer(Trainer):
         # (last objective: engine.step() starts from the restored pieces and re-publishes)
         return loss_mean, False
 
+    def _variant_sam_objective(self, objective: Objective, micro, masks: list[torch.Tensor] | None,
+                               loss1: torch.Tensor, last: bool) -> tuple[float, bool]:
+        """SAM with a cheaper variant (``spec.variant``) on this rank's pieces: the single-process
+        ``Trainer._variant_sam_gradient`` step for step, through the same
+        :class:`~sharp_unlearn.optim.sam_variants.VariantState` methods, with every norm, dot
+        product, candidate count and saliency threshold summed over the ranks' pieces, and random
+        subsets drawn whole and cut to the pieces (the single-process draw).
+
+        Out of place, as there: ``g``, ``e`` (and the remembered direction) are partition-sized
+        fp32 buffers, not chunked. Returns as :meth:`_sam_objective`.
+        """
+        spec = objective.sam
+        view = self.view
+        shards = view.shards
+        memory = self.sam_variants
+        # stage 0: every rank holds the whole gradient, so its partial sums are already the totals
+        partial = None if view.replicated else (lambda values: self._reduce(values, group=view.group))
+        (loss_sum,) = self._reduce([loss1])
+        loss_mean = loss_sum / self.world
+        self._check_finite(objective, loss_mean, "before the SAM perturbation")
+        # g (pass 1) in a buffer of its own: the second backward overwrites the gradient pieces
+        grads = [g.to(torch.float32, copy=True) for g in view.grad_views()]
+        with torch.no_grad():
+            combined = memory.reuse_gradient(objective.name, spec, grads, partial)
+            if combined is not None:  # one pass: the weights never moved
+                for g, c in zip(view.grad_views(), combined):
+                    g.copy_(c)
+                return loss_mean, False
+            e_masks = masks if objective.perturbation == "masked" else None
+            probe, subset = memory.subset_probe(spec.variant, grads, e_masks, partial, view.pieces())
+            weights = [s.weight.float() for s in shards]
+            sq_local = squared_norm(scaled_grads(weights, probe, spec.adaptive)).double().cpu()
+            (sq_total,) = [float(sq_local)] if partial is None else partial([sq_local])
+            device = shards[0].weight.device if shards else self.device
+            e = perturbation(weights, probe, spec.rho, spec.adaptive,
+                             global_sq_norm=torch.tensor(sq_total, dtype=torch.float32, device=device))
+            del probe, weights
+            for keep in (e_masks, subset):  # ASAM's |w| scaling keeps the subspace, but be exact
+                if keep is not None:
+                    torch._foreach_mul_(e, keep)
+            for s, piece in zip(shards, e):
+                s.weight.add_(piece.to(s.weight.dtype))
+        view.publish()
+        if self.probe is not None:
+            self.probe("sam_perturbed")
+
+        view.before_second_backward()
+        with frozen_bn_stats(self.engine.module):
+            loss2 = self._backward(objective, micro)
+        (loss2_sum,) = self._reduce([loss2])
+        self._check_finite(objective, loss2_sum / self.world, "at the perturbed weights w+e")
+
+        with torch.no_grad():
+            second = [g.float() for g in view.grad_views()]
+            if objective.mask_scope == "perturbed" and masks is not None:  # only g(w+e) is masked
+                torch._foreach_mul_(second, masks)
+            combined = memory.full_step_gradient(objective.name, spec, grads, second, partial)
+            for g, c in zip(view.grad_views(), combined):
+                g.copy_(c)
+            if view.masters_are_separate:
+                if last:
+                    return loss_mean, True  # engine.step() rewrites every forward weight from the masters
+                view.restore_from_master()
+            else:
+                for s, piece in zip(shards, e):
+                    s.weight.sub_(piece.to(s.weight.dtype))
+        if not last:
+            view.publish()  # the next objective's forward needs w on every rank
+        return loss_mean, False
+
     # ------------------------------------------------------------ step
     def step(self, objectives: Sequence[Objective], batches: Mapping[str, Sequence[Batch]]) -> StepStats:
         engine = self.engine
@@ -423,10 +502,6 @@ class DeepSpeedTrainer(Trainer):
         awaiting_restore = False
         for k, objective in enumerate(objectives):
             last = k == len(objectives) - 1
-            if objective.sam is not None and not objective.sam.variant.exact:
-                # configs refuse these for sharded runs; an objective built by hand must not get exact SAM silently
-                raise ValueError(f"objective {objective.name!r}: SAM variant {objective.sam.variant} has no sharded "
-                                 "step; expected exact SAM (every=1, fraction=1) with DeepSpeed")
             micro = [self._local(b, objective.mean_over) for b in batches[objective.stream]]
             if k > 0:
                 view.before_second_backward()
@@ -435,7 +510,9 @@ class DeepSpeedTrainer(Trainer):
                 self.probe("after_backward")
             masks = self._mask_slices(objective)
             spec = objective.sam
-            if spec is not None and spec.rho > 0:
+            if spec is not None and spec.rho > 0 and not spec.variant.exact:
+                loss_mean, awaiting_restore = self._variant_sam_objective(objective, micro, masks, loss1, last)
+            elif spec is not None and spec.rho > 0:
                 loss_mean, awaiting_restore = self._sam_objective(objective, micro, masks, loss1, last)
             else:
                 (loss_sum,) = self._reduce([loss1])

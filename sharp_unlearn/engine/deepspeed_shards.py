@@ -92,6 +92,18 @@ class ShardView:
         """True when the forward weights can be restored from an untouched fp32 master."""
         return bool(self.shards) and all(s.master is not None for s in self.shards)
 
+    def pieces(self) -> list[tuple[torch.Size, int, int]]:
+        """Every trainable parameter in order: its whole shape, and the offset and length of this
+        rank's piece of its flat form (length 0: none here); the pieces are ``shards``, in that order."""
+        held = {s.name: s for s in self.shards}
+        out = []
+        for name, p in self.named_params:
+            shape = p.ds_shape if self.stage == 3 else p.shape  # ZeRO-3 leaves p itself empty
+            piece = held.get(name)
+            out.append((torch.Size(shape), piece.offset, piece.numel) if piece is not None
+                       else (torch.Size(shape), 0, 0))
+        return out
+
     def refresh(self) -> None:
         if self.stage == 0:
             self.shards = [Shard(n, p, p.data.view(-1), None, 0, p.numel()) for n, p in self.named_params]

@@ -154,6 +154,8 @@ def kth_largest(scores: Sequence[torch.Tensor], k: int, reduce: Reduce | None = 
                 bits = bits[(bits >> (shift + 8)) == (prefix >> (shift + 8))]
             counts += torch.bincount((bits >> shift) & 255, minlength=256).cpu()
         totals = counts.tolist() if reduce is None else [round(c) for c in reduce(list(counts.double()))]
+        if shift == 24 and not 1 <= k <= sum(totals):  # the search below would run off the bins
+            raise ValueError(f"k={k} is not between 1 and the {sum(totals)} entries of the scores")
         digit, above = 255, 0
         while above + totals[digit] < remaining:  # from the largest bin down
             above += totals[digit]

@@ -24,6 +24,10 @@ pytest.importorskip("deepspeed")  # the `deepspeed` extra
 TOLERANCE = 1e-5
 STAGES = (0, 1, 2, 3)
 CASES = ("sam-min", "sam-max", "asam-max", "sgd", "accum2-sam-min", "minmax", "minmax-accum2")
+#: a case name's "+suffix" -> the cheaper SAM variant (SamVariant fields) its SAM objectives take
+#: (the cases of tests/integration/test_deepspeed_sam_variants.py, e.g. "minmax+saliency")
+VARIANTS = {"every2": {"every": 2}, "random": {"fraction": 0.5},
+            "saliency": {"fraction": 0.5, "subset": "saliency"}}
 STEPS = 3
 GLOBAL_BATCH = 16
 FEATURES, CLASSES = 13, 5
@@ -35,6 +39,7 @@ def _objectives(case: str, named_params):
     from torch.nn import functional as F
 
     from sharp_unlearn.engine.objective import Objective, SamSpec
+    from sharp_unlearn.optim.sam import SamVariant
 
     def ce(model, batch):
         return F.cross_entropy(model(batch.x), batch.y)
@@ -42,21 +47,25 @@ def _objectives(case: str, named_params):
     def neg_ce(model, batch):
         return -0.3 * F.cross_entropy(model(batch.x), batch.y)
 
+    case, _, suffix = case.partition("+")
+    variant = SamVariant(**VARIANTS[suffix]) if suffix else SamVariant()
     base = case.replace("accum2-", "").replace("-accum2", "")
     if base == "sgd":
         return [Objective("ce", "train", ce)]
     if base == "sam-min":
-        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.05))]
+        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.05, variant=variant))]
     if base == "sam-max":
-        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.05, lamb=0.5, sign="max"))]
+        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.05, lamb=0.5, sign="max", variant=variant))]
     if base == "asam-max":
-        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.5, lamb=0.7, sign="max", adaptive=True))]
+        return [Objective("ce", "train", ce, sam=SamSpec(rho=0.5, lamb=0.7, sign="max", adaptive=True,
+                                                         variant=variant))]
     if base == "minmax":  # Sharp MinMax: complementary masks, SAM-min on retain, SAM-max on forget
         gen = torch.Generator().manual_seed(7)
         mask = {n: (torch.rand(p.shape, generator=gen) < 0.5).float() for n, p in named_params}
         other = {n: 1.0 - m for n, m in mask.items()}
-        return [Objective("retain", "retain", ce, sam=SamSpec(rho=0.05, lamb=1.0), mask=other),
-                Objective("forget", "forget", neg_ce, sam=SamSpec(rho=0.1, lamb=1.0, sign="max"), mask=mask)]
+        return [Objective("retain", "retain", ce, sam=SamSpec(rho=0.05, lamb=1.0, variant=variant), mask=other),
+                Objective("forget", "forget", neg_ce, sam=SamSpec(rho=0.1, lamb=1.0, sign="max", variant=variant),
+                          mask=mask)]
     raise ValueError(case)
 
 
@@ -156,10 +165,11 @@ def _deepspeed_run(case: str, stage: int, persistent: bool, device="cpu", bf16: 
     return full, info
 
 
-def _runner_sharp_minmax(stage: int, workdir: Path) -> dict | None:
+def _runner_sharp_minmax(stage: int, workdir: Path, overrides: tuple[str, ...] = ()) -> dict | None:
     """The real Sharp MinMax method (saliency mask from the forget set, SAM-min outside it,
     SAM-max inside) for 2 epochs through the epoch driver on the DeepSpeed backend on digits,
-    against the same driver on one device (``run_stage``) with the same global batches."""
+    against the same driver on one device (``run_stage``) with the same global batches;
+    ``overrides`` are config overrides both runs take."""
     import torch
     from torch.utils.data import Subset
 
@@ -177,7 +187,8 @@ def _runner_sharp_minmax(stage: int, workdir: Path) -> dict | None:
     world = torch.distributed.get_world_size()
     common = ["model.name=mlp", "model.options={hidden: [23, 11]}", "train.epochs=2", "train.checkpoint_every=0",
               "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.rho=0.05", "method.name=sharp_minmax",
-              "method.alpha=0.9", "method.mask_fraction=0.5", "method.rho_max=0.1", "tracking.enabled=false"]
+              "method.alpha=0.9", "method.mask_fraction=0.5", "method.rho_max=0.1", "tracking.enabled=false",
+              *overrides]
     per_rank = 16
     cfg_ds = load_config([], common + [f"data.batch_size={per_rank}", "distributed.backend=deepspeed",
                                        f"distributed.zero_stage={stage}", f"distributed.num_workers={world}"])
@@ -195,7 +206,8 @@ def _runner_sharp_minmax(stage: int, workdir: Path) -> dict | None:
         return model, method
 
     model, method = prepared(cfg_ds)  # the mask is computed on the full model, before sharding
-    backend = DeepSpeedBackend(resolve_deepspeed_config(cfg_ds), torch.device("cpu"), workdir / f"runner-zero{stage}")
+    runs = workdir / f"runner-zero{stage}{'-overridden' if overrides else ''}"
+    backend = DeepSpeedBackend(resolve_deepspeed_config(cfg_ds), torch.device("cpu"), runs)
     result = run_epochs(model, method.phases, datasets, backend=backend, cfg=cfg_ds, optimizer_cfg=cfg_ds.optimizer,
                         train_cfg=cfg_ds.train, epochs=2, resume=False, quiet=True)
     named = [(n, p) for n, p in backend.engine.module.named_parameters()]

@@ -4,7 +4,7 @@ for one or two SGD steps on a tiny linear model (plain torch ops and ``torch.aut
 functional copy (W, b); the engine under test is only asked for its result)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+import threading
 
 import pytest
 import torch
@@ -12,15 +12,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharp_unlearn.config import MethodConfig, OptimizerConfig
-from sharp_unlearn.engine.deepspeed_engine import DeepSpeedTrainer
-from sharp_unlearn.engine.loop import StepStats, Trainer
+from sharp_unlearn.engine.loop import Trainer
 from sharp_unlearn.engine.objective import Batch, Objective
 from sharp_unlearn.errors import ConfigError
 from sharp_unlearn.losses import cross_entropy
 from sharp_unlearn.methods import METHODS
 from sharp_unlearn.optim.factory import sam_spec
 from sharp_unlearn.optim.sam import SamSpec, SamVariant
-from sharp_unlearn.optim.sam_variants import measure_direction, reused_direction
+from sharp_unlearn.optim.sam_variants import (
+    kth_largest,
+    measure_direction,
+    random_subset,
+    reused_direction,
+    salient_subset,
+)
 from sharp_unlearn.validation import load_config
 
 RHO, LR, SEED = 0.3, 0.2, 1234
@@ -253,17 +258,79 @@ def test_neutral_variant_keys_leave_config_hashes_unchanged():
     assert cheaper.training_hash() != base.training_hash()
 
 
-def test_sharded_runs_refuse_reuse_and_subsets_but_take_sam_sides():
+def test_sharded_configs_take_reuse_subsets_and_sam_sides():
     sharded = ["method.name=sharp_minmax", "forget.kind=random", "forget.size=10", "distributed.backend=deepspeed"]
-    for override in ("optimizer.sam_every=2", "optimizer.sam_fraction=0.5"):
-        with pytest.raises(ConfigError, match="distributed.backend=deepspeed"):
-            load_config([], [*sharded, override])
-    assert load_config([], [*sharded, "method.sam_sides=forget"]).method.sam_sides == "forget"
+    cfg = load_config([], [*sharded, "optimizer.sam_every=2", "optimizer.sam_fraction=0.5",
+                           "optimizer.sam_subset=saliency", "method.sam_sides=forget"])
+    assert cfg.distributed.backend == "deepspeed"
+    assert (cfg.optimizer.sam_every, cfg.optimizer.sam_fraction, cfg.optimizer.sam_subset) == (2, 0.5, "saliency")
+    assert cfg.method.sam_sides == "forget"
 
 
-def test_the_sharded_engine_refuses_a_variant_objective_rather_than_running_exact_sam():
-    # the check runs before any collective: a stand-in engine view with no shards reaches it
-    stand_in = SimpleNamespace(engine=None, view=SimpleNamespace(refresh=lambda: None, shards=[]))
-    objective = Objective("ce", "train", cross_entropy, sam=SamSpec(rho=RHO, variant=SamVariant(every=2)))
-    with pytest.raises(ValueError, match="has no sharded step"):
-        DeepSpeedTrainer._step_group(stand_in, [objective], {"train": _batches(1)}, StepStats())
+# ------------------------------------------------------------------ the sharded forms (pieces on ranks)
+def _on_two_ranks(work):
+    """``work(rank, reduce)`` on two threads whose ``reduce`` sums both threads' values, as an
+    all-reduce over two ranks does; returns both results."""
+    barrier = threading.Barrier(2, timeout=30)  # a thread that fails breaks the barrier: no hang
+    posted: list = [None, None]
+    results: list = [None, None]
+
+    def reduce_for(rank):
+        def reduce(values):
+            posted[rank] = [float(v) for v in values]
+            barrier.wait()
+            total = [a + b for a, b in zip(*posted)]
+            barrier.wait()  # both have read the sums before either posts again
+            return total
+        return reduce
+
+    def run(rank):
+        results[rank] = work(rank, reduce_for(rank))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _split(tensors, cuts):
+    """Each tensor's flat form cut at ``cuts[i]``: (rank 0's pieces, rank 1's pieces)."""
+    return ([t.reshape(-1)[:c] for t, c in zip(tensors, cuts)], [t.reshape(-1)[c:] for t, c in zip(tensors, cuts)])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_saliency_subset_over_two_ranks_is_the_single_process_one(masked):
+    gen = torch.Generator().manual_seed(3)
+    # rounded values: many ties at the threshold, and exact zeros
+    grads = [torch.randn(shape, generator=gen).round(decimals=1) for shape in ((7, 5), (9,), (4, 3))]
+    within = [(torch.rand(g.shape, generator=gen) < 0.6).float() for g in grads] if masked else None
+    whole = salient_subset(grads, 0.3, within)
+    cuts = (12, 9, 0)  # a tensor wholly on rank 0, one wholly on rank 1
+    pieces, mask_pieces = _split(grads, cuts), _split(within, cuts) if masked else (None, None)
+    halves = _on_two_ranks(lambda rank, reduce: salient_subset(pieces[rank], 0.3, mask_pieces[rank], reduce))
+    for i, full in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][i], halves[1][i]]), full.reshape(-1))
+    assert 0 < sum(float(m.sum()) for m in whole) < sum(g.numel() for g in grads)
+
+
+@pytest.mark.parametrize("k", [1, 2, 17, 40, 60])
+def test_kth_largest_over_two_ranks_is_torch_kthvalue(k):
+    scores = torch.randn(60, generator=torch.Generator().manual_seed(4)).abs().round(decimals=1)
+    scores[:5] = 0.0
+    expected = torch.kthvalue(scores, scores.numel() - k + 1).values
+    assert torch.equal(kth_largest([scores[:25], scores[25:]], k), expected)
+    on_ranks = _on_two_ranks(lambda rank, reduce: kth_largest([(scores[:25], scores[25:])[rank]], k, reduce))
+    assert torch.equal(on_ranks[0], expected) and torch.equal(on_ranks[1], expected)
+    with pytest.raises(ValueError, match="k=61"):
+        kth_largest([scores], 61)
+
+
+def test_random_subset_of_pieces_is_the_single_process_draw_cut_to_them():
+    shapes = [torch.Size((6, 4)), torch.Size((5,)), torch.Size((3, 3))]
+    whole = random_subset([torch.zeros(s) for s in shapes], 0.5, torch.Generator().manual_seed(9))
+    # this rank holds entries 10..23 of the first parameter, none of the second, 0..3 of the third
+    pieces = [(shapes[0], 10, 14), (shapes[1], 0, 0), (shapes[2], 0, 4)]
+    held = random_subset([torch.zeros(14), torch.zeros(4)], 0.5, torch.Generator().manual_seed(9), pieces=pieces)
+    assert torch.equal(held[0], whole[0].reshape(-1)[10:24]) and torch.equal(held[1], whole[2].reshape(-1)[:4])
