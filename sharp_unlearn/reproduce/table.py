@@ -30,7 +30,7 @@ from sharp_unlearn.report import figure_png, html_table
 from sharp_unlearn.reproduce.memorization_scores import memorization_scores
 from sharp_unlearn.reproduce.paper_code import PRESET, paper_code_entry, unlearn_train
 from sharp_unlearn.results import write_results
-from sharp_unlearn.stats import is_significant, mean_ci95
+from sharp_unlearn.stats import fmt_mean_ci, is_significant, mean_ci95
 from sharp_unlearn.tracking import check_tracking
 from sharp_unlearn.tuning import parse_sweep, run_sweep
 from sharp_unlearn.validation import config_from_dict
@@ -116,14 +116,6 @@ def _signed(mean: float, half: float | None) -> str:
     return f"{mean:+.3f}" if half is None else f"{mean:+.3f} ± {half:.3f}"
 
 
-def _fmt(mean: float | None, half: float | None) -> str:
-    if mean is None:
-        return ""
-    if half is None or half != half:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ± {half:.3f}"
-
-
 def render_markdown(summary, statements, speed, spec_name: str, seeds: Sequence[int]) -> str:
     lines = [f"# Reproduction table ({spec_name}, seeds {', '.join(map(str, seeds))})", "",
              "ToW against the retrained reference, mean ± 95 % CI over seeds (1 = indistinguishable from "
@@ -137,13 +129,13 @@ def render_markdown(summary, statements, speed, spec_name: str, seeds: Sequence[
             if s["level"] != level:
                 continue
             lines.append("| " + " | ".join([
-                s["pretrain"], s["method"], s["unlearn_opt"], _fmt(s.get("tow"), s.get("tow_ci95")),
-                _fmt(s.get("forget_acc"), s.get("forget_acc_ci95")),
-                _fmt(s.get("retain_acc"), s.get("retain_acc_ci95")),
-                _fmt(s.get("test_acc"), s.get("test_acc_ci95")),
-                _fmt(s.get("mia_efficacy"), s.get("mia_efficacy_ci95")),
-                _fmt(s.get("entanglement_variance"), s.get("entanglement_variance_ci95")),
-                f"{s.get('wall_seconds', float('nan')):.2f}"]) + " |")
+                s["pretrain"], s["method"], s["unlearn_opt"], fmt_mean_ci(s.get("tow"), s.get("tow_ci95")),
+                fmt_mean_ci(s.get("forget_acc"), s.get("forget_acc_ci95")),
+                fmt_mean_ci(s.get("retain_acc"), s.get("retain_acc_ci95")),
+                fmt_mean_ci(s.get("test_acc"), s.get("test_acc_ci95")),
+                fmt_mean_ci(s.get("mia_efficacy"), s.get("mia_efficacy_ci95")),
+                fmt_mean_ci(s.get("entanglement_variance"), s.get("entanglement_variance_ci95")),
+                fmt_mean_ci(s.get("wall_seconds"), None, 2)]) + " |")
         lines.append("")
     lines += ["## SAM against SGD, cell by cell", ""] + [f"- {line}" for line in statements] + [""]
     lines += ["## Cost against retraining", ""]
@@ -440,18 +432,18 @@ def sharp_minmax_standing(rows: Sequence[dict[str, Any]]) -> list[str]:
         if not smm:
             continue
         best_smm = max(smm, key=lambda a: means[a][0])
-        named = ", ".join(f"{m} ({o}) {_fmt(*means[(m, o)])}" for m, o in sorted(smm))
+        named = ", ".join(f"{m} ({o}) {fmt_mean_ci(*means[(m, o)])}" for m, o in sorted(smm))
         if best in smm:
             runner_up = max((a for a in means if a not in smm), key=lambda a: means[a][0], default=None)
             tail = "" if runner_up is None else (f"; next: {runner_up[0]} ({runner_up[1]}) "
-                                                 f"{_fmt(*means[runner_up])}")
+                                                 f"{fmt_mean_ci(*means[runner_up])}")
             lines.append(f"{where}: Sharp MinMax is best: {named}{tail}")
             continue
         seeds = sorted(set(arms[best]) & set(arms[best_smm]))
         mean, half = mean_ci95([arms[best][s] - arms[best_smm][s] for s in seeds])
         verdict = "significant" if is_significant(mean, half) else "not significant"
-        lines.append(f"{where}: Sharp MinMax is NOT best: {best[0]} ({best[1]}) {_fmt(*means[best])} beats the best "
-                     f"Sharp MinMax cell, {best_smm[0]} ({best_smm[1]}), by {_signed(mean, half)} ToW "
+        lines.append(f"{where}: Sharp MinMax is NOT best: {best[0]} ({best[1]}) {fmt_mean_ci(*means[best])} beats "
+                     f"the best Sharp MinMax cell, {best_smm[0]} ({best_smm[1]}), by {_signed(mean, half)} ToW "
                      f"(paired over {len(seeds)} seeds, {verdict}); Sharp MinMax cells: {named}")
     return lines
 

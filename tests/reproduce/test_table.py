@@ -45,6 +45,19 @@ def test_speedup_is_the_cheapest_run_reaching_the_tow_floor():
     assert "**10.0x** cheaper" in text
 
 
+def test_table_cells_show_mean_and_interval_and_leave_missing_values_empty():
+    rows = [_row(s, "sgd", "neggrad", "sgd", tow, wall=wall)
+            for s, tow, wall in [(0, 0.8, 1.0), (1, 0.9, 2.0), (2, 1.0, 3.0)]]
+    rows.append({**_row(0, "sgd", "original", "-", 0.1), "forget_acc": float("nan")})
+    del rows[-1]["wall_seconds"]  # e.g. a cell that was only evaluated
+    text = render_markdown(summarize(rows, []), [], None, "spec", [0, 1, 2])
+    original = next(line for line in text.splitlines() if line.startswith("| sgd | original |"))
+    neggrad = next(line for line in text.splitlines() if line.startswith("| sgd | neggrad |"))
+    assert original == "| sgd | original | - | 0.100 |  | 99.000 | 97.000 |  |  |  |"  # no "nan" for what is missing
+    assert neggrad.startswith("| sgd | neggrad | sgd | 0.900 ± 0.248 | 10.000 ± 0.000 |") and neggrad.endswith(
+        "| 2.00 |")
+
+
 def test_tuned_settings_become_one_grid_entry_per_optimizer():
     spec = {"unlearn_optimizers": ["sgd", "sam"],
             "methods": {"neggrad": {"alpha": 0.9, "optimizer": {"lr": 0.02}}, "sharp_minmax": {"optimizers": ["sam"]}},
