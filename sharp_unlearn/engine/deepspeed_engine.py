@@ -312,6 +312,19 @@ class DeepSpeedTrainer(Trainer):
                 e_stash.narrow(0, offsets[i], shards[i].numel).copy_(e[j])
             weights[j].add_(e[j].to(weights[j].dtype), alpha=sign)
 
+    def _perturbed_backward(self, objective: Objective, micro) -> None:
+        """The second pass of every SAM step (exact or a variant): publish the perturbed shards,
+        backward at w+e with BatchNorm statistics frozen, and refuse a non-finite loss there."""
+        view = self.view
+        view.publish()
+        if self.probe is not None:
+            self.probe("sam_perturbed")
+        view.before_second_backward()
+        with frozen_bn_stats(self.engine.module):
+            loss = self._backward(objective, micro)
+        (loss_sum,) = self._reduce([loss])
+        self._check_finite(objective, loss_sum / self.world, "at the perturbed weights w+e")
+
     def _sam_objective(self, objective: Objective, micro, masks: list[torch.Tensor] | None,
                        loss1: torch.Tensor, last: bool) -> tuple[float, bool]:
         """Perturb, second pass, combine, restore, for one objective, in place on the grad pieces.
@@ -366,15 +379,7 @@ class DeepSpeedTrainer(Trainer):
             self._perturb(idx, self._probes(grads, idx, e_masks), e_masks, spec, sq, e_stash=e_stash,
                           offsets=offsets)
         del grads
-        view.publish()
-        if self.probe is not None:
-            self.probe("sam_perturbed")
-
-        view.before_second_backward()
-        with frozen_bn_stats(self.engine.module):
-            loss2 = self._backward(objective, micro)
-        (loss2_sum,) = self._reduce([loss2])
-        self._check_finite(objective, loss2_sum / self.world, "at the perturbed weights w+e")
+        self._perturbed_backward(objective, micro)
 
         with torch.no_grad():
             if g2_masks is not None:
@@ -445,15 +450,7 @@ class DeepSpeedTrainer(Trainer):
                     torch._foreach_mul_(e, keep)
             for s, piece in zip(shards, e):
                 s.weight.add_(piece.to(s.weight.dtype))
-        view.publish()
-        if self.probe is not None:
-            self.probe("sam_perturbed")
-
-        view.before_second_backward()
-        with frozen_bn_stats(self.engine.module):
-            loss2 = self._backward(objective, micro)
-        (loss2_sum,) = self._reduce([loss2])
-        self._check_finite(objective, loss2_sum / self.world, "at the perturbed weights w+e")
+        self._perturbed_backward(objective, micro)
 
         with torch.no_grad():
             second = [g.float() for g in view.grad_views()]
