@@ -36,6 +36,7 @@ finds another's finished runs. Printed ratio::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -132,8 +133,7 @@ def sharded_main(args) -> int:
     """``--sharded``: direct sharded runs vs the same through Tune, interleaved rounds, fastest counts."""
     import shutil
 
-    import ray
-
+    from sharp_unlearn.ray_cluster import ray_session
     from sharp_unlearn.tuning import prepare_inputs
 
     load_before = os.getloadavg()[0]
@@ -147,7 +147,8 @@ def sharded_main(args) -> int:
         inputs, _ = prepare_inputs(spec, quiet=True)
         runs = Path(spec.output_dir) / "sweep-unlearn"
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray_open = contextlib.ExitStack()  # the local Ray the commands start, closed below
+        ray_open.enter_context(ray_session(num_cpus=2, log_to_driver=False))
         startup = time.perf_counter() - start
         try:
             # warm-up, one trial: DeepSpeed's first import and op builds are paid here
@@ -164,7 +165,7 @@ def sharded_main(args) -> int:
                 warmup["tune"].append(first)
                 report_wait.append(wait)
         finally:
-            ray.shutdown()
+            ray_open.close()
     best = {arm: min(range(len(values)), key=values.__getitem__) for arm, values in wall.items()}
     direct = wall["direct"][best["direct"]]
     tune_total = wall["tune"][best["tune"]]
@@ -202,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sharded:
         return sharded_main(args)
 
-    import ray
-
+    from sharp_unlearn.ray_cluster import ray_session
     from sharp_unlearn.tuning import prepare_inputs
 
     load_before = os.getloadavg()[0]
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         time_sequential(spec, inputs)  # warm-up: imports and first-call costs are paid before timing
 
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray_open = contextlib.ExitStack()  # the local Ray the commands start, closed below
+        ray_open.enter_context(ray_session(num_cpus=2, log_to_driver=False))
         startup = time.perf_counter() - start
         try:
             # interleaved rounds: load from other processes hits every arm alike; the fastest round counts
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                         in_trial[arm].append(median)
                         report_wait[arm].append(wait)
         finally:
-            ray.shutdown()
+            ray_open.close()
 
     best = {arm: min(range(len(values)), key=values.__getitem__) for arm, values in wall.items()}
     total = {arm: wall[arm][i] for arm, i in best.items()}

@@ -13,6 +13,10 @@ set -euo pipefail
 NUM_CPUS="${1:-$(nproc)}"
 PORT="${2:-6379}"
 TMP_DIR="${RAY_TMP_DIR:-/tmp/ray-sharp-unlearn-$PORT}"
+# Ray lowers its workers to nice 15 by default, so on a machine shared with other work they get a
+# few percent of a core; this head's workers run at the niceness this script was started with
+# (`nice -n 10 cluster/start-local.sh` to yield). Set RAY_worker_niceness to choose otherwise.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 echo "starting a Ray head on 127.0.0.1:$PORT with $NUM_CPUS CPUs (temp dir $TMP_DIR)"
 echo "sweeps: sharp-unlearn sweep tuning/smoke.yaml --address 127.0.0.1:$PORT"
 exec ray start --head --block \

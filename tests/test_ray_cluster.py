@@ -25,6 +25,7 @@ class FakeRay:
         self.initialized = initialized
         self.calls = []
         self.seen_env = None
+        self.seen_niceness = "never initialized"
 
     def is_initialized(self):
         return self.initialized
@@ -32,6 +33,7 @@ class FakeRay:
     def init(self, **kwargs):
         self.calls.append(("init", kwargs))
         self.seen_env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+        self.seen_niceness = os.environ.get("RAY_worker_niceness")
         self.initialized = True
 
     def shutdown(self):
@@ -44,7 +46,7 @@ def fake_ray(monkeypatch, tmp_path):
     fake = FakeRay()
     monkeypatch.setattr(ray_cluster, "require", lambda module, extra: fake)
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_worker_niceness"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no auth token unless a test writes one
     return fake
@@ -137,3 +139,22 @@ def test_sigterm_inside_the_session_unwinds_like_ctrl_c(fake_ray):
             pytest.fail("SIGTERM did not interrupt the block")
     assert fake_ray.calls[-1][0] == "shutdown"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_new_local_instance_runs_its_workers_at_the_commands_niceness(fake_ray):
+    # Ray's default lowers workers by 15; "0" while Ray starts keeps the command's own priority
+    with ray_session(num_cpus=2):
+        pass
+    assert fake_ray.seen_niceness == "0"
+    assert "RAY_worker_niceness" not in os.environ  # only while the instance starts
+
+
+def test_a_niceness_the_user_chose_is_kept_and_a_joined_cluster_keeps_its_own(fake_ray, monkeypatch):
+    monkeypatch.setenv("RAY_worker_niceness", "15")
+    with ray_session(num_cpus=2):
+        pass
+    assert fake_ray.seen_niceness == "15" and os.environ["RAY_worker_niceness"] == "15"
+    monkeypatch.delenv("RAY_worker_niceness")
+    with ray_session(address="10.0.0.1:6379"):  # its workers were started by its own raylet
+        pass
+    assert fake_ray.seen_niceness is None

@@ -2,7 +2,7 @@
 logs to MLflow once (rank 0), and its consolidated checkpoint evaluates on one device; a Ray Tune
 trial can run DeepSpeed workers and sees every epoch's record.
 
-A real local Ray cluster (2 CPUs) and real DeepSpeed (ZeRO-3, gloo); shut down in a finally.
+A real local Ray cluster (2 CPUs) and real DeepSpeed (ZeRO-3, gloo); shut down at the end.
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ BASE = ["data.batch_size=32", "model.name=mlp", "model.options={hidden: [64]}", 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    pytest.importorskip("ray")
+    from sharp_unlearn.ray_cluster import ray_session
+
+    with ray_session(num_cpus=2, log_to_driver=False) as ray:  # as the commands start theirs
         yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.distributed

@@ -293,7 +293,8 @@ def test_sweep_joins_an_existing_ray_head_with_address(tmp_path, free_port):
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
                              str(free_port), "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir",
-                             str(ray_tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             str(ray_tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_worker_niceness": "0"})  # as start-local.sh sets it
     try:
         deadline = time.monotonic() + 300  # a hang guard: the head starts in ~5 s idle, far slower under load
         while time.monotonic() < deadline and head.poll() is None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sharp_unlearn.ray_cluster import ray_session
+
 # each sharded trial starts worker processes and a DeepSpeed engine: minutes on a loaded 2-core
 # machine (measured 5-10 min per trial at load 30-40), beyond the suite's default 900 s limit
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(3600)]
@@ -143,10 +145,9 @@ def test_sharded_trial_equals_single_process(tmp_path, shared_runs):
     spec = load_sweep(sweep_file(tmp_path, shared_runs, "equal", method={
         "name": "sharp_minmax", "epochs": 3, "alpha": 0.95, "mask_fraction": 0.5}), tracking={"enabled": False})
     inputs, context = prepare_inputs(spec, quiet=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     session = LocalSession("sharded")
-    final = run_trial(inputs, params, session)
-    ray.shutdown()
+    with ray_session(num_cpus=2, log_to_driver=False):  # as the commands start theirs
+        final = run_trial(inputs, params, session)
 
     # the same trial config in one process, with the global batch of the two ranks
     _, cfg = trial_configs(inputs, params)
