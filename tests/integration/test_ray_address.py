@@ -162,6 +162,8 @@ def test_sharded_pretrain_and_unlearn_join_a_local_head(head, tmp_path, via_env)
     checkpoint = json.loads(done.stdout)["checkpoint"]
     assert Path(checkpoint).is_file()
     assert pid in head.drivers()
+    if via_env:  # unlearn finds the head exactly as pretrain does (one launch path): once is enough
+        return
 
     args = ["unlearn", "--checkpoint", checkpoint, *common, "forget.kind=random", "forget.size=20",
             "method.name=neggrad", "method.epochs=1", *sharded]
